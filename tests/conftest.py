@@ -1,0 +1,26 @@
+"""Session-wide tiny fixtures: built once per test run, offline, in seconds."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import tiny.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # ... and the scripts themselves
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    return tiny.build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def pickapic_parquet(tmp_path_factory):
+    return tiny.build_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet")
+
+
+@pytest.fixture(scope="session")
+def imagefolder(tmp_path_factory):
+    return tiny.build_imagefolder(tmp_path_factory.mktemp("imgs") / "imagefolder", corrupt=(2,))

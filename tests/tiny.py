@@ -1,0 +1,187 @@
+"""Tiny, offline, random-weight models and datasets in the real formats.
+
+Used by the tests (through conftest.py fixtures), the benchmark and the offline demo. Everything here is
+built in seconds on a CPU and saved exactly as the hub versions are laid out, so the scripts load it
+through the same code path as `stable-diffusion-v1-5/stable-diffusion-v1-5` or `yuvalkirstain/pickapic_v2`.
+"""
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_clip_tokenizer(path):
+    """An offline byte-level CLIP tokenizer: 256 byte characters, the same with </w>, then the two specials."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=77)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def tiny_unet(seed=0, sample_size=8, cross_attention_dim=32, block_out_channels=(32, 64), prediction_type=None):
+    """SD-1.5-shaped UNet (cross-attention down/up blocks, mid block) at toy width."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def build_tiny_pipeline(path, seed=0, resolution=32, prediction_type="epsilon"):
+    """Save a tiny StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+    VAE downsamples x4 (two downsamplings... three blocks), so `resolution` 32 gives 8x8 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=resolution,
+    )
+    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    ))
+    unet = tiny_unet(seed, sample_size=resolution // 4)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path))
+    import shutil
+
+    shutil.rmtree(path / "_tokenizer_build")
+    return path
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(shape, colour, size=32, rng=None):
+    """A coloured shape on a light background with position/size/colour jitter."""
+    rng = rng or np.random.default_rng(0)
+    bg = tuple(int(v) for v in rng.integers(215, 245, size=3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12) * size, size / 2 + rng.uniform(-0.12, 0.12) * size
+    fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in COLOURS[colour])
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=fill)
+    return img
+
+
+def jpeg_bytes(img, quality=95):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def build_pickapic_parquet(path, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,)):
+    """A Pick-a-Pic v2-format parquet file: caption, jpg_0, jpg_1 (JPEG bytes), label_0, label_1.
+
+    Rows in `tie_rows` are ties (0.5/0.5); rows in `corrupt_rows` have an undecodable preferred image.
+    Captions repeat (as in the real data): 4 distinct captions cycle over the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    captions = [f"a {c} {s}" for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]]
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n_rows):
+        cap = captions[i % len(captions)]
+        colour, shape = cap.split()[1:]
+        good = jpeg_bytes(draw_shape(shape, colour, size, rng))
+        bad = jpeg_bytes(draw_shape(SHAPES[(SHAPES.index(shape) + 1) % 3], colour, size, rng))
+        win = i % 2  # the preferred image alternates between jpg_0 and jpg_1
+        if i in corrupt_rows:
+            good = b"\xff\xd8 this is not a jpeg"
+        imgs = [bad, bad]
+        imgs[win] = good
+        labels = [0.0, 0.0]
+        labels[win] = 1.0
+        if i in tie_rows:
+            labels = [0.5, 0.5]
+        rows["caption"].append(cap)
+        rows["jpg_0"].append(imgs[0])
+        rows["jpg_1"].append(imgs[1])
+        rows["label_0"].append(labels[0])
+        rows["label_1"].append(labels[1])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), str(path))
+    return path
+
+
+def build_imagefolder(path, n=8, size=32, seed=0, corrupt=(), caption_column="text"):
+    """An image folder with metadata.jsonl (file_name + caption), as `datasets` imagefolder reads it."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            colour, shape = list(COLOURS)[i % 4], SHAPES[i % 3]
+            name = f"img_{i:03d}.png"
+            if i in corrupt:
+                (path / name).write_bytes(b"not a png")
+            else:
+                draw_shape(shape, colour, size, rng).save(path / name)
+            f.write(json.dumps({"file_name": name, caption_column: f"a {colour} {shape}"}) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python tests/tiny.py OUT_DIR: build everything once, for a look
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny")
+    build_tiny_pipeline(out / "pipeline")
+    build_pickapic_parquet(out / "pickapic" / "train.parquet")
+    build_imagefolder(out / "imagefolder")
+    print(os.path.abspath(out))

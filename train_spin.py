@@ -1,0 +1,958 @@
+#!/usr/bin/env python
+"""train_spin.py: one SPIN-Diffusion iteration (arXiv 2402.10210), plus the SFT and Diffusion-DPO baselines.
+
+    theta_k (initial weights AND frozen reference/opponent) + real images + generate.py's synthetic images
+        -> output_dir/unet/  (theta_{k+1}, diffusers format, safetensors)
+
+For every pair (real latent z0, synthetic latent z0' of the same prompt c) we draw one timestep and one
+noise shared by the pair, and compare the per-sample denoising errors of the policy (m_r, m_s) with those of
+the frozen opponent (r_r, r_s):
+
+    margin = (m_r - r_r) - (m_s - r_s)          loss = mean_i  -log sigmoid(-(beta/2) * margin_i)
+
+i.e. lower the error on real data and raise it on the opponent's own samples, both relative to the
+opponent. beta follows Salesforce Diffusion-DPO's `beta_dpo` (SD-1.5 default 5000). At step 0 the policy
+equals the reference, so margin = 0 and the loss is exactly ln 2.
+
+Speed: real images are VAE-encoded and prompts text-encoded once, into an on-disk cache (--cache_dir) that
+every later iteration reuses; synthetic latents come straight from generate.py. The training step runs the
+UNet only: one policy call on [real; synthetic] and one no-grad reference call.
+
+Single GPU:   python train_spin.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+                  --dataset yuvalkirstain/pickapic_v2 --synthetic_dir runs/x/synth_0 --output_dir runs/x/iter_1
+Many GPUs:    accelerate launch --num_processes 8 train_spin.py ...   (same flags)
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ---- shared helpers: the same text in every script that has this block (tests/test_shared.py checks) ----
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, exit code 2."""
+
+
+def cli(main):
+    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
+    import errno
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
+                  "finished work is kept", file=sys.stderr)
+            sys.exit(28)
+        raise
+
+
+def write_json_atomic(path, obj):
+    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def run_config(stage, args, **extra):
+    """What made a folder, with which settings: the same shape for every stage."""
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+            "args": dict(vars(args)), "versions": versions, **extra}
+
+
+def unet_fingerprint(unet):
+    """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_unet(unet_path, base_path):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
+    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+    from diffusers import UNet2DConditionModel
+
+    if unet_path in (None, "", "base"):
+        where, sub = base_path, "unet"
+    elif Path(unet_path, "unet", "config.json").is_file():
+        where, sub = unet_path, "unet"
+    elif Path(unet_path, "config.json").is_file():
+        where, sub = unet_path, None
+    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, a hub id, or 'base'")
+    else:
+        where, sub = unet_path, "unet"
+    try:
+        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
+                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
+
+
+def check_model_path(path, what="--pretrained_model_name_or_path"):
+    """A path-looking model argument that does not exist is a typo, not a hub id."""
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
+        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
+
+
+def open_dataset(name, split, streaming=False):
+    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
+    import datasets
+
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
+    try:
+        if p.is_file():
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
+            if kind is None:
+                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
+            return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+        return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
+
+
+def is_pickapic(column_names):
+    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
+
+
+def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
+    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
+    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
+    stats["ties_dropped"]. Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    import datasets
+
+    stats = {} if stats is None else stats
+    stats.setdefault("rows", 0)
+    stats.setdefault("ties_dropped", 0)
+    names = list(ds.column_names or ds.features or [])
+    pickapic = is_pickapic(names) and image_column is None
+    if image_column is None and not pickapic:
+        image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
+    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
+    if with_images:
+        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
+                        "set --caption_column / --image_column to the right names")
+    ds = ds.select_columns(need)
+    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    for row in ds:
+        stats["rows"] += 1
+        ex = {"caption": row[caption_column]}
+        if pickapic:
+            l0, l1 = float(row["label_0"]), float(row["label_1"])
+            if l0 == l1:
+                stats["ties_dropped"] += 1
+                continue
+            win = 0 if l0 > l1 else 1
+            if with_images:
+                ex["image"] = row[f"jpg_{win}"]
+                if with_loser:
+                    ex["image_lose"] = row[f"jpg_{1 - win}"]
+        elif with_images:
+            ex["image"] = row[image_column]
+        if with_loser and "image_lose" not in ex:
+            raise UserError("--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset "
+                            "(jpg_0, jpg_1, label_0, label_1)")
+        yield ex
+
+
+def decode_image(value):
+    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img.load()
+        return img.convert("RGB")
+    except Exception:
+        return None
+
+
+def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None):
+    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training)."""
+    seen = {}
+    for ex in iter_examples(ds, caption_column, with_images=False, stats=stats):
+        if ex["caption"] not in seen:
+            seen[ex["caption"]] = len(seen)
+            if max_prompts and len(seen) >= max_prompts:
+                break
+    return list(seen)
+
+
+def image_key(prompt_index, image_index):
+    """File stem of one image: the same in every folder of images (generate.py, sample.py)."""
+    return f"p{prompt_index:07d}_i{image_index:03d}"
+
+
+def image_seed(seed, prompt_index, image_index):
+    """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size,
+    process count and resume point, and the same for every model so comparisons are paired."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+# ---- end shared helpers ----
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line. Flag names follow the diffusers training examples.
+# ---------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # models and data
+    a("--pretrained_model_name_or_path", required=True, help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
+    a("--unet", default=None, help="theta_k to start from and to use as frozen reference: folder with unet/, hub id "
+      "(e.g. UCLA-AGI/SPIN-Diffusion-iter1) or 'base' (default: the base pipeline's UNet)")
+    a("--dataset", required=True, help="real data: hub id or local path (parquet file/folder, image folder with metadata.jsonl, ...)")
+    a("--split", default="train")
+    a("--image_column", default=None, help="image column (default: Pick-a-Pic jpg_0/jpg_1 by label, else 'image')")
+    a("--caption_column", default="caption")
+    a("--max_train_samples", type=int, default=None, help="use only the first N usable rows (after dropping ties)")
+    a("--streaming", action="store_true", help="stream the dataset instead of downloading it whole (Pick-a-Pic is hundreds of GB)")
+    a("--synthetic_dir", default=None, help="folder written by generate.py with the opponent's images (required for --loss spin)")
+    a("--allow_opponent_mismatch", action="store_true", help="train even if --synthetic_dir was generated by another UNet")
+    a("--output_dir", required=True)
+    a("--cache_dir", default=os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "spin-diffusion")),
+      help="where encoded real latents and prompt embeddings are kept (keyed by model and data, reused across iterations)")
+    a("--resolution", type=int, default=512)
+    # objective
+    a("--loss", choices=["spin", "sft", "dpo"], default="spin")
+    a("--beta", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
+    a("--independent_pair_noise", action="store_true", help="draw timestep and noise separately for the two members of a pair")
+    a("--caption_dropout", type=float, default=0.0, help="probability of training on the empty prompt (keeps classifier-free guidance working)")
+    # optimisation
+    a("--learning_rate", type=float, default=2e-5)
+    a("--scale_lr", action="store_true", help="multiply the learning rate by accumulation x batch size x processes")
+    a("--lr_scheduler", default="linear", help="linear, cosine, constant, constant_with_warmup, ...")
+    a("--lr_warmup_steps", type=int, default=200)
+    a("--train_batch_size", type=int, default=8, help="pairs per device per micro-step")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_train_steps", type=int, default=500, help="optimizer steps")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: optimizer state in 8 bits")
+    a("--seed", type=int, default=0, help="data order, timesteps and noise (each process draws its own)")
+    # hardware
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config; trainable weights stay fp32")
+    a("--gradient_checkpointing", action="store_true")
+    a("--allow_tf32", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+    # bookkeeping
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None, help="keep only this many checkpoint-N folders (each: UNet + optimizer)")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' (in output_dir; starts fresh if none)")
+    a("--report_to", default="none", help="accelerate tracker: tensorboard, wandb, ... (metrics.jsonl is always written)")
+    args = p.parse_args(argv)
+    if args.loss == "spin" and not args.synthetic_dir:
+        p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
+    return args
+
+
+# Settings that change what is trained: a resumed or re-run output_dir must agree on them.
+RUN_IDENTITY = ("pretrained_model_name_or_path", "unet", "dataset", "split", "image_column", "caption_column",
+                "max_train_samples", "synthetic_dir", "resolution", "loss", "beta", "independent_pair_noise",
+                "caption_dropout", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
+                "gradient_accumulation_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                "adam_epsilon", "max_grad_norm", "use_8bit_adam", "seed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math: pure functions on tensors (tests compare them with an independent computation).
+# ---------------------------------------------------------------------------------------------------------
+def spin_loss(model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn, beta):
+    """Per-pair SPIN-Diffusion loss: -log sigmoid(-(beta/2) * ((m_r - r_r) - (m_s - r_s))), in float32.
+    Diffusion-DPO is the same expression with winner/loser in place of real/synthetic."""
+    args = [x.float() for x in (model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn)]
+    m_r, m_s, r_r, r_s = args
+    margin = (m_r - r_r) - (m_s - r_s)
+    return -F.logsigmoid(-(beta / 2) * margin)
+
+
+def per_sample_mse(pred, target):
+    """Mean squared error over C,H,W for each sample, in float32 (fp16 errors times beta ~ 5000 are noise)."""
+    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def diffusion_target(scheduler, latents, noise, timesteps):
+    """What the UNet is trained to predict: the noise (epsilon models) or the velocity (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(f"prediction_type {kind!r} of the scheduler is not supported (epsilon or v_prediction)")
+
+
+def pair_stats(m_r, m_s, r_r, r_s):
+    """What to log for a batch of pairs (sums, so micro-batches and processes can be averaged later)."""
+    margin = (m_r - r_r) - (m_s - r_s)
+    return {
+        "implicit_acc": (margin < 0).float(),         # the policy prefers the real image more than the reference does
+        "real_logratio": -(m_r - r_r),                # > 0: the policy denoises real data better than the reference
+        "syn_logratio": -(m_s - r_s),                 # < 0: ... and the opponent's samples worse
+        "model_mse_real": m_r, "model_mse_syn": m_s, "ref_mse_real": r_r, "ref_mse_syn": r_s,
+    }
+
+
+def denoising_errors(model, scheduler, latents, noise, t, text):
+    """Per-sample error of `model` at denoising `latents` noised with `noise` at timesteps `t`."""
+    pred = model(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text, return_dict=False)[0]
+    return per_sample_mse(pred, diffusion_target(scheduler, latents, noise, t))
+
+
+def pair_loss(policy, reference, scheduler, real, other, text, t, noise, t2, noise2, beta, autocast):
+    """SPIN (other = opponent's sample) or Diffusion-DPO (real = winner, other = loser) on a batch of pairs:
+    one policy call on the concatenated [real; other] batch, one no-grad reference call on the same inputs."""
+    b = real.shape[0]
+    latents, noises, ts, texts = torch.cat([real, other]), torch.cat([noise, noise2]), torch.cat([t, t2]), torch.cat([text, text])
+    model_mse = denoising_errors(policy, scheduler, latents, noises, ts, texts)
+    with torch.no_grad(), autocast():  # the same precision path as the policy: margin = 0 exactly at step 0
+        ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, texts)
+    m_r, m_s, r_r, r_s = model_mse[:b], model_mse[b:], ref_mse[:b], ref_mse[b:]
+    return spin_loss(m_r, m_s, r_r, r_s, beta).mean(), pair_stats(m_r, m_s, r_r, r_s)
+
+
+def sft_loss(policy, scheduler, real, text, t, noise):
+    """The SFT baseline: plain denoising MSE on the real images."""
+    m_r = denoising_errors(policy, scheduler, real, noise, t, text)
+    return m_r.mean(), {"model_mse_real": m_r}
+
+
+def step_generator(seed, process_index, micro_step):
+    """CPU generator for one micro-step of one process: different noise per process (a shared seed would draw
+    the same noise on every GPU), and independent of where a run was resumed."""
+    return torch.Generator().manual_seed(image_seed(seed, process_index, micro_step))
+
+
+def draw_noise(gen, batch, latent_shape, num_train_timesteps, independent):
+    """Timesteps and noise for `batch` pairs; the pair's two members share them unless `independent`."""
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn((batch, *latent_shape), generator=gen)
+    if independent:
+        t2 = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
+        noise2 = torch.randn((batch, *latent_shape), generator=gen)
+    else:
+        t2, noise2 = t, noise
+    return t, noise, t2, noise2
+
+
+def batch_indices(n, seed, global_batch, micro_step, process_index, per_device):
+    """Row indices for one process at one micro-step. Each epoch is a fresh seeded permutation cut into global
+    batches (the last partial batch is dropped); a process takes its slice. Pure function of the step, so a
+    resumed run continues mid-epoch exactly where the interrupted one was."""
+    per_epoch = n // global_batch
+    epoch, b = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1, epoch)))
+    start = b * global_batch + process_index * per_device
+    return perm[start:start + per_device].tolist()
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batch sampler yielding batch_indices() for micro-steps start..stop-1."""
+
+    def __init__(self, n, seed, global_batch, process_index, per_device, start, stop):
+        self.n, self.seed, self.global_batch = n, seed, global_batch
+        self.process_index, self.per_device, self.start, self.stop = process_index, per_device, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.seed, self.global_batch, step, self.process_index, self.per_device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: real rows -> cached latents; captions -> cached text embeddings; synthetic folder -> pairs.
+# ---------------------------------------------------------------------------------------------------------
+SHARD = 1024  # rows per cache shard file
+
+
+def preprocess_image(img, resolution):
+    """Resize the short side to `resolution` (bicubic), centre-crop, scale to [-1, 1], CHW float32."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    s = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_images(vae, pixels):
+    """Pixels in [-1, 1] -> scaled latents (the posterior mean: deterministic, so the cache is reproducible)."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (posterior.mean * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, captions):
+    """Captions -> the last hidden state of the text encoder on 77 padded tokens, as SD-1.5 conditions on."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+def source_fingerprint(name):
+    """Identity of a dataset for the cache key: for local paths, the sizes and times of its files."""
+    p = Path(name).expanduser()
+    if not p.exists():
+        return name
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [str(p.resolve())] + [(str(f.relative_to(p)) if f != p else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def cache_key(**parts):
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_complete(path):
+    return Path(path, "info.json").is_file()
+
+
+def build_latent_cache(path, examples, encode, accelerator, with_loser, stats):
+    """Encode every real row once. Rows are cut into shards of SHARD rows; process k encodes shards k, k+N, ...
+    (all processes read the row list, only images of their own shards are decoded). A row whose image does not
+    decode is kept in place but marked invalid, so shard boundaries agree across processes. info.json, written
+    last by the main process, marks the cache complete."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    captions, shard, n_shards = [], [], 0
+
+    def flush(rows, idx):
+        out = path / f"shard-{idx:05d}.safetensors"
+        if idx % world != rank or out.is_file():
+            return
+        imgs = [[decode_image(r["image"]) for r in rows]] + ([[decode_image(r["image_lose"]) for r in rows]] if with_loser else [])
+        valid = torch.tensor([all(col[i] is not None for col in imgs) for i in range(len(rows))])
+        tensors = {"valid": valid}
+        for key, col in zip(("latents", "latents_lose"), imgs):
+            lat = encode([c for c, ok in zip(col, valid) if ok]) if valid.any() else None
+            full = torch.zeros((len(rows), *lat.shape[1:]) if lat is not None else (len(rows), 1))
+            if lat is not None:
+                full[valid] = lat.cpu()
+            tensors[key] = full.to(torch.float16).contiguous()  # half the disk; latents are O(1)
+        tmp = out.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out)
+
+    for ex in examples:
+        captions.append(ex["caption"])
+        shard.append(ex)
+        if len(shard) == SHARD:
+            flush(shard, n_shards)
+            shard, n_shards = [], n_shards + 1
+    if shard:
+        flush(shard, n_shards)
+        n_shards += 1
+    accelerator.wait_for_everyone()
+    if not captions:
+        raise UserError("the dataset has no usable rows (after dropping ties); check --dataset/--split/--caption_column")
+    if accelerator.is_main_process:
+        from safetensors import safe_open
+
+        valid = []
+        for i in range(n_shards):
+            with safe_open(str(path / f"shard-{i:05d}.safetensors"), "pt") as f:
+                valid += f.get_tensor("valid").tolist()
+        (path / "captions.json").write_text(json.dumps(captions))
+        write_json_atomic(path / "info.json", {"rows": len(captions), "valid": sum(valid), "shards": n_shards,
+                                               "invalid_rows": [i for i, v in enumerate(valid) if not v], **stats})
+    accelerator.wait_for_everyone()
+
+
+def build_text_cache(path, captions, encode, accelerator):
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for idx, start in enumerate(range(0, len(captions), SHARD)):
+        out = path / f"shard-{idx:05d}.safetensors"
+        if idx % world == rank and not out.is_file():
+            chunk = captions[start:start + SHARD]
+            emb = torch.cat([encode(chunk[i:i + 64]) for i in range(0, len(chunk), 64)])
+            tmp = out.with_suffix(".tmp")
+            save_file({"text": emb.cpu().to(torch.float16).contiguous()}, str(tmp))
+            os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / "captions.json").write_text(json.dumps(captions))
+        write_json_atomic(path / "info.json", {"captions": len(captions)})
+    accelerator.wait_for_everyone()
+
+
+class ShardedTensors:
+    """Lazy row access to a cache folder's shard-*.safetensors (each worker opens its own file handles)."""
+
+    def __init__(self, path, key):
+        self.path, self.key, self.files = Path(path), key, {}
+
+    def __getitem__(self, i):
+        from safetensors import safe_open
+
+        s, j = divmod(i, SHARD)
+        if s not in self.files:
+            self.files[s] = safe_open(str(self.path / f"shard-{s:05d}.safetensors"), "pt")
+        return self.files[s].get_slice(self.key)[j:j + 1][0].float()
+
+    def __getstate__(self):  # handles do not pickle: DataLoader workers reopen
+        return {"path": self.path, "key": self.key, "files": {}}
+
+
+def load_latent(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent"].float()
+
+
+def pair_rows(captions, valid, synthetic):
+    """Pair each valid real row with one synthetic latent of its caption. The j-th row of a caption takes that
+    caption's synthetic image j mod (images per caption), so every synthetic image is used. Returns
+    [(row, synthetic_file)] and the captions that have no synthetic image."""
+    by_prompt, seen, pairs, missing = {}, {}, [], {}
+    for rec in synthetic:
+        by_prompt.setdefault(rec["prompt"], []).append(rec["latent_path"])
+    for row, (cap, ok) in enumerate(zip(captions, valid)):
+        if not ok:
+            continue
+        files = by_prompt.get(cap)
+        if not files:
+            missing[cap] = None
+            continue
+        j = seen.get(cap, 0)
+        seen[cap] = j + 1
+        pairs.append((row, files[j % len(files)]))
+    return pairs, list(missing)
+
+
+def read_synthetic_dir(path):
+    """generate.py's folder: run_config.json (who generated) + metadata.jsonl (one line per finished image)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--synthetic_dir {path}: folder not found; run generate.py first")
+    if not (path / "run_config.json").is_file() or not (path / "metadata.jsonl").is_file():
+        raise UserError(f"--synthetic_dir {path}: no run_config.json/metadata.jsonl; it must be a folder written by generate.py")
+    config = json.loads((path / "run_config.json").read_text())
+    rows = []
+    for rec in read_jsonl(path / "metadata.jsonl"):
+        if rec.get("latent_file") and (path / rec["latent_file"]).is_file():
+            rows.append({**rec, "latent_path": str(path / rec["latent_file"])})
+    if not rows:
+        raise UserError(f"--synthetic_dir {path}: no finished images with latents; rerun generate.py to complete it")
+    rows.sort(key=lambda r: (r["prompt_index"], r["image_index"]))
+    return config, rows
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i: real latent, the other latent (synthetic or loser; absent for SFT) and the caption index."""
+
+    def __init__(self, latent_cache, rows, others, caption_ids, other_key=None):
+        self.real = ShardedTensors(latent_cache, "latents")
+        self.lose = ShardedTensors(latent_cache, "latents_lose") if other_key == "lose" else None
+        self.rows, self.others, self.caption_ids = rows, others, caption_ids
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        item = {"real": self.real[row], "caption_id": self.caption_ids[row]}
+        if self.lose is not None:
+            item["other"] = self.lose[row]
+        elif self.others is not None:
+            item["other"] = load_latent(self.others[i])
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and output
+# ---------------------------------------------------------------------------------------------------------
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()
+             and (p / "train_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def identity(args):
+    return {k: getattr(args, k) for k in RUN_IDENTITY}
+
+
+def check_same_run(saved, current, where):
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        k, (old, new) = next(iter(diff.items()))
+        raise UserError(f"{where} was made with other settings ({len(diff)} differ, e.g. --{k} {old!r} there vs {new!r} now); "
+                        "use the same flags or another --output_dir")
+
+
+def save_unet_atomically(unet, output_dir):
+    """Write output_dir/unet/ so that it exists only when complete (temp folder, then rename)."""
+    out = Path(output_dir) / "unet"
+    tmp = Path(output_dir) / "unet.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(str(tmp), safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    main_proc = accelerator.is_main_process
+    log = (lambda *a: print(*a, flush=True)) if main_proc else (lambda *a: None)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # A finished output_dir with the same settings is a no-op (shell loops re-run stages freely).
+    if (out / "unet" / "config.json").is_file() and (out / "run_config.json").is_file():
+        done = json.loads((out / "run_config.json").read_text())
+        check_same_run(done.get("identity", {}), identity(args), f"--output_dir {out}")
+        if done.get("finished"):
+            log(f"{out}/unet is already trained with these settings: nothing to do")
+            return
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- models: theta_k trains; a frozen copy of theta_k is the reference (opponent) --------------------
+    check_model_path(args.pretrained_model_name_or_path)
+    base = args.pretrained_model_name_or_path
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the pipeline {base!r}: {str(e).splitlines()[0]}") from None
+    unet = load_unet(args.unet, base)
+    fingerprint = unet_fingerprint(unet)
+    T = noise_scheduler.config.num_train_timesteps
+
+    # --- data: the real rows, encoded once into the cache ------------------------------------------------
+    enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    with_loser = args.loss == "dpo"
+    ds_id = source_fingerprint(args.dataset)
+    lat_dir = Path(args.cache_dir) / ("latents-" + cache_key(
+        dataset=ds_id, split=args.split, image_column=args.image_column, caption_column=args.caption_column,
+        max_train_samples=args.max_train_samples, resolution=args.resolution, with_loser=with_loser,
+        vae=json.loads((Path(base) / "vae" / "config.json").read_text()) if Path(base).is_dir() else base))
+    if not cache_complete(lat_dir):
+        log(f"encoding the real images once into {lat_dir} ...")
+        ds = open_dataset(args.dataset, args.split, args.streaming)
+        stats = {}
+        examples = iter_examples(ds, args.caption_column, args.image_column, with_images=True, with_loser=with_loser, stats=stats)
+        if args.max_train_samples:
+            import itertools
+
+            examples = itertools.islice(examples, args.max_train_samples)
+        try:
+            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=enc_dtype).to(accelerator.device)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load the VAE of {base!r}: {str(e).splitlines()[0]}") from None
+        vae.requires_grad_(False)
+
+        def encode(imgs):
+            x = torch.stack([preprocess_image(im, args.resolution) for im in imgs])
+            return torch.cat([encode_images(vae, x[i:i + 16]) for i in range(0, len(x), 16)])
+
+        build_latent_cache(lat_dir, examples, encode, accelerator, with_loser, stats)
+        del vae
+    info = json.loads((lat_dir / "info.json").read_text())
+    captions = json.loads((lat_dir / "captions.json").read_text())
+    from safetensors import safe_open
+
+    valid = []
+    for i in range(info["shards"]):
+        with safe_open(str(lat_dir / f"shard-{i:05d}.safetensors"), "pt") as f:
+            valid += f.get_tensor("valid").tolist()
+    log(f"real data: {info['valid']} usable rows ({info.get('ties_dropped', 0)} ties dropped, "
+        f"{len(info['invalid_rows'])} undecodable images skipped)")
+
+    # --- the prompts, text-encoded once (plus the empty prompt for caption dropout) -----------------------
+    unique = list(dict.fromkeys([""] + captions))
+    pos = {c: i for i, c in enumerate(unique)}
+    caption_ids = [pos[c] for c in captions]
+    txt_dir = Path(args.cache_dir) / ("text-" + cache_key(
+        captions=cache_key(c=unique), tokenizer=len(tokenizer),
+        text_encoder=json.loads((Path(base) / "text_encoder" / "config.json").read_text()) if Path(base).is_dir() else base))
+    if not cache_complete(txt_dir):
+        log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
+        try:
+            text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=enc_dtype).to(accelerator.device)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load the text encoder of {base!r}: {str(e).splitlines()[0]}") from None
+        text_encoder.requires_grad_(False)
+        build_text_cache(txt_dir, unique, lambda c: encode_prompts(text_encoder, tokenizer, c), accelerator)
+        del text_encoder
+    # Prompt embeddings are small next to latents (one per unique caption): keep them on the device.
+    text_table = torch.cat([ShardedTensors(txt_dir, "text")[i][None] for i in range(len(unique))]).to(accelerator.device)
+
+    # --- pairs: real row + opponent sample of the same prompt (or Pick-a-Pic loser for DPO) ---------------
+    others, rows = None, [i for i, ok in enumerate(valid) if ok]
+    synth_config = None
+    if args.loss == "spin":
+        synth_config, synthetic = read_synthetic_dir(args.synthetic_dir)
+        made_by = (synth_config.get("model") or {}).get("unet_fingerprint")
+        if made_by != fingerprint:
+            msg = (f"--synthetic_dir {args.synthetic_dir} was generated by UNet {str(made_by)[:19]}... "
+                   f"({(synth_config.get('model') or {}).get('unet')!r}), but the UNet being trained (--unet {args.unet or 'base'}) "
+                   f"is {fingerprint[:19]}...: the opponent must be theta_k itself; regenerate with the same --unet, "
+                   "or pass --allow_opponent_mismatch")
+            if not args.allow_opponent_mismatch:
+                raise UserError(msg)
+            log("warning: " + msg)
+        pairs, missing = pair_rows(captions, valid, synthetic)
+        if missing:
+            raise UserError(f"{len(missing)} training prompt(s) have no synthetic image in {args.synthetic_dir} "
+                            f"(e.g. {missing[0]!r}); run generate.py on the same --dataset/--split/--max_train_samples")
+        rows, others = [r for r, _ in pairs], [f for _, f in pairs]
+        shape_real = ShardedTensors(lat_dir, "latents")[rows[0]].shape
+        shape_syn = load_latent(others[0]).shape
+        if shape_real != shape_syn:
+            raise UserError(f"synthetic latents are {tuple(shape_syn)} but real latents at --resolution {args.resolution} "
+                            f"are {tuple(shape_real)}: generate and train at the same resolution")
+    dataset = PairDataset(lat_dir, rows, others, caption_ids, other_key="lose" if with_loser else None)
+    latent_shape = tuple(ShardedTensors(lat_dir, "latents")[rows[0]].shape)
+
+    per_device, world = args.train_batch_size, accelerator.num_processes
+    global_batch = per_device * world
+    if len(dataset) < global_batch:
+        raise UserError(f"only {len(dataset)} training pairs, fewer than one batch of {global_batch} "
+                        "(--train_batch_size x processes): lower --train_batch_size or add data")
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    reference = None
+    if args.loss != "sft":
+        import copy
+
+        reference = copy.deepcopy(unet).requires_grad_(False).eval().to(accelerator.device)
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * global_batch
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # Stepped by us once per optimizer step (not prepared): warmup and total steps are optimizer steps,
+    # whatever the number of processes.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    global_step = 0
+    if args.resume_from_checkpoint:
+        ckpt = list_checkpoints(out)[-1] if args.resume_from_checkpoint == "latest" and list_checkpoints(out) else None
+        if args.resume_from_checkpoint != "latest":
+            ckpt = Path(args.resume_from_checkpoint)
+            if not (ckpt / "train_state.json").is_file():
+                raise UserError(f"--resume_from_checkpoint {ckpt}: not a checkpoint folder (no train_state.json)")
+        if ckpt is None:
+            log("no checkpoint in output_dir: starting from the beginning")
+        else:
+            state = json.loads((ckpt / "train_state.json").read_text())
+            check_same_run(state["identity"], identity(args), f"checkpoint {ckpt}")
+            if state["unet_fingerprint"] != fingerprint:
+                raise UserError(f"checkpoint {ckpt} continues another starting UNet; use the same --unet or another --output_dir")
+            accelerator.load_state(str(ckpt))
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            global_step = state["global_step"]
+            log(f"resumed from {ckpt} at step {global_step}")
+    metrics_path = out / "metrics.jsonl"
+    if main_proc:  # drop metrics of steps that will be redone
+        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= global_step] if metrics_path.is_file() else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_json_atomic(out / "run_config.json", run_config(
+            "train", args, identity=identity(args), finished=False, num_processes=world, global_batch=global_batch * args.gradient_accumulation_steps,
+            model={"pretrained_model_name_or_path": base, "unet": args.unet or "base", "unet_fingerprint": fingerprint},
+            opponent=(synth_config or {}).get("model"), data={"pairs": len(dataset), **info, "invalid_rows": len(info["invalid_rows"])},
+            cache={"latents": str(lat_dir), "text": str(txt_dir)}))
+    if accelerator.trackers == [] and args.report_to != "none":
+        accelerator.init_trackers("spin-diffusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    accum = args.gradient_accumulation_steps
+    loader = torch.utils.data.DataLoader(
+        dataset, num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+        batch_sampler=StepSampler(len(dataset), args.seed, global_batch, accelerator.process_index, per_device,
+                                  global_step * accum, args.max_train_steps * accum))
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    noise_scheduler.alphas_cumprod = alphas  # add_noise/get_velocity index it on the device, without a copy per step
+
+    log(f"training {args.loss}: {len(dataset)} pairs, {args.max_train_steps} steps of "
+        f"{per_device} x {world} x {accum} = {global_batch * accum} pairs")
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not main_proc, desc=f"train {args.loss}")
+    sums, t0 = None, time.time()
+    with progress as bar:  # closed before any error message, so the message is the last line
+        for micro, batch in enumerate(loader, start=global_step * accum):
+            gen = step_generator(args.seed, accelerator.process_index, micro)
+            b = batch["real"].shape[0]
+            t, noise, t2, noise2 = draw_noise(gen, b, latent_shape, T, args.independent_pair_noise)
+            ids = batch["caption_id"]
+            if args.caption_dropout > 0:
+                ids = torch.where(torch.rand(b, generator=gen) < args.caption_dropout, 0, ids)  # row 0 = ""
+            dev = accelerator.device
+            text = text_table[ids.to(dev)]
+            real, t, noise = batch["real"].to(dev, non_blocking=True), t.to(dev), noise.to(dev)
+            with accelerator.accumulate(unet):
+                if args.loss == "sft":
+                    loss, stats = sft_loss(unet, noise_scheduler, real, text, t, noise)
+                else:
+                    other, t2, noise2 = batch["other"].to(dev, non_blocking=True), t2.to(dev), noise2.to(dev)
+                    loss, stats = pair_loss(unet, reference, noise_scheduler, real, other, text, t, noise, t2, noise2,
+                                            args.beta, accelerator.autocast)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm) if accelerator.sync_gradients else None
+                # A non-finite loss would poison the weights: stop before the optimizer applies it. One host sync per
+                # optimizer step (the metrics need it anyway), none per micro-step.
+                batch_sums = torch.stack([loss.detach() * b] + [v.detach().sum() for v in stats.values()] + [torch.tensor(float(b), device=dev)])
+                sums = batch_sums if sums is None else sums + batch_sums
+                if accelerator.sync_gradients:
+                    sums = accelerator.reduce(sums, "sum")
+                    vals = sums.tolist()
+                    gn = float(grad_norm) if grad_norm is not None else float("nan")
+                    if not math.isfinite(vals[0]) or (not math.isfinite(gn) and accelerator.mixed_precision != "fp16"):
+                        last = list_checkpoints(out)
+                        raise UserError(f"non-finite loss at step {global_step + 1} (loss {vals[0] / vals[-1]}, grad norm {gn}): "
+                                        "lower --learning_rate or --beta, prefer bf16 to fp16, check the data"
+                                        + (f"; the last good checkpoint is {last[-1]}" if last else "") + "; no unet/ was written")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
+            lr_scheduler.step()
+            global_step += 1
+            n = vals[-1]
+            row = {"step": global_step, "loss": vals[0] / n, **{k: v / n for k, v in zip(stats, vals[1:-1])},
+                   "lr": step_lr, "grad_norm": gn, "pairs_per_s": n / (time.time() - t0)}
+            sums, t0 = None, time.time()
+            if main_proc:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            accelerator.log(row, step=global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['implicit_acc']:.2f}"} if "implicit_acc" in row else {}))
+
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerprint)
+
+    accelerator.wait_for_everyone()
+    if main_proc:
+        save_unet_atomically(accelerator.unwrap_model(unet), out)
+        cfg = json.loads((out / "run_config.json").read_text())
+        write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": global_step})
+        log(f"wrote {out / 'unet'} (step {global_step}); metrics in {metrics_path}")
+    accelerator.end_training()
+
+
+def save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerprint):
+    """checkpoint-N/: UNet (safetensors) + optimizer + our train_state.json; written under a temp name and
+    renamed, so a checkpoint-N that exists is complete. Older ones beyond --checkpoints_total_limit go."""
+    final = out / f"checkpoint-{global_step}"
+    tmp = out / f"checkpoint-{global_step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "train_state.json", {"global_step": global_step, "identity": identity(args),
+                                                     "unet_fingerprint": fingerprint, "lr_scheduler": lr_scheduler.state_dict()})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            for old in list_checkpoints(out)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    cli(main)
