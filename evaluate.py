@@ -1,0 +1,1063 @@
+#!/usr/bin/env python
+"""Score folders of generated images with PickScore, HPS v2/v2.1, ImageReward and the LAION aesthetic predictor.
+
+    python evaluate.py runs/exp/samples --output_dir runs/exp/eval            # every model folder under samples/
+    python evaluate.py samples/base samples/iter_1 --metrics hps,pickscore --hps_version 2.0
+
+Each image folder holds metadata.jsonl (one line per image: file_name, prompt, prompt_index, image_index, seed) as
+generate.py and sample.py write it; the model name is the folder name. All four scorers run with `transformers`
+alone: HPS and ImageReward checkpoints are converted key by key from their original layouts (open_clip, BLIP) and
+loaded strictly. Writes scores.jsonl (one line per image), summary.json, summary.md (the model card's table, one
+column group per model, and win rates against the first model) and run_config.json to --output_dir.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---- shared helpers: the same text in every script that has this block (tests/test_shared.py checks) ----
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, exit code 2."""
+
+
+def cli(main):
+    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
+    import errno
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
+                  "finished work is kept", file=sys.stderr)
+            sys.exit(28)
+        raise
+
+
+def write_json_atomic(path, obj):
+    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def run_config(stage, args, **extra):
+    """What made a folder, with which settings: the same shape for every stage."""
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+            "args": dict(vars(args)), "versions": versions, **extra}
+
+
+def unet_fingerprint(unet):
+    """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_unet(unet_path, base_path):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
+    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+    from diffusers import UNet2DConditionModel
+
+    if unet_path in (None, "", "base"):
+        where, sub = base_path, "unet"
+    elif Path(unet_path, "unet", "config.json").is_file():
+        where, sub = unet_path, "unet"
+    elif Path(unet_path, "config.json").is_file():
+        where, sub = unet_path, None
+    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, a hub id, or 'base'")
+    else:
+        where, sub = unet_path, "unet"
+    try:
+        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
+                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
+
+
+def check_model_path(path, what="--pretrained_model_name_or_path"):
+    """A path-looking model argument that does not exist is a typo, not a hub id."""
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
+        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
+
+
+def open_dataset(name, split, streaming=False):
+    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
+    import datasets
+
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
+    try:
+        if p.is_file():
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
+            if kind is None:
+                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
+            return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+        return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
+
+
+def is_pickapic(column_names):
+    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
+
+
+def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
+    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
+    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
+    stats["ties_dropped"]. Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    import datasets
+
+    stats = {} if stats is None else stats
+    stats.setdefault("rows", 0)
+    stats.setdefault("ties_dropped", 0)
+    names = list(ds.column_names or ds.features or [])
+    pickapic = is_pickapic(names) and image_column is None
+    if image_column is None and not pickapic:
+        image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
+    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
+    if with_images:
+        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
+                        "set --caption_column / --image_column to the right names")
+    ds = ds.select_columns(need)
+    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    for row in ds:
+        stats["rows"] += 1
+        ex = {"caption": row[caption_column]}
+        if pickapic:
+            l0, l1 = float(row["label_0"]), float(row["label_1"])
+            if l0 == l1:
+                stats["ties_dropped"] += 1
+                continue
+            win = 0 if l0 > l1 else 1
+            if with_images:
+                ex["image"] = row[f"jpg_{win}"]
+                if with_loser:
+                    ex["image_lose"] = row[f"jpg_{1 - win}"]
+        elif with_images:
+            ex["image"] = row[image_column]
+        if with_loser and "image_lose" not in ex:
+            raise UserError("--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset "
+                            "(jpg_0, jpg_1, label_0, label_1)")
+        yield ex
+
+
+def decode_image(value):
+    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img.load()
+        return img.convert("RGB")
+    except Exception:
+        return None
+
+
+def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None):
+    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training)."""
+    seen = {}
+    for ex in iter_examples(ds, caption_column, with_images=False, stats=stats):
+        if ex["caption"] not in seen:
+            seen[ex["caption"]] = len(seen)
+            if max_prompts and len(seen) >= max_prompts:
+                break
+    return list(seen)
+
+
+def image_key(prompt_index, image_index):
+    """File stem of one image: the same in every folder of images (generate.py, sample.py)."""
+    return f"p{prompt_index:07d}_i{image_index:03d}"
+
+
+def image_seed(seed, prompt_index, image_index):
+    """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size,
+    process count and resume point, and the same for every model so comparisons are paired."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+# ---- end shared helpers ----
+
+
+# ---- config ----
+# Rows of summary.md in the model card's order; --metrics may name them in any order.
+METRICS = ("hps", "aesthetic", "imagereward", "pickscore")
+METRIC_NAMES = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "ImageReward", "pickscore": "PickScore"}
+METRIC_DECIMALS = {"hps": 4, "aesthetic": 3, "imagereward": 3, "pickscore": 3}  # HPS lives around 0.27
+
+# Official weights (hub ids). Every flag also takes a local path; both go through the same loading code.
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+HPS_REPO = "xswu/HPSv2"
+HPS_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}  # not comparable: always record which
+HPS_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # config + tokenizer the open_clip weights are converted onto
+IMAGEREWARD_REPO = "THUDM/ImageReward"  # ImageReward.pt + med_config.json
+IMAGEREWARD_TOKENIZER = "bert-base-uncased"
+AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
+# sac+logos+ava1-l14-linearMSE.pth, as trl's DDPO example publishes it (the same tensors under another name).
+AESTHETIC_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+
+# Preprocessing: all four scorers see 224x224 images normalised with OpenAI CLIP's mean/std.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 224  # ImageReward and the aesthetic predictor; HPS and PickScore take it from their configs (also 224)
+CLIP_MAX_LENGTH = 77  # CLIP context length (open_clip pads every prompt to it)
+IMAGEREWARD_MAX_LENGTH = 35  # ImageReward truncates prompts to 35 BERT tokens
+IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward standardises the head's raw output with these
+IMAGEREWARD_STD = 1.0333394966054072
+BLIP_VIT_HEAD_DIM = 64  # BLIP's ViT-B/16 (12 heads) and ViT-L/16 (16 heads) both use 64-wide heads
+BLIP_VIT_LN_EPS = 1e-6  # BLIP's ViT uses LayerNorm(eps=1e-6); transformers' default is 1e-5
+HEAD_LINEARS = (0, 2, 4, 6, 7)  # nn.Sequential indices of the Linear layers in both MLP heads (1, 3, 5 are Dropouts)
+
+
+# ---- inputs ----
+def natural_key(name):
+    """iter_2 sorts before iter_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_model_dirs(paths):
+    """Image folders (with metadata.jsonl) from the arguments: a folder itself, or every such subfolder of it."""
+    dirs = []
+    for p in map(Path, paths):
+        if (p / "metadata.jsonl").is_file():
+            dirs.append(p)
+        elif p.is_dir() and any((sub / "metadata.jsonl").is_file() for sub in p.iterdir() if sub.is_dir()):
+            subs = [sub for sub in p.iterdir() if (sub / "metadata.jsonl").is_file()]
+            dirs += sorted(subs, key=lambda s: natural_key(s.name))
+        elif not p.exists():
+            raise UserError(f"{p}: no such folder")
+        else:
+            raise UserError(f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
+                            "sample.py or generate.py")
+    names = [d.name for d in dirs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"two image folders have the same name {dup}: the model name is the folder name")
+    if not dirs:
+        raise UserError("no image folders given: pass one or more folders with metadata.jsonl")
+    return dirs
+
+
+def read_metadata(folder):
+    rows = read_jsonl(Path(folder) / "metadata.jsonl")
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("file_name", "prompt", "prompt_index", "image_index") if k not in row]
+        if missing:
+            raise UserError(f"{folder}/metadata.jsonl line {i}: missing {missing}")
+    if not rows:
+        raise UserError(f"{folder}/metadata.jsonl lists no images")
+    return rows
+
+
+# ---- weights: hub id or local path, one code path ----
+def is_local(spec):
+    return spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def resolve_file(spec, default_name, flag):
+    """A local path for a weights file: a local file, a local folder (+ default_name), or a hub id
+    'owner/repo' (+ default_name) or 'owner/repo/path/in/repo', downloaded with huggingface_hub."""
+    if is_local(spec):
+        p = Path(spec).expanduser()
+        p = p / default_name if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"{flag} {spec}: file not found ({p})")
+        return str(p)
+    parts = spec.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or default_name
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, unknown repo or file, network: all the user's to fix
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{flag} {spec}: could not get {filename} from the hub repo {repo}: {msg}") from None
+
+
+def sibling_spec(spec, name):
+    """The spec of `name` beside the file/folder/hub repo `spec` (med_config.json beside ImageReward.pt)."""
+    if is_local(spec):
+        p = Path(spec).expanduser()
+        return str((p if p.is_dir() else p.parent) / name)
+    return "/".join(spec.split("/")[:2] + [name])
+
+
+def torch_load(path, flag):
+    """Never unpickle code: weights_only=True. The aesthetic .pth holds CUDA tensors, hence map_location."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{flag} {path}: cannot load it as a torch checkpoint ({msg})") from None
+
+
+def from_pretrained(cls, spec, flag, **kwargs):
+    """transformers from_pretrained with one-line errors; missing weights are an error, not a random init."""
+    check_model_path(spec, flag)
+    try:
+        out = cls.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {spec}: {str(e).splitlines()[0]}") from None
+    if isinstance(out, tuple):  # (model, loading_info)
+        model, info = out
+        if info.get("missing_keys"):
+            raise UserError(f"{flag} {spec}: weights missing for {describe_keys(info['missing_keys'])}")
+        return model
+    return out
+
+
+def describe_keys(keys, n=4):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_strict(module, state_dict, what):
+    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys as one readable line."""
+    expected = module.state_dict()
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    if missing or unexpected:
+        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + \
+                ([f"unexpected {describe_keys(unexpected)}"] if unexpected else [])
+        raise UserError(f"{what}: checkpoint does not match the model: {'; '.join(parts)}")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
+           if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise UserError(f"{what}: checkpoint shapes do not match the model config: {describe_keys(bad, 2)}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def strip_module_prefix(sd):
+    """(Distributed)DataParallel saves keys as module.<name>."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+# ---- preprocessing (exactly the originals' torchvision pipelines, written with PIL + torch) ----
+def pil_to_tensor(img):
+    """torchvision ToTensor: HWC uint8 -> CHW float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+
+
+def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
+    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+def resize_center_crop(img, size=IMAGE_SIZE):
+    """ImageReward and the aesthetic predictor (OpenAI CLIP's transform): Resize(size, BICUBIC) on the PIL image
+    (shorter side -> size, longer side int()-truncated), CenterCrop(size), ToTensor, Normalize."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return normalize(pil_to_tensor(img))
+
+
+def resize_longest_pad(img, size=IMAGE_SIZE):
+    """HPS v2 (its open_clip fork, ResizeMaxSize): ToTensor first, then a bicubic antialiased resize of the
+    *tensor* so the longer side is `size` (Python round() for the other side), zero-pad to size x size
+    (centred, extra pixel right/bottom), Normalize. Padding happens in [0, 1] space, before normalisation."""
+    x = pil_to_tensor(img)
+    h, w = x.shape[1:]
+    scale = size / float(max(h, w))
+    new_h, new_w = round(h * scale), round(w * scale)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    pad_h, pad_w = size - new_h, size - new_w
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return normalize(x)
+
+
+# ---- checkpoint key conversion ----
+OPEN_CLIP_TOP = {  # open_clip name -> transformers CLIPModel name (".T": stored transposed in open_clip)
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "text_projection": "text_projection.weight.T",  # open_clip: x @ P; transformers: Linear(x) = x @ W.T
+    "logit_scale": "logit_scale",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",  # no bias on either side
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "visual.proj": "visual_projection.weight.T",
+}
+OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def open_clip_to_transformers(sd):
+    """open_clip CLIP state dict -> transformers CLIPModel state dict. Unknown keys pass through unchanged, so
+    that the strict load names them as unexpected."""
+    out = {}
+    for key, value in strip_module_prefix(sd).items():
+        m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        m2 = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
+        if m2:  # q, k, v fused along dim 0 in nn.MultiheadAttention
+            tower = "vision_model" if m2.group(1) else "text_model"
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{tower}.encoder.layers.{m2.group(2)}.self_attn.{name}.{m2.group(3)}"] = part.clone()
+        elif m and m.group(3) in OPEN_CLIP_BLOCK:
+            tower = "vision_model" if m.group(1) else "text_model"
+            out[f"{tower}.encoder.layers.{m.group(2)}.{OPEN_CLIP_BLOCK[m.group(3)]}.{m.group(4)}"] = value
+        elif key in OPEN_CLIP_TOP:
+            new = OPEN_CLIP_TOP[key]
+            out[new.removesuffix(".T")] = value.t().contiguous() if new.endswith(".T") else value
+        else:
+            out[key] = value
+    return out
+
+
+def rename_blip_vit_key(key):
+    """BLIP's timm-style ViT name -> transformers BlipVisionModel name."""
+    key = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding"}.get(key, key)
+    key = re.sub(r"^patch_embed\.proj\.", "embeddings.patch_embedding.", key)
+    key = re.sub(r"^norm\.", "post_layernorm.", key)
+    key = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", key)
+    for old, new in ((".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
+                     (".attn.qkv.", ".self_attn.qkv."), (".attn.proj.", ".self_attn.projection.")):
+        key = key.replace(old, new)
+    return key
+
+
+# In ImageReward.pt but not used by the reward: BLIP's contrastive projections and a position-id buffer.
+BLIP_UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
+
+
+def blip_to_transformers(sd):
+    """ImageReward state dict -> (BlipVisionModel sd, BlipTextModel sd, MLP head sd, unexpected keys). The BERT
+    text encoder of BLIP (med.py) has transformers' BlipTextModel names already: only prefixes change."""
+    vision, text, head, unexpected = {}, {}, {}, []
+    for key, value in strip_module_prefix(sd).items():
+        if key.startswith("blip.visual_encoder."):
+            vision[rename_blip_vit_key(key[len("blip.visual_encoder."):])] = value
+        elif key.startswith(BLIP_UNUSED):
+            continue
+        elif key.startswith("blip.text_encoder."):
+            text[key[len("blip.text_encoder."):]] = value
+        elif key.startswith("mlp."):
+            head[key[len("mlp."):]] = value
+        else:
+            unexpected.append(key)
+    return vision, text, head, unexpected
+
+
+def blip_vision_config(vision_sd):
+    """BlipVisionConfig from the ViT's tensor shapes (ViT-L/16 at 224 for ImageReward)."""
+    from transformers import BlipVisionConfig
+
+    try:
+        hidden = vision_sd["embeddings.class_embedding"].shape[-1]
+        patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
+        n_pos = vision_sd["embeddings.position_embedding"].shape[1]
+        inter = vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"--imagereward_checkpoint: missing blip.visual_encoder weights ({e.args[0]})") from None
+    layers = len({k.split(".")[2] for k in vision_sd if k.startswith("encoder.layers.")})
+    return BlipVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // BLIP_VIT_HEAD_DIM), patch_size=patch,
+                            image_size=int(round(math.sqrt(n_pos - 1))) * patch, layer_norm_eps=BLIP_VIT_LN_EPS,
+                            hidden_act="gelu")
+
+
+def blip_text_config(med_config, encoder_width):
+    """BlipTextConfig from ImageReward's med_config.json (BERT-base + cross-attention). encoder_width is the
+    ViT width (1024), which BLIP sets in code, overriding the file's 768."""
+    from transformers import BlipTextConfig
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
+    return BlipTextConfig(**{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=encoder_width,
+                          is_decoder=True)  # is_decoder=True: build the cross-attention layers
+
+
+def head_layers(sd, in_features, what):
+    """The 5 Linear layers (weight, bias) of an ImageReward / LAION aesthetic MLP head, in float32."""
+    expected = {f"layers.{i}.{p}" for i in HEAD_LINEARS for p in ("weight", "bias")}
+    if set(sd) != expected:
+        parts = [f"missing {describe_keys(expected - set(sd))}"] if expected - set(sd) else []
+        parts += [f"unexpected {describe_keys(set(sd) - expected)}"] if set(sd) - expected else []
+        raise UserError(f"{what}: MLP head keys do not match layers.{{0,2,4,6,7}}: {'; '.join(parts)}")
+    layers, width = [], in_features
+    for i in HEAD_LINEARS:
+        w, b = sd[f"layers.{i}.weight"].float(), sd[f"layers.{i}.bias"].float()
+        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise UserError(f"{what}: layers.{i} has shape {tuple(w.shape)}, expected (*, {width})")
+        layers.append((w, b))
+        width = w.shape[0]
+    if width != 1:
+        raise UserError(f"{what}: the MLP head ends in {width} outputs, expected 1")
+    return layers
+
+
+# ---- score formulas (float32) ----
+def l2_normalize(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def cosine(a, b):
+    """Row-wise cosine of two (B, D) batches."""
+    return (l2_normalize(a.float()) * l2_normalize(b.float())).sum(-1)
+
+
+def pickscore_formula(image_emb, text_emb, logit_scale):
+    """PickScore = exp(logit_scale) * cos(image, text) (≈21 for SD-1.5; a raw cosine ≈0.2 is the known bug)."""
+    return logit_scale.float().exp() * cosine(image_emb, text_emb)
+
+
+def hps_formula(image_emb, text_emb):
+    """HPS v2 = cos(image, text), no logit scale (≈0.27 for SD-1.5; benchmarks print it x100)."""
+    return cosine(image_emb, text_emb)
+
+
+def linear_head(x, layers):
+    """The MLP heads: Linear layers without activations (the originals' ReLUs are commented out), dropout off."""
+    x = x.float()
+    for w, b in layers:
+        x = F.linear(x, w.to(x.device), b.to(x.device))
+    return x[:, 0]
+
+
+def imagereward_formula(raw):
+    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def aesthetic_formula(image_emb, layers):
+    """LAION improved aesthetic predictor: the head on the L2-normalised CLIP ViT-L/14 image embedding."""
+    return linear_head(l2_normalize(image_emb.float()), layers)
+
+
+def clip_image_embeds(model, pixel_values):
+    p = next(model.parameters())
+    pooled = model.vision_model(pixel_values=pixel_values.to(p.device, p.dtype)).pooler_output
+    return model.visual_projection(pooled).float()
+
+
+def clip_text_embeds(model, input_ids, attention_mask=None):
+    device = next(model.parameters()).device
+    mask = None if attention_mask is None else attention_mask.to(device)
+    pooled = model.text_model(input_ids=input_ids.to(device), attention_mask=mask).pooler_output
+    return model.text_projection(pooled).float()
+
+
+# ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
+class PickScore:
+    """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
+
+    def __init__(self, model, processor, device, dtype):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model = from_pretrained(CLIPModel, model, "--pickscore_model", output_loading_info=True)
+        self.logit_scale = self.model.logit_scale.detach().float().clone()  # fp32: exp() of fp16 is off by ~0.2%
+        self.model.to(device, dtype).eval()
+        self.processor = from_pretrained(AutoProcessor, processor, "--pickscore_processor")
+        self.weights = {"model": model, "processor": processor}
+
+    prep_key = ("pickscore processor",)
+
+    def prepare(self, image):
+        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        tok = self.processor(text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH,
+                             return_tensors="pt")
+        text = clip_text_embeds(self.model, tok["input_ids"], tok["attention_mask"])
+        image = clip_image_embeds(self.model, pixels)
+        return pickscore_formula(image, text, self.logit_scale.to(image.device))
+
+
+class HPS:
+    """HPS v2 / v2.1: open_clip ViT-H-14 weights ({"state_dict": ...}) converted onto a transformers CLIPModel."""
+
+    def __init__(self, checkpoint, version, clip, device, dtype):
+        spec = checkpoint or f"{HPS_REPO}/{HPS_FILES[version]}"
+        path = resolve_file(spec, HPS_FILES[version], "--hps_checkpoint")
+        other = {f: v for v, f in HPS_FILES.items()}.get(Path(path).name)
+        if other and other != version:  # v2.0 and v2.1 scores are not comparable: refuse an obvious mix-up
+            raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{other} but --hps_version is {version}")
+        ckpt = torch_load(path, "--hps_checkpoint")
+        sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+        from transformers import AutoTokenizer, CLIPConfig, CLIPModel  # after the cheap checks: a slow import
+
+        check_model_path(clip, "--hps_clip")
+        try:
+            config = CLIPConfig.from_pretrained(clip)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
+        for cfg in (config.text_config, config.vision_config):
+            cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
+        with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
+            self.model = CLIPModel(config)
+        load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
+        self.model.to(device, dtype).eval()
+        self.tokenizer = from_pretrained(AutoTokenizer, clip, "--hps_clip")
+        self.image_size = config.vision_config.image_size
+        self.weights = {"checkpoint": path, "clip": clip, "version": version}
+
+    @property
+    def prep_key(self):
+        return ("resize_longest_pad", self.image_size)
+
+    def prepare(self, image):
+        return resize_longest_pad(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        # open_clip pads every prompt to 77 tokens and uses no padding mask (the causal mask makes it moot)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=CLIP_MAX_LENGTH,
+                             return_tensors="pt")
+        text = clip_text_embeds(self.model, tok["input_ids"])
+        return hps_formula(clip_image_embeds(self.model, pixels), text)
+
+
+class ImageReward:
+    """THUDM ImageReward: BLIP ViT-L/16 + BERT with cross-attention to the image tokens + MLP head on [CLS]."""
+
+    def __init__(self, checkpoint, med_config, tokenizer, device, dtype):
+        path = resolve_file(checkpoint, "ImageReward.pt", "--imagereward_checkpoint")
+        med_spec = med_config or sibling_spec(checkpoint, "med_config.json")
+        med_path = resolve_file(med_spec, "med_config.json", "--imagereward_med_config")
+        try:
+            med = json.loads(Path(med_path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--imagereward_med_config {med_path}: not a JSON config ({e})") from None
+        what = f"--imagereward_checkpoint {path}"
+        vision_sd, text_sd, head_sd, unexpected = blip_to_transformers(torch_load(path, "--imagereward_checkpoint"))
+        if unexpected:
+            raise UserError(f"{what}: checkpoint does not match the model: unexpected {describe_keys(unexpected)}")
+        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
+
+        vision_config = blip_vision_config(vision_sd)
+        with torch.device(device):
+            self.vision = BlipVisionModel(vision_config)
+            self.text = BlipTextModel(blip_text_config(med, vision_config.hidden_size), add_pooling_layer=False)
+        load_strict(self.vision, vision_sd, what)
+        load_strict(self.text, text_sd, what)
+        self.head = [(w.to(device), b.to(device)) for w, b in head_layers(head_sd, self.text.config.hidden_size, what)]
+        self.vision.to(device, dtype).eval()
+        self.text.to(device, dtype).eval()
+        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "--imagereward_tokenizer")
+        # BLIP's init_tokenizer(): adds [DEC] (bos) and [ENC]; vocab 30522 -> 30524 as in med_config
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        self.image_size = vision_config.image_size
+        self.weights = {"checkpoint": path, "med_config": med_path, "tokenizer": tokenizer}
+
+    @property
+    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
+        return ("resize_center_crop", self.image_size)
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        p = next(self.vision.parameters())
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
+                             return_tensors="pt")
+        image_embeds = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=p.device)
+        hidden = self.text(input_ids=tok["input_ids"].to(p.device), attention_mask=tok["attention_mask"].to(p.device),
+                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                           is_decoder=False).last_hidden_state
+        return imagereward_formula(linear_head(hidden[:, 0].float(), self.head))
+
+
+class Aesthetic:
+    """LAION improved aesthetic predictor: MLP head on the normalised openai/clip-vit-large-patch14 embedding."""
+
+    def __init__(self, clip, head, device, dtype):
+        from transformers import CLIPModel
+
+        self.model = from_pretrained(CLIPModel, clip, "--aesthetic_clip", output_loading_info=True)
+        self.model.to(device, dtype).eval()
+        path = resolve_file(head, "aesthetic-model.pth", "--aesthetic_head")
+        sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
+        self.head = [(w.to(device), b.to(device))
+                     for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")]
+        self.image_size = self.model.config.vision_config.image_size
+        self.weights = {"clip": clip, "head": path}
+
+    @property
+    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
+        return ("resize_center_crop", self.image_size)
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        return aesthetic_formula(clip_image_embeds(self.model, pixels), self.head)
+
+
+def load_scorers(args, metrics, device, dtype):
+    scorers = {}
+    for m in metrics:  # all resident at once: every batch is scored by every metric
+        t = time.time()
+        if m == "pickscore":
+            scorers[m] = PickScore(args.pickscore_model, args.pickscore_processor, device, dtype)
+        elif m == "hps":
+            scorers[m] = HPS(args.hps_checkpoint, args.hps_version, args.hps_clip, device, dtype)
+        elif m == "imagereward":
+            scorers[m] = ImageReward(args.imagereward_checkpoint, args.imagereward_med_config,
+                                     args.imagereward_tokenizer, device, dtype)
+        elif m == "aesthetic":
+            scorers[m] = Aesthetic(args.aesthetic_clip, args.aesthetic_head, device, dtype)
+        print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
+    return scorers
+
+
+# ---- aggregation ----
+def stats(values):
+    """mean, median, std (population, ddof=0) of a list; None when empty."""
+    if not values:
+        return {"mean": None, "median": None, "std": None}
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std())}
+
+
+def per_prompt(rows, metric):
+    """{(prompt_index, prompt): [score of each image]} for one model's rows."""
+    groups = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            groups.setdefault((r["prompt_index"], r["prompt"]), []).append(float(r[metric]))
+    return groups
+
+
+def aggregate(rows, metric):
+    """Per prompt over its N images: mean and best-of-N (max); then over prompts: mean, median, std of each."""
+    groups = per_prompt(rows, metric)
+    means = [float(np.mean(v)) for v in groups.values()]
+    bests = [max(v) for v in groups.values()]
+    sizes = [len(v) for v in groups.values()]
+    return {"best_of_n": stats(bests), "mean": stats(means), "n_prompts": len(groups), "n_images": sum(sizes),
+            "images_per_prompt": [min(sizes), max(sizes)] if sizes else [0, 0]}
+
+
+def win_rates(rows_by_model, baseline, metrics):
+    """Per metric, per model: fraction of the prompts both it and `baseline` have where its per-prompt mean is
+    higher than the baseline's (ties count half)."""
+    out = {}
+    for metric in metrics:
+        base = {k: np.mean(v) for k, v in per_prompt(rows_by_model[baseline], metric).items()}
+        out[metric] = {}
+        for model, rows in rows_by_model.items():
+            if model == baseline:
+                continue
+            other = {k: np.mean(v) for k, v in per_prompt(rows, metric).items()}
+            common = sorted(base.keys() & other.keys())
+            wins = sum(1.0 if other[k] > base[k] else 0.5 if other[k] == base[k] else 0.0 for k in common)
+            out[metric][model] = {"win_rate": wins / len(common) if common else None, "n_prompts": len(common)}
+    return out
+
+
+def same_seeds(rows_a, rows_b):
+    """Were the images of the prompts both models have drawn from the same seeds (a paired comparison)?"""
+    a = {(r["prompt_index"], r["image_index"]): r.get("seed") for r in rows_a}
+    b = {(r["prompt_index"], r["image_index"]): r.get("seed") for r in rows_b}
+    common = a.keys() & b.keys()
+    return bool(common) and all(a[k] is not None and a[k] == b[k] for k in common)
+
+
+def fmt(x, decimals):
+    return "n/a" if x is None else f"{x:.{decimals}f}"
+
+
+def markdown_summary(summary, models, metrics, baseline, wins, hps_version):
+    """The model card's table (rows: metrics; columns: best of N / mean / median per model) and win rates."""
+    name = {m: METRIC_NAMES[m] + (f" v{hps_version}" if m == "hps" else "") for m in metrics}
+    head, rule = ["Metric"], ["---"]
+    for model in models:
+        n = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
+        head += [f"{model} best of {n}", f"{model} mean", f"{model} median"]
+        rule += ["---:"] * 3
+    lines = ["# Evaluation", "",
+             "Per prompt: the mean and the best (max) of its N images; then over prompts: the mean of the best "
+             "(best of N), the mean and the median of the per-prompt means.", "",
+             "| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
+    for m in metrics:
+        cells = [name[m]]
+        for model in models:
+            s = summary[model][m]
+            d = METRIC_DECIMALS[m]
+            cells += [fmt(s["best_of_n"]["mean"], d), fmt(s["mean"]["mean"], d), fmt(s["mean"]["median"], d)]
+        lines.append("| " + " | ".join(cells) + " |")
+    others = [m for m in models if m != baseline]
+    if others:
+        lines += ["", f"Win rate against {baseline}: the fraction of shared prompts where the model's per-prompt "
+                  "mean is higher (ties count half).", "",
+                  "| Metric | " + " | ".join(others) + " |", "| --- |" + " ---: |" * len(others)]
+        for m in metrics:
+            lines.append(f"| {name[m]} | " + " | ".join(fmt(wins[m][o]["win_rate"], 3) for o in others) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- command line ----
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through cli(), not usage + traceback
+        raise UserError(f"{message} (see python evaluate.py --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR",
+                   help="image folders with metadata.jsonl, or a folder of such folders (samples/)")
+    p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
+    p.add_argument("--output_dir", default="eval")
+    p.add_argument("--metrics", action="append", default=None,
+                   help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
+    p.add_argument("--hps_version", default="2.1", help="2.0 or 2.1 (not comparable: recorded in every output)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--mixed_precision", default=None,
+                   help="no, fp16 or bf16 for the towers (normalisation, dot products and heads stay fp32); "
+                        "default fp16 on a GPU, no on a CPU")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads decoding and preprocessing images")
+    p.add_argument("--overwrite", action="store_true", help="rescore images already in output_dir/scores.jsonl")
+    p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
+    p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
+    p.add_argument("--hps_checkpoint", default=None,
+                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.1']} or "
+                        f"{HPS_FILES['2.0']} by --hps_version)")
+    p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
+    p.add_argument("--imagereward_checkpoint", default=IMAGEREWARD_REPO,
+                   help="ImageReward.pt file, a folder holding it, or a hub repo")
+    p.add_argument("--imagereward_med_config", default=None,
+                   help="med_config.json (default: beside the checkpoint)")
+    p.add_argument("--imagereward_tokenizer", default=IMAGEREWARD_TOKENIZER)
+    p.add_argument("--aesthetic_clip", default=AESTHETIC_CLIP)
+    p.add_argument("--aesthetic_head", default=AESTHETIC_HEAD,
+                   help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)")
+    args = p.parse_args(argv)
+    args.image_dirs = list(args.image_dirs_pos) + list(args.image_dirs)
+    del args.image_dirs_pos
+    return args
+
+
+def parse_metrics(values):
+    names = [m.strip().lower() for v in (values or [",".join(METRICS)]) for m in v.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+    if not names:
+        raise UserError(f"--metrics is empty: choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in names]  # the model card's order
+
+
+def pick_device(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mp = (args.mixed_precision or ("fp16" if device.type == "cuda" else "no")).lower()
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mp not in dtypes:
+        raise UserError(f"--mixed_precision {mp}: choose no, fp16 or bf16")
+    if mp == "fp16" and device.type == "cpu":
+        raise UserError("--mixed_precision fp16 needs a GPU: use no or bf16 on a CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    return device, mp, dtypes[mp]
+
+
+def prepare_item(item, scorers):
+    """Worker: decode one image and preprocess it once per distinct pipeline (ImageReward and aesthetic share)."""
+    folder, row = item
+    path = Path(folder) / row["file_name"]
+    if not path.is_file():
+        return None, "missing file"
+    image = decode_image(str(path))
+    if image is None:
+        return None, "unreadable image"
+    cache, out = {}, {}
+    try:
+        for m, s in scorers.items():
+            if s.prep_key not in cache:
+                cache[s.prep_key] = s.prepare(image)
+            out[m] = cache[s.prep_key]
+    except Exception as e:  # e.g. a degenerate 1-pixel-wide image: skip it like an unreadable one
+        return None, f"cannot preprocess ({type(e).__name__}: {e})"
+    return out, None
+
+
+def main(argv=None):
+    from concurrent.futures import ThreadPoolExecutor
+
+    args = parse_args(argv)
+    metrics = parse_metrics(args.metrics)
+    args.hps_version = str(args.hps_version).lower().lstrip("v")
+    if args.hps_version not in HPS_FILES:
+        raise UserError(f"--hps_version {args.hps_version}: choose 2.0 or 2.1")
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+
+    # 1. Inputs, checked before any model is loaded.
+    dirs = find_model_dirs(args.image_dirs)
+    models = [d.name for d in dirs]
+    metadata = {d.name: read_metadata(d) for d in dirs}
+    baseline = args.baseline or models[0]
+    if baseline not in models:
+        raise UserError(f"--baseline {baseline}: not one of the models {models}")
+    device, mp, dtype = pick_device(args)
+
+    # 2. Resume: keep the scores of an earlier run with the same settings (rows keyed by model and file).
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scoring = {"metrics": metrics, "hps_version": args.hps_version, "mixed_precision": mp,
+               "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(
+                   ("pickscore_", "hps_", "imagereward_", "aesthetic_"))}}
+    scores_path, config_path = out / "scores.jsonl", out / "run_config.json"
+    kept = []
+    if scores_path.exists() and not args.overwrite:
+        old = json.loads(config_path.read_text()).get("scoring") if config_path.is_file() else None
+        if old != scoring:
+            raise UserError(f"{scores_path} holds scores made with other settings: pass --overwrite or another "
+                            "--output_dir")
+        wanted = {(m, r["file_name"]) for m, rows in metadata.items() for r in rows}
+        kept = [r for r in read_jsonl(scores_path) if (r["model"], r["file_name"]) in wanted]
+    done = {(r["model"], r["file_name"]) for r in kept}
+    with open(scores_path.with_name("scores.jsonl.tmp"), "w") as f:  # rewrite: drops a truncated last line
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(scores_path.with_name("scores.jsonl.tmp"), scores_path)
+    write_json_atomic(config_path, run_config("evaluate", args, models=models, baseline=baseline, scoring=scoring,
+                                              device=str(device)))
+
+    # 3. Models, all resident.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep stderr for our one-line messages
+    hf_logging.disable_progress_bar()
+    scorers = load_scorers(args, metrics, device, dtype)
+
+    # 4. Score every image not scored yet, batch by batch; workers decode the next batch meanwhile.
+    todo = [(dirs[models.index(m)], r) for m in models for r in metadata[m] if (m, r["file_name"]) not in done]
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    skipped = {m: [] for m in models}
+    print(f"scoring {len(todo)} images ({len(done)} already scored) from {len(models)} model(s) with "
+          f"{', '.join(metrics)} on {device} ({mp})", flush=True)
+    t0, n_scored = time.time(), 0
+    with ThreadPoolExecutor(max(1, args.num_workers)) as pool, open(scores_path, "a") as f:
+        futures = [pool.submit(prepare_item, it, scorers) for it in batches[0]] if batches else []
+        for bi, batch in enumerate(batches):
+            results = [fut.result() for fut in futures]
+            if bi + 1 < len(batches):
+                futures = [pool.submit(prepare_item, it, scorers) for it in batches[bi + 1]]
+            good = []
+            for (folder, row), (pixels, why) in zip(batch, results):
+                if pixels is None:
+                    skipped[folder.name].append({"file_name": row["file_name"], "reason": why})
+                    print(f"warning: {folder / row['file_name']}: {why}, skipped", file=sys.stderr, flush=True)
+                else:
+                    good.append((folder, row, pixels))
+            if not good:
+                continue
+            prompts = [row["prompt"] for _, row, _ in good]
+            scores = {m: scorers[m](torch.stack([px[m] for _, _, px in good]), prompts).cpu().tolist()
+                      for m in metrics}
+            for i, (folder, row, _) in enumerate(good):
+                rec = {"model": folder.name, "prompt_index": row["prompt_index"], "image_index": row["image_index"],
+                       "prompt": row["prompt"], "file_name": row["file_name"], "seed": row.get("seed"),
+                       **{m: scores[m][i] for m in metrics}}
+                kept.append(rec)
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            n_scored += len(good)
+            if bi % 20 == 0 or bi == len(batches) - 1:
+                rate = n_scored / max(time.time() - t0, 1e-9)
+                print(f"batch {bi + 1}/{len(batches)}: {n_scored} images scored ({rate:.1f}/s)", flush=True)
+
+    # 5. Aggregate, compare with the baseline, write the tables.
+    rows_by_model = {m: [r for r in kept if r["model"] == m] for m in models}
+    summary = {m: {metric: aggregate(rows_by_model[m], metric) for metric in metrics} for m in models}
+    wins = win_rates(rows_by_model, baseline, metrics)
+    counts = {m: {"images_listed": len(metadata[m]), "images_scored": len(rows_by_model[m]),
+                  "images_skipped": len(skipped[m]), "skipped": skipped[m]} for m in models}
+    weights = {m: s.weights for m, s in scorers.items()}
+    write_json_atomic(out / "summary.json", {
+        "models": models, "metrics": metrics, "hps_version": args.hps_version, "baseline": baseline,
+        "summary": summary, "win_rates": wins, "counts": counts, "weights": weights, "mixed_precision": mp,
+        "same_seeds_as_baseline": {m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models
+                                   if m != baseline},
+        "aggregation": "per prompt over its images: mean and best_of_n (max); then over prompts: mean, median, "
+                       "std (ddof=0) of each; win rate: per-prompt means vs the baseline's, ties count half"})
+    (out / "summary.md").write_text(markdown_summary(summary, models, metrics, baseline, wins, args.hps_version))
+    write_json_atomic(config_path, run_config("evaluate", args, models=models, baseline=baseline, scoring=scoring,
+                                              device=str(device), weights=weights, counts={
+                                                  m: {k: v for k, v in c.items() if k != "skipped"}
+                                                  for m, c in counts.items()}))
+    print((out / "summary.md").read_text())
+    n_skipped = sum(len(v) for v in skipped.values())
+    print(f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
+          + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else ""))
+
+
+if __name__ == "__main__":
+    cli(main)

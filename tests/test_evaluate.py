@@ -1,0 +1,396 @@
+"""evaluate.py: preprocessing, key conversion, the four score formulas against independent forwards of the
+original layouts, batching/truncation, aggregation, and the CLI's outputs and one-line errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+import evaluate as ev  # noqa: E402
+import tiny_scorers as ts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red circle", "the big blue squares on a painting", "a cat", "yellow triangle in the sky"]
+
+
+def run_cli(*args, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.returncode != 0, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def w(tmp_path_factory):
+    """Every tiny scorer, in its original layout, and the CLI flags that point evaluate.py at them."""
+    d = tmp_path_factory.mktemp("scorers")
+    pick = ts.build_tiny_clip(d / "pickscore", seed=1)
+    aes_clip = ts.build_tiny_clip(d / "aes_clip", seed=2)
+    hps_clip = ts.build_tiny_clip(d / "hps_clip", seed=3)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(hps_clip)))
+    hps_sd = ts.build_tiny_hps(d / "HPS_v2.1_compressed.pt", seed=4, vocab_size=vocab, prefix="module.")
+    bert = ts.build_bert_tokenizer(d / "bert")
+    ir_sd, med = ts.build_tiny_imagereward(d / "imagereward", vocab_size=len(bert) + 2, seed=5)
+    head_sd = ts.build_aesthetic_head(d / "aesthetic.pth", in_dim=ts.CLIP_TINY["embed"], seed=6)
+    flags = ["--pickscore_model", pick, "--pickscore_processor", pick, "--hps_checkpoint",
+             d / "HPS_v2.1_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
+             "--imagereward_tokenizer", d / "bert", "--aesthetic_clip", aes_clip, "--aesthetic_head",
+             d / "aesthetic.pth", "--device", "cpu", "--mixed_precision", "no"]
+    return dict(dir=d, pick=pick, aes_clip=aes_clip, hps_clip=hps_clip, hps_sd=hps_sd, ir_sd=ir_sd, med=med,
+                head_sd=head_sd, flags=[str(f) for f in flags])
+
+
+@pytest.fixture(scope="session")
+def scorers(w):
+    """The scorers built by evaluate.py's own loaders (the same code the CLI runs)."""
+    args = ev.parse_args(["x"] + w["flags"])
+    return ev.load_scorers(args, list(ev.METRICS), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)) for wd, h in
+            [(96, 64), (64, 96), (224, 224), (300, 301)]]
+
+
+# ---- preprocessing ----
+def test_resize_center_crop_is_openai_clip_transform():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (400, 600, 3), dtype=np.uint8))  # w=600, h=400
+    # torchvision Resize(224): shorter side 224, longer int(224 * 600 / 400) = 336; CenterCrop: round(112/2)=56
+    want = img.resize((336, 224), Image.BICUBIC).crop((56, 0, 280, 224))
+    want = (torch.tensor(np.asarray(want), dtype=torch.float32).permute(2, 0, 1) / 255
+            - torch.tensor(ts.CLIP_MEAN)[:, None, None]) / torch.tensor(ts.CLIP_STD)[:, None, None]
+    got = ev.resize_center_crop(img)
+    assert got.shape == (3, 224, 224) and torch.allclose(got, want, atol=1e-6)
+    tall = Image.fromarray(rng.integers(0, 256, (301, 200, 3), dtype=np.uint8))  # int(224*301/200)=337 -> top 56
+    want = tall.resize((224, 337), Image.BICUBIC).crop((0, 56, 224, 280))
+    assert torch.allclose(ev.resize_center_crop(tall), ev.normalize(ev.pil_to_tensor(want)), atol=1e-6)
+    square = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))  # no resampling at all
+    assert torch.allclose(ev.resize_center_crop(square), ev.normalize(ev.pil_to_tensor(square)))
+
+
+def test_resize_longest_pad_is_hps_transform():
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (100, 301, 3), dtype=np.uint8))  # w=301, h=100
+    got = ev.resize_longest_pad(img)
+    # scale 224/301: h -> round(74.42) = 74, w -> 224; pad 150 rows: 75 on top, 75 below; zeros before Normalize
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
+    body = F.interpolate(x[None], size=(74, 224), mode="bicubic", align_corners=False, antialias=True)[0]
+    pad_value = (-torch.tensor(ts.CLIP_MEAN) / torch.tensor(ts.CLIP_STD))[:, None, None]
+    assert got.shape == (3, 224, 224)
+    assert torch.allclose(got[:, :75], pad_value.expand(3, 75, 224), atol=1e-6)
+    assert torch.allclose(got[:, 149:], pad_value.expand(3, 75, 224), atol=1e-6)
+    assert torch.allclose(got[:, 75:149], ev.normalize(body), atol=1e-6)
+    tall = Image.fromarray(rng.integers(0, 256, (300, 150, 3), dtype=np.uint8))  # 112 wide: 56 + 56 columns
+    got = ev.resize_longest_pad(tall)
+    assert torch.allclose(got[:, :, :56], pad_value.expand(3, 224, 56), atol=1e-6)
+    assert torch.allclose(got[:, :, 168:], pad_value.expand(3, 224, 56), atol=1e-6)
+    square = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    assert torch.allclose(ev.resize_longest_pad(square), ev.normalize(ev.pil_to_tensor(square)))
+
+
+# ---- key conversion ----
+def test_open_clip_conversion_splits_qkv_and_transposes_projections():
+    W = 8
+    qkv = torch.arange(3 * W * W, dtype=torch.float32).reshape(3 * W, W)
+    sd = {"module.transformer.resblocks.0.attn.in_proj_weight": qkv,
+          "module.visual.transformer.resblocks.1.attn.in_proj_bias": torch.arange(3 * W, dtype=torch.float32),
+          "module.text_projection": torch.randn(W, 4), "module.visual.proj": torch.randn(W, 5),
+          "module.visual.transformer.resblocks.1.mlp.c_fc.weight": torch.randn(16, W),
+          "module.something.else": torch.zeros(1)}
+    out = ev.open_clip_to_transformers(sd)
+    assert torch.equal(out["text_model.encoder.layers.0.self_attn.q_proj.weight"], qkv[:W])
+    assert torch.equal(out["text_model.encoder.layers.0.self_attn.k_proj.weight"], qkv[W:2 * W])
+    assert torch.equal(out["text_model.encoder.layers.0.self_attn.v_proj.weight"], qkv[2 * W:])
+    assert torch.equal(out["vision_model.encoder.layers.1.self_attn.v_proj.bias"], torch.arange(2 * W, 3 * W).float())
+    assert torch.equal(out["text_projection.weight"], sd["module.text_projection"].T)
+    assert torch.equal(out["visual_projection.weight"], sd["module.visual.proj"].T)
+    assert "vision_model.encoder.layers.1.mlp.fc1.weight" in out
+    assert "something.else" in out  # unknown keys survive, so the strict load reports them
+
+
+def test_blip_conversion_names(w):
+    vision, text, head, unexpected = ev.blip_to_transformers(w["ir_sd"])
+    assert not unexpected
+    assert "embeddings.class_embedding" in vision and "post_layernorm.weight" in vision
+    assert "encoder.layers.1.self_attn.projection.weight" in vision
+    assert "encoder.layer.0.crossattention.self.key.weight" in text
+    assert "embeddings.position_ids" not in text
+    assert sorted(head) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+    cfg = ev.blip_vision_config(vision)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size, cfg.image_size, cfg.num_hidden_layers) == \
+           (128, 2, 32, 224, 2)
+
+
+# ---- each scorer equals an independent computation on the original layout ----
+def test_hps_matches_open_clip_forward(w, scorers, images):
+    s = scorers["hps"]
+    pixels = torch.stack([ev.resize_longest_pad(im) for im in images])
+    tok = s.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    img, txt = ts.ref_open_clip(w["hps_sd"], pixels, tok["input_ids"])
+    want = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    got = s(torch.stack([s.prepare(im) for im in images]), PROMPTS)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert got.std() > 1e-3  # not a constant
+
+
+def test_imagereward_matches_blip_forward(w, scorers, images):
+    s = scorers["imagereward"]
+    pixels = torch.stack([ev.resize_center_crop(im) for im in images])
+    tok = s.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    raw = ts.ref_blip_reward(w["ir_sd"], w["med"], pixels, tok["input_ids"], tok["attention_mask"])
+    want = (raw - 0.16717362830052426) / 1.0333394966054072
+    got = s(torch.stack([s.prepare(im) for im in images]), PROMPTS)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert got.std() > 1e-4
+    assert len(s.tokenizer) == w["med"]["vocab_size"]  # [DEC] and [ENC] added, as BLIP's init_tokenizer
+
+
+def test_aesthetic_matches_clip_plus_original_head(w, scorers, images):
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(str(w["aes_clip"])).eval()
+    pixels = torch.stack([ev.resize_center_crop(im) for im in images])
+    with torch.no_grad():
+        emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        want = ts.ref_head(w["head_sd"], emb / torch.linalg.vector_norm(emb, dim=-1, keepdim=True))
+    got = scorers["aesthetic"](pixels, PROMPTS)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+
+
+def test_pickscore_matches_readme_computation(w, scorers, images):
+    from transformers import AutoProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(str(w["pick"])).eval()
+    processor = AutoProcessor.from_pretrained(str(w["pick"]))
+    with torch.no_grad():
+        im = processor(images=images, return_tensors="pt")
+        tx = processor(text=PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        ie = model.visual_projection(model.vision_model(**im).pooler_output)
+        te = model.text_projection(model.text_model(**tx).pooler_output)
+        want = model.logit_scale.exp() * (F.normalize(ie, dim=-1) * F.normalize(te, dim=-1)).sum(-1)
+    s = scorers["pickscore"]
+    got = s(torch.stack([s.prepare(x) for x in images]), PROMPTS)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert abs(float(model.logit_scale.detach().exp()) - 40.0) < 1e-3  # the scale is applied, not a bare cosine
+
+
+@pytest.mark.parametrize("metric", ev.METRICS)
+def test_batched_equals_one_at_a_time(scorers, images, metric):
+    s = scorers[metric]
+    pixels = torch.stack([s.prepare(im) for im in images])
+    batched = s(pixels, PROMPTS)
+    single = torch.cat([s(pixels[i:i + 1], [PROMPTS[i]]) for i in range(len(images))])
+    assert torch.allclose(batched, single, atol=1e-5), (batched, single)
+
+
+def test_prompt_truncation(scorers, images):
+    words = (["red", "blue", "cat", "dog", "sky"] * 20)[:60]
+    ir = scorers["imagereward"]
+    ids = ir.tokenizer(" ".join(words), padding="max_length", truncation=True, max_length=35)["input_ids"]
+    assert len(ids) == 35 and ids[0] == ir.tokenizer.cls_token_id and ids[-1] == ir.tokenizer.sep_token_id
+    px = ir.prepare(images[0])[None]
+    assert torch.allclose(ir(px, [" ".join(words)]), ir(px, [" ".join(words[:33])]), atol=1e-6)
+    assert not torch.allclose(ir(px, [" ".join(words)]), ir(px, [" ".join(words[:20])]), atol=1e-6)
+    letters = " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(100))  # one token per letter
+    short = " ".join(letters.split()[:75])
+    for metric in ("hps", "pickscore"):
+        s = scorers[metric]
+        tok = s.tokenizer if metric == "hps" else s.processor.tokenizer
+        ids = tok(letters, truncation=True, max_length=77)["input_ids"]
+        assert len(ids) == 77 and ids[-1] == tok.eos_token_id
+        px = s.prepare(images[1])[None]
+        assert torch.allclose(s(px, [letters]), s(px, [short]), atol=1e-5)
+
+
+def test_head_keys_and_shapes_are_checked():
+    sd = ts.head_state_dict(8)
+    assert len(ev.head_layers(sd, 8, "x")) == 5
+    with pytest.raises(ev.UserError, match="missing layers.7.bias"):
+        ev.head_layers({k: v for k, v in sd.items() if k != "layers.7.bias"}, 8, "x")
+    with pytest.raises(ev.UserError, match="unexpected layers.1.weight"):
+        ev.head_layers({**sd, "layers.1.weight": torch.zeros(1)}, 8, "x")
+    with pytest.raises(ev.UserError, match="layers.0"):
+        ev.head_layers(sd, 9, "x")
+
+
+# ---- aggregation ----
+def rows(model, table):
+    """table: {prompt_index: [scores]} -> score rows."""
+    return [{"model": model, "prompt_index": p, "prompt": f"prompt {p}", "image_index": i, "seed": i,
+             "file_name": f"p{p}_i{i}.png", "hps": s} for p, scores in table.items() for i, s in enumerate(scores)]
+
+
+def test_aggregate_per_prompt_then_over_prompts():
+    a = ev.aggregate(rows("m", {0: [1.0, 3.0], 1: [2.0, 2.0, 5.0], 2: [0.0]}), "hps")
+    # per-prompt means 2, 3, 0; bests 3, 5, 0
+    assert a["mean"]["mean"] == pytest.approx(5 / 3) and a["mean"]["median"] == pytest.approx(2.0)
+    assert a["mean"]["std"] == pytest.approx(np.std([2, 3, 0]))
+    assert a["best_of_n"]["mean"] == pytest.approx(8 / 3) and a["best_of_n"]["median"] == pytest.approx(3.0)
+    assert (a["n_prompts"], a["n_images"], a["images_per_prompt"]) == (3, 6, [1, 3])
+    empty = ev.aggregate([], "hps")
+    assert empty["mean"]["mean"] is None and empty["n_prompts"] == 0
+
+
+def test_win_rates_ties_half_and_common_prompts_only():
+    by_model = {"base": rows("base", {0: [1.0, 1.0], 1: [2.0], 2: [3.0], 3: [9.0]}),
+                "new": rows("new", {0: [0.0, 3.0], 1: [2.0], 2: [2.0], 4: [100.0]})}
+    # prompt 0: 1.5 > 1 win; 1: tie; 2: loss; 3 and 4 not shared
+    out = ev.win_rates(by_model, "base", ["hps"])
+    assert out["hps"]["new"] == {"win_rate": pytest.approx(0.5), "n_prompts": 3}
+    assert "base" not in out["hps"]
+    by_model["new"] = rows("new", {7: [1.0]})
+    assert ev.win_rates(by_model, "base", ["hps"])["hps"]["new"] == {"win_rate": None, "n_prompts": 0}
+
+
+def test_markdown_table_has_the_model_card_shape():
+    by_model = {"base": rows("base", {0: [0.2, 0.3], 1: [0.25, 0.27]}),
+                "iter_1": rows("iter_1", {0: [0.3, 0.3], 1: [0.2, 0.2]})}
+    summary = {m: {"hps": ev.aggregate(r, "hps")} for m, r in by_model.items()}
+    wins = ev.win_rates(by_model, "base", ["hps"])
+    md = ev.markdown_summary(summary, ["base", "iter_1"], ["hps"], "base", wins, "2.1")
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| Metric"))
+    assert header == ("| Metric | base best of 2 | base mean | base median | iter_1 best of 2 | iter_1 mean "
+                      "| iter_1 median |")
+    assert "| HPS v2.1 | 0.2850 | 0.2550 | 0.2550 | 0.2500 | 0.2500 | 0.2500 |" in lines
+    assert "| HPS v2.1 | 0.500 |" in lines  # win rate: one win, one loss
+
+
+# ---- the CLI end to end ----
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory):
+    d = tmp_path_factory.mktemp("samples") / "samples"
+    ts.build_image_folder(d / "base", PROMPTS, n_images=2, seed=10)
+    ts.build_image_folder(d / "iter_1", PROMPTS[:3], n_images=2, seed=11, corrupt={(1, 0)})
+    return d
+
+
+@pytest.fixture(scope="session")
+def cli_run(w, samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    res = run_cli(samples, "--output_dir", out, "--batch_size", 3, *w["flags"])
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_cli_outputs(cli_run, scorers, samples):
+    out, res = cli_run
+    scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 8 + 5  # iter_1: 6 listed, 1 unreadable
+    for r in scores:
+        assert {"model", "prompt_index", "image_index", "prompt", "file_name", *ev.METRICS} <= set(r)
+    # CLI scores equal the in-process scorers on the same images
+    for r in scores[:3] + scores[-2:]:
+        img = Image.open(samples / r["model"] / r["file_name"]).convert("RGB")
+        for m in ev.METRICS:
+            s = scorers[m]
+            assert r[m] == pytest.approx(float(s(s.prepare(img)[None], [r["prompt"]])[0]), abs=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"] == ["base", "iter_1"] and summary["hps_version"] == "2.1"
+    assert summary["counts"]["iter_1"]["images_skipped"] == 1
+    assert summary["counts"]["iter_1"]["skipped"][0]["file_name"] == "images/p0000001_i000.png"
+    assert summary["counts"]["base"]["images_scored"] == 8
+    assert summary["weights"]["hps"]["version"] == "2.1"
+    assert summary["win_rates"]["pickscore"]["iter_1"]["n_prompts"] == 3
+    assert summary["same_seeds_as_baseline"]["iter_1"] is True
+    base = [r for r in scores if r["model"] == "base"]
+    assert summary["summary"]["base"]["aesthetic"]["mean"]["mean"] == pytest.approx(
+        np.mean([np.mean([r["aesthetic"] for r in base if r["prompt_index"] == p]) for p in range(4)]))
+    md = (out / "summary.md").read_text()
+    for name in ("HPS v2.1", "Aesthetic", "ImageReward", "PickScore", "base best of 2", "iter_1 median"):
+        assert name in md
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["stage"] == "evaluate" and cfg["scoring"]["hps_version"] == "2.1"
+    assert "p0000001_i000.png" in res.stderr and "error" not in res.stderr
+
+
+def test_cli_resume_and_changed_settings(cli_run, w, samples):
+    out, _ = cli_run
+    before = (out / "scores.jsonl").read_text()
+    res = run_cli(samples, "--output_dir", out, "--batch_size", 3, *w["flags"])
+    assert res.returncode == 0, res.stderr
+    assert "scoring 1 images (13 already scored)" in res.stdout  # only the unreadable one is retried
+    assert (out / "scores.jsonl").read_text() == before
+    res = run_cli(samples, "--output_dir", out, "--metrics", "hps", *w["flags"])
+    assert_one_line_error(res, "other settings", "--overwrite")
+
+
+def test_cli_single_folder_subset_of_metrics(w, samples, tmp_path):
+    res = run_cli("--image_dirs", samples / "iter_1", "--metrics", "aesthetic", "--metrics", "imagereward",
+                  "--output_dir", tmp_path, *w["flags"])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"] == ["aesthetic", "imagereward"] and summary["models"] == ["iter_1"]
+    row = json.loads((tmp_path / "scores.jsonl").read_text().splitlines()[0])
+    assert "aesthetic" in row and "hps" not in row
+
+
+# ---- bad input: one line on stderr, non-zero exit ----
+def test_cli_folder_without_metadata(w, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli(tmp_path / "empty", *w["flags"]), "no metadata.jsonl")
+
+
+def test_cli_unknown_metric(samples, w):
+    assert_one_line_error(run_cli(samples, "--metrics", "hps,clipscore", *w["flags"]), "clipscore")
+
+
+def test_cli_missing_checkpoint_file(samples, w, tmp_path):
+    flags = w["flags"] + ["--hps_checkpoint", str(tmp_path / "nope.pt")]
+    assert_one_line_error(run_cli(samples, "--metrics", "hps", "--output_dir", tmp_path, *flags), "nope.pt",
+                          "not found")
+
+
+def test_cli_hps_checkpoint_missing_and_unexpected_keys(samples, w, tmp_path):
+    vocab = w["hps_sd"]["token_embedding.weight"].shape[0]
+    ts.build_tiny_hps(tmp_path / "bad.pt", vocab_size=vocab, drop="visual.ln_post.bias",
+                      extra={"visual.conv1.bias": torch.zeros(32)})  # open_clip's conv1 has no bias
+    res = run_cli(samples, "--metrics", "hps", "--output_dir", tmp_path / "a", *w["flags"],
+                  "--hps_checkpoint", tmp_path / "bad.pt")
+    assert_one_line_error(res, "missing vision_model.post_layernorm.bias", "unexpected visual.conv1.bias")
+
+
+def test_cli_imagereward_unexpected_key(samples, w, tmp_path):
+    bert_vocab = w["med"]["vocab_size"]
+    ts.build_tiny_imagereward(tmp_path / "ir", vocab_size=bert_vocab, extra={"blip.itm_head.weight": torch.zeros(2)})
+    res = run_cli(samples, "--metrics", "imagereward", "--output_dir", tmp_path / "o", *w["flags"],
+                  "--imagereward_checkpoint", tmp_path / "ir" / "ImageReward.pt")
+    assert_one_line_error(res, "unexpected blip.itm_head.weight")
+
+
+def test_cli_hps_version_mismatch(samples, w, tmp_path):
+    res = run_cli(samples, "--metrics", "hps", "--hps_version", "2.0", "--output_dir", tmp_path, *w["flags"])
+    assert_one_line_error(res, "HPS v2.1", "--hps_version is 2.0")
+
+
+def test_loaders_use_weights_only(monkeypatch, tmp_path):
+    """A checkpoint that pickles code is refused (torch.load(weights_only=True)), as a one-line UserError."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ev.UserError, match="cannot load it"):
+        ev.torch_load(str(tmp_path / "evil.pt"), "--hps_checkpoint")
