@@ -254,7 +254,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # models and data
-    a("--pretrained_model_name_or_path", required=True, help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
+    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+      help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
     a("--unet", default=None, help="theta_k to start from and to use as frozen reference: folder with unet/, hub id "
       "(e.g. UCLA-AGI/SPIN-Diffusion-iter1) or 'base' (default: the base pipeline's UNet)")
     a("--dataset", required=True, help="real data: hub id or local path (parquet file/folder, image folder with metadata.jsonl, ...)")
@@ -268,7 +269,7 @@ def parse_args(argv=None):
     a("--output_dir", required=True)
     a("--cache_dir", default=os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "spin-diffusion")),
       help="where encoded real latents and prompt embeddings are kept (keyed by model and data, reused across iterations)")
-    a("--resolution", type=int, default=512)
+    a("--resolution", type=int, default=None, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
     # objective
     a("--loss", choices=["spin", "sft", "dpo"], default="spin")
     a("--beta", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
@@ -687,14 +688,6 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # A finished output_dir with the same settings is a no-op (shell loops re-run stages freely).
-    if (out / "unet" / "config.json").is_file() and (out / "run_config.json").is_file():
-        done = json.loads((out / "run_config.json").read_text())
-        check_same_run(done.get("identity", {}), identity(args), f"--output_dir {out}")
-        if done.get("finished"):
-            log(f"{out}/unet is already trained with these settings: nothing to do")
-            return
-    out.mkdir(parents=True, exist_ok=True)
 
     # --- models: theta_k trains; a frozen copy of theta_k is the reference (opponent) --------------------
     check_model_path(args.pretrained_model_name_or_path)
@@ -706,6 +699,18 @@ def main(argv=None):
         raise UserError(f"could not load the pipeline {base!r}: {str(e).splitlines()[0]}") from None
     unet = load_unet(args.unet, base)
     fingerprint = unet_fingerprint(unet)
+    if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
+        vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+        args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    # A finished output_dir with the same settings is a no-op (shell loops re-run stages freely).
+    if (out / "unet" / "config.json").is_file() and (out / "run_config.json").is_file():
+        done = json.loads((out / "run_config.json").read_text())
+        check_same_run(done.get("identity", {}), identity(args), f"--output_dir {out}")
+        if done.get("finished"):
+            log(f"{out}/unet is already trained with these settings: nothing to do")
+            return
+    out.mkdir(parents=True, exist_ok=True)
     T = noise_scheduler.config.num_train_timesteps
 
     # --- data: the real rows, encoded once into the cache ------------------------------------------------

@@ -40,23 +40,9 @@ def assert_one_line_error(res, *fragments):
 @pytest.fixture(scope="session")
 def w(tmp_path_factory):
     """Every tiny scorer, in its original layout, and the CLI flags that point evaluate.py at them."""
-    d = tmp_path_factory.mktemp("scorers")
-    pick = ts.build_tiny_clip(d / "pickscore", seed=1)
-    aes_clip = ts.build_tiny_clip(d / "aes_clip", seed=2)
-    hps_clip = ts.build_tiny_clip(d / "hps_clip", seed=3)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(hps_clip)))
-    hps_sd = ts.build_tiny_hps(d / "HPS_v2.1_compressed.pt", seed=4, vocab_size=vocab, prefix="module.")
-    bert = ts.build_bert_tokenizer(d / "bert")
-    ir_sd, med = ts.build_tiny_imagereward(d / "imagereward", vocab_size=len(bert) + 2, seed=5)
-    head_sd = ts.build_aesthetic_head(d / "aesthetic.pth", in_dim=ts.CLIP_TINY["embed"], seed=6)
-    flags = ["--pickscore_model", pick, "--pickscore_processor", pick, "--hps_checkpoint",
-             d / "HPS_v2.1_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
-             "--imagereward_tokenizer", d / "bert", "--aesthetic_clip", aes_clip, "--aesthetic_head",
-             d / "aesthetic.pth", "--device", "cpu", "--mixed_precision", "no"]
-    return dict(dir=d, pick=pick, aes_clip=aes_clip, hps_clip=hps_clip, hps_sd=hps_sd, ir_sd=ir_sd, med=med,
-                head_sd=head_sd, flags=[str(f) for f in flags])
+    built = ts.build_all(tmp_path_factory.mktemp("scorers"))
+    built["flags"] += ["--device", "cpu", "--mixed_precision", "no"]
+    return built
 
 
 @pytest.fixture(scope="session")

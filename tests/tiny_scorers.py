@@ -319,3 +319,33 @@ def build_image_folder(path, prompts, n_images=2, size=(96, 64), seed=0, corrupt
                                     "image_index": ii, "seed": 1000 * pi + ii}) + "\n")
     (path / "run_config.json").write_text(json.dumps({"stage": "sample"}))
     return path
+
+
+def build_all(d):
+    """Every tiny scorer in its original layout under `d`, and the evaluate.py flags that point at them."""
+    d = Path(d)
+    pick = build_tiny_clip(d / "pickscore", seed=1)
+    aes_clip = build_tiny_clip(d / "aes_clip", seed=2)
+    hps_clip = build_tiny_clip(d / "hps_clip", seed=3)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(hps_clip)))
+    hps_sd = build_tiny_hps(d / "HPS_v2.1_compressed.pt", seed=4, vocab_size=vocab, prefix="module.")
+    bert = build_bert_tokenizer(d / "bert")
+    ir_sd, med = build_tiny_imagereward(d / "imagereward", vocab_size=len(bert) + 2, seed=5)
+    head_sd = build_aesthetic_head(d / "aesthetic.pth", in_dim=CLIP_TINY["embed"], seed=6)
+    flags = ["--pickscore_model", pick, "--pickscore_processor", pick, "--hps_checkpoint",
+             d / "HPS_v2.1_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
+             "--imagereward_tokenizer", d / "bert", "--aesthetic_clip", aes_clip, "--aesthetic_head",
+             d / "aesthetic.pth"]
+    return dict(dir=d, pick=pick, aes_clip=aes_clip, hps_clip=hps_clip, hps_sd=hps_sd, ir_sd=ir_sd, med=med,
+                head_sd=head_sd, flags=[str(f) for f in flags])
+
+
+if __name__ == "__main__":  # python tests/tiny_scorers.py DIR: build the demo's (random, meaningless) scorers
+    import sys
+
+    out = Path(sys.argv[1])
+    flags = build_all(out)["flags"]
+    (out / "evaluate_flags.txt").write_text("\n".join(flags) + "\n")
+    print("\n".join(flags))

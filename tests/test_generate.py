@@ -1,0 +1,217 @@
+"""generate.py through its CLI on the tiny pipeline: seeds, folder contract, resume after a kill, errors,
+several processes. Every run uses 4 DDIM steps at 32x32, so a run costs about the import time."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import generate  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+COMMON = ["--num_images_per_prompt", "2", "--num_inference_steps", "4", "--seed", "7"]
+
+
+def run_cli(script, *args, env=None, **kw):
+    # One thread per process: the tests run beside other jobs on 2 cores, where OpenMP spinning is very slow.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def assert_user_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    # a blank line and a repeated prompt: dropped, so prompt_index is the position among unique prompts
+    path.write_text("a red circle\na blue square\n\na red circle\na green triangle\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, prompts_file, tmp_path_factory):
+    """One uninterrupted run (batch size 3) that the other tests compare against."""
+    out = tmp_path_factory.mktemp("gen") / "ref"
+    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
+                   *COMMON, "--batch_size", 3, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def latents_of(folder):
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return {(r["prompt_index"], r["image_index"]): load_file(folder / r["latent_file"])["latent"] for r in rows}
+
+
+def assert_same_set(a, b):
+    rows_a = (a / "metadata.jsonl").read_text().splitlines()
+    rows_b = (b / "metadata.jsonl").read_text().splitlines()
+    assert rows_a == rows_b  # same rows, same order, no duplicates
+    la, lb = latents_of(a), latents_of(b)
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], atol=1e-4, rtol=1e-4)
+
+
+def test_folder_contract(reference, tiny_pipeline):
+    cfg = json.loads((reference / "run_config.json").read_text())
+    assert cfg["stage"] == "generate"
+    assert {"args", "model", "versions", "created", "command", "settings"} <= set(cfg)
+    assert cfg["args"]["batch_size"] == 3 and cfg["args"]["resolution"] == 32 and cfg["args"]["seed"] == 7
+    assert cfg["model"]["pretrained_model_name_or_path"] == str(tiny_pipeline)
+    assert cfg["model"]["unet"] == "base"
+    assert cfg["model"]["unet_fingerprint"].startswith("sha256:")
+    assert cfg["settings"]["scheduler"] == "DDIMScheduler" and cfg["settings"]["num_prompts"] == 3
+
+    rows = [json.loads(line) for line in (reference / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["image_index"]) for r in rows] == [(p, i) for p in range(3) for i in range(2)]
+    for r in rows:
+        assert list(r) == ["file_name", "latent_file", "prompt", "prompt_index", "image_index", "seed"]
+        key = generate.image_key(r["prompt_index"], r["image_index"])
+        assert r["file_name"] == f"images/{key}.png" and r["latent_file"] == f"latents/{key}.safetensors"
+        assert r["prompt"] == PROMPTS[r["prompt_index"]]
+        assert r["seed"] == generate.image_seed(7, r["prompt_index"], r["image_index"])
+        latent = load_file(reference / r["latent_file"])["latent"]
+        assert latent.shape == (4, 8, 8) and latent.dtype == torch.float32 and torch.isfinite(latent).all()
+        from PIL import Image
+
+        assert Image.open(reference / r["file_name"]).size == (32, 32)
+    stats = json.loads((reference / "stats.json").read_text())
+    assert stats["images_present"] == stats["images_expected"] == 6
+    assert not list(reference.glob("metadata.rank*")) and not list(reference.rglob("*.tmp"))
+
+
+def test_latent_is_the_pipelines_final_latent(reference, tiny_pipeline):
+    """The saved latent is what the pipeline itself returns (output_type="latent") for the image's own seed."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise, _ = generate.initial_noise([generate.image_seed(7, 1, 1)], (4, 8, 8))
+    want = pipe("a blue square", latents=noise, num_inference_steps=4, guidance_scale=7.5, height=32, width=32,
+                output_type="latent").images[0]
+    got = load_file(reference / "latents" / f"{generate.image_key(1, 1)}.safetensors")["latent"]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_size_does_not_change_results(reference, tiny_pipeline, prompts_file, tmp_path):
+    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
+                   *COMMON, "--batch_size", 1, "--output_dir", tmp_path / "b1")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_set(reference, tmp_path / "b1")
+
+
+def test_killed_run_resumes_to_the_same_set(reference, tiny_pipeline, prompts_file, tmp_path):
+    out = tmp_path / "killed"
+    cmd = ["--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file, *COMMON,
+           "--batch_size", 2, "--output_dir", out]
+    # Dies like kill -9 after 3 image files, with their metadata lines not yet written.
+    proc = run_cli("generate.py", *cmd, env={"SPIN_TEST_KILL_AFTER_IMAGES": "3"})
+    assert proc.returncode == 137, proc.stderr
+    assert 0 < len(list((out / "images").glob("*.png"))) < 6
+    # ... and a line cut in the middle, plus a half-written file, as a kill during a write leaves them
+    with open(out / "metadata.rank0.jsonl", "a") as f:
+        f.write('{"file_name": "images/p0000002_i001.png", "latent_fi')
+    (out / "images" / "p0000002_i001.png.tmp").write_bytes(b"\x89PNG half")
+
+    proc = run_cli("generate.py", *cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert "already there" in proc.stdout
+    assert_same_set(reference, out)
+    assert not list(out.glob("metadata.rank*")) and not list(out.rglob("*.tmp"))
+
+    proc = run_cli("generate.py", *cmd)  # a finished folder: nothing to do, nothing duplicated
+    assert proc.returncode == 0 and "wrote 0 image(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert_same_set(reference, out)
+
+
+def test_folder_with_other_settings_is_refused(reference, tiny_pipeline, prompts_file):
+    before = (reference / "metadata.jsonl").read_text()
+    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
+                   *COMMON, "--guidance_scale", 3, "--output_dir", reference)
+    assert_user_error(proc, "other settings", "guidance_scale")
+    assert (reference / "metadata.jsonl").read_text() == before
+
+
+def test_bad_input_is_one_line_error(tiny_pipeline, tmp_path):
+    base = ["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", tmp_path / "out"]
+    assert_user_error(run_cli("generate.py", *base, "--prompts_file", tmp_path / "missing.txt"), "--prompts_file")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert_user_error(run_cli("generate.py", *base, "--prompts_file", tmp_path / "empty.txt"), "no prompts")
+    assert_user_error(run_cli("generate.py", *base, "--dataset", tmp_path / "nope.parquet"), "--dataset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_prompts_and_scheduler(tiny_pipeline, pickapic_parquet, tmp_path):
+    out = tmp_path / "ds"
+    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet,
+                   "--num_inference_steps", 2, "--scheduler", "dpm++", "--max_prompts", 3, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    want = generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train"), max_prompts=3)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == want and len(want) == 3
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
+
+
+def test_two_processes_make_one_consistent_folder(reference, tiny_pipeline, prompts_file, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts a single process (accelerate needs mpirun for several
+    # CPU processes); torchrun starts real ones, which accelerate's PartialState joins the same way.
+    out = tmp_path / "mp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(ROOT / "generate.py"), "--pretrained_model_name_or_path", str(tiny_pipeline), "--prompts_file",
+         str(prompts_file), *COMMON, "--batch_size", "3", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "stats.json").read_text())["last_run"]["processes"] == 2
+    assert not list(out.glob("metadata.rank*"))
+    assert_same_set(reference, out)
+
+
+def test_sharding_and_merge(tmp_path):
+    assert list(generate.shard(7, 1, 3)) == [1, 4]
+    assert sorted(p for r in range(3) for p in generate.shard(7, r, 3)) == list(range(7))
+    assert generate.plan([0, 2], 2, {(2, 0)}) == [(0, 0), (0, 1), (2, 1)]
+
+    (tmp_path / "images").mkdir()
+    rows = [generate.metadata_row("x", p, i, 0, with_latent=False) for p in range(2) for i in range(2)]
+    for r in rows[:3]:
+        (tmp_path / r["file_name"]).write_bytes(b"png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    (tmp_path / "metadata.rank0.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{\"fi")
+    (tmp_path / "metadata.rank1.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(rows[2]) + "\n")
+    merged = generate.merge_metadata(tmp_path)
+    assert merged == rows[:3]  # deduplicated, sorted, and rows[3] dropped: its image is missing
+    assert [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()] == rows[:3]
+    assert not list(tmp_path.glob("metadata.rank*"))
+
+
+def test_non_finite_results_are_counted_not_written(tiny_pipeline, tmp_path):
+    import argparse
+
+    unet = generate.load_unet("base", str(tiny_pipeline))
+    with torch.no_grad():
+        unet.conv_out.bias[0] = float("nan")  # every latent becomes NaN, as an fp16 overflow would make it
+    pipe = generate.load_pipeline(str(tiny_pipeline), unet, None, torch.float32, "cpu")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "latents").mkdir()
+    writer = generate.FolderWriter(tmp_path, 0)
+    args = argparse.Namespace(batch_size=2, seed=0, num_inference_steps=2, guidance_scale=7.5, resolution=32)
+    stats = generate.make_images(pipe, ["a cat"], [(0, 0), (0, 1)], args, writer, with_latents=True)
+    writer.close()
+    assert stats == {"written": 0, "nonfinite": ["p0000000_i000", "p0000000_i001"], "black": []}
+    assert generate.merge_metadata(tmp_path) == [] and not list(tmp_path.rglob("*.png"))
