@@ -210,10 +210,13 @@ def decode_image(value):
         return None
 
 
-def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None):
-    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training)."""
+def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None, max_rows=None):
+    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training); `max_rows` reads
+    only the first usable rows, as train_spin.py --max_train_samples does, so both see the same prompts."""
+    import itertools
+
     seen = {}
-    for ex in iter_examples(ds, caption_column, with_images=False, stats=stats):
+    for ex in itertools.islice(iter_examples(ds, caption_column, with_images=False, stats=stats), max_rows):
         if ex["caption"] not in seen:
             seen[ex["caption"]] = len(seen)
             if max_prompts and len(seen) >= max_prompts:

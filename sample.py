@@ -206,10 +206,13 @@ def decode_image(value):
         return None
 
 
-def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None):
-    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training)."""
+def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None, max_rows=None):
+    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training); `max_rows` reads
+    only the first usable rows, as train_spin.py --max_train_samples does, so both see the same prompts."""
+    import itertools
+
     seen = {}
-    for ex in iter_examples(ds, caption_column, with_images=False, stats=stats):
+    for ex in itertools.islice(iter_examples(ds, caption_column, with_images=False, stats=stats), max_rows):
         if ex["caption"] not in seen:
             seen[ex["caption"]] = len(seen)
             if max_prompts and len(seen) >= max_prompts:
@@ -246,7 +249,7 @@ WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator n
 
 
 def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
-                 max_prompts=None):
+                 max_prompts=None, max_train_samples=None, streaming=False):
     """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
     prompt_index, so the same source always gives the same indices."""
     given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
@@ -255,7 +258,7 @@ def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", c
                         f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
     if dataset:
         # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
-        out = unique_prompts(open_dataset(dataset, split), caption_column, max_prompts)
+        out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples)
     else:
         if prompts_file:
             try:
@@ -531,6 +534,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test_unique")
     p.add_argument("--caption_column", default="caption")
     p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
+    p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
     p.add_argument("--num_images_per_prompt", type=int, default=5)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -637,7 +641,7 @@ def main():
     check_model_path(args.pretrained_model_name_or_path)
     models = parse_models(args.unet)
     prompts = load_prompts(args.prompt, args.prompts_file, args.dataset, args.split, args.caption_column,
-                           args.max_prompts)
+                           args.max_prompts, streaming=args.streaming)
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
     out = Path(args.output_dir)
 

@@ -287,9 +287,10 @@ def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp
     synth = tmp_path / "synth_0"
     run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet,
         "--output_dir", synth, "--resolution", "32", "--num_inference_steps", "2", "--num_images_per_prompt", "2",
-        "--batch_size", "4")
+        "--batch_size", "4", "--max_train_samples", "3")  # 3 usable rows: 3 of the 4 captions
+    assert len(ts.read_jsonl(synth / "metadata.jsonl")) == 6
     out = tmp_path / "iter_1"
-    run(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, steps=2))
+    run(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "3", steps=2))
     assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-6
     # the opponent check through the real command line: theta_1 did not make synth_0
     p = run(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "iter_2", cache, "--synthetic_dir", synth,
