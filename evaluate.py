@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ---- shared helpers: the same text in every script that has this block (tests/test_shared.py checks) ----
+# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, exit code 2."""
 
@@ -82,114 +82,10 @@ def run_config(stage, args, **extra):
             "args": dict(vars(args)), "versions": versions, **extra}
 
 
-def unet_fingerprint(unet):
-    """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def load_unet(unet_path, base_path):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
-    from diffusers import UNet2DConditionModel
-
-    if unet_path in (None, "", "base"):
-        where, sub = base_path, "unet"
-    elif Path(unet_path, "unet", "config.json").is_file():
-        where, sub = unet_path, "unet"
-    elif Path(unet_path, "config.json").is_file():
-        where, sub = unet_path, None
-    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, a hub id, or 'base'")
-    else:
-        where, sub = unet_path, "unet"
-    try:
-        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
-                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
-
-
 def check_model_path(path, what="--pretrained_model_name_or_path"):
     """A path-looking model argument that does not exist is a typo, not a hub id."""
     if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
         raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
-
-
-def open_dataset(name, split, streaming=False):
-    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
-    import datasets
-
-    p = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not p.exists():
-        raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
-    try:
-        if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
-            if kind is None:
-                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
-            return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
-        return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
-    except UserError:
-        raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
-
-
-def is_pickapic(column_names):
-    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
-
-
-def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
-    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
-    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
-    stats["ties_dropped"]. Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
-    import datasets
-
-    stats = {} if stats is None else stats
-    stats.setdefault("rows", 0)
-    stats.setdefault("ties_dropped", 0)
-    names = list(ds.column_names or ds.features or [])
-    pickapic = is_pickapic(names) and image_column is None
-    if image_column is None and not pickapic:
-        image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
-    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
-    if with_images:
-        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
-    missing = [c for c in need if c not in names]
-    if missing:
-        raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
-                        "set --caption_column / --image_column to the right names")
-    ds = ds.select_columns(need)
-    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
-    for row in ds:
-        stats["rows"] += 1
-        ex = {"caption": row[caption_column]}
-        if pickapic:
-            l0, l1 = float(row["label_0"]), float(row["label_1"])
-            if l0 == l1:
-                stats["ties_dropped"] += 1
-                continue
-            win = 0 if l0 > l1 else 1
-            if with_images:
-                ex["image"] = row[f"jpg_{win}"]
-                if with_loser:
-                    ex["image_lose"] = row[f"jpg_{1 - win}"]
-        elif with_images:
-            ex["image"] = row[image_column]
-        if with_loser and "image_lose" not in ex:
-            raise UserError("--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset "
-                            "(jpg_0, jpg_1, label_0, label_1)")
-        yield ex
 
 
 def decode_image(value):
@@ -208,34 +104,6 @@ def decode_image(value):
         return img.convert("RGB")
     except Exception:
         return None
-
-
-def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None, max_rows=None):
-    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training); `max_rows` reads
-    only the first usable rows, as train_spin.py --max_train_samples does, so both see the same prompts."""
-    import itertools
-
-    seen = {}
-    for ex in itertools.islice(iter_examples(ds, caption_column, with_images=False, stats=stats), max_rows):
-        if ex["caption"] not in seen:
-            seen[ex["caption"]] = len(seen)
-            if max_prompts and len(seen) >= max_prompts:
-                break
-    return list(seen)
-
-
-def image_key(prompt_index, image_index):
-    """File stem of one image: the same in every folder of images (generate.py, sample.py)."""
-    return f"p{prompt_index:07d}_i{image_index:03d}"
-
-
-def image_seed(seed, prompt_index, image_index):
-    """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size,
-    process count and resume point, and the same for every model so comparisons are paired."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 # ---- end shared helpers ----
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# ---- shared helpers: the same text in every script that has this block (tests/test_shared.py checks) ----
+# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, exit code 2."""
 
@@ -93,6 +93,32 @@ def run_config(stage, args, **extra):
             "args": dict(vars(args)), "versions": versions, **extra}
 
 
+def check_model_path(path, what="--pretrained_model_name_or_path"):
+    """A path-looking model argument that does not exist is a typo, not a hub id."""
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
+        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
+
+
+def decode_image(value):
+    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img.load()
+        return img.convert("RGB")
+    except Exception:
+        return None
+# ---- end shared helpers ----
+
+
+# ---- shared model and data helpers: the same text in train_spin.py, generate.py, sample.py ----
 def unet_fingerprint(unet):
     """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
     import hashlib
@@ -125,12 +151,6 @@ def load_unet(unet_path, base_path):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
                         f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
-
-
-def check_model_path(path, what="--pretrained_model_name_or_path"):
-    """A path-looking model argument that does not exist is a typo, not a hub id."""
-    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
-        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
 
 
 def open_dataset(name, split, streaming=False):
@@ -203,24 +223,6 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
         yield ex
 
 
-def decode_image(value):
-    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
-    import io
-
-    from PIL import Image
-
-    try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        img.load()
-        return img.convert("RGB")
-    except Exception:
-        return None
-
-
 def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None, max_rows=None):
     """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training); `max_rows` reads
     only the first usable rows, as train_spin.py --max_train_samples does, so both see the same prompts."""
@@ -247,7 +249,7 @@ def image_seed(seed, prompt_index, image_index):
 
     digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-# ---- end shared helpers ----
+# ---- end shared model and data helpers ----
 
 
 # ---------------------------------------------------------------------------------------------------------

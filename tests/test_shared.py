@@ -26,8 +26,10 @@ def test_shared_blocks_are_identical():
         assert len(texts) == 1, f"'{label}' differs between {sorted(copies)}: edit every copy the same way"
 
 
-def test_every_script_has_the_helpers_block():
-    found = blocks()["shared helpers"]
+def test_every_script_has_the_helpers_blocks():
+    found = blocks()
     for name in SCRIPTS:
         if (ROOT / name).is_file():
-            assert name in found, f"{name} lacks the shared helpers block"
+            assert name in found["shared helpers"], f"{name} lacks the shared helpers block"
+    for name in ("train_spin.py", "generate.py", "sample.py"):
+        assert name in found["shared model and data helpers"], name
