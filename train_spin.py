@@ -470,6 +470,17 @@ def source_fingerprint(name):
     return [str(p.resolve())] + [(str(f.relative_to(p)) if f != p else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
+def weights_identity(base, subfolder):
+    """Identity of a pipeline component for the cache keys: its config plus, for a local folder, the size and time
+    of its weight files (a VAE with the same config but other weights must not reuse stale latents); for a hub id,
+    the id (pin a revision by downloading it to a folder if the hub copy may change)."""
+    folder = Path(base).expanduser() / subfolder
+    if not folder.is_dir():
+        return f"{base}/{subfolder}"
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.suffix != ".json" else (f.name, f.read_text()) for f in files]
+
+
 def cache_key(**parts):
     import hashlib
 
@@ -725,7 +736,7 @@ def main(argv=None):
     lat_dir = Path(args.cache_dir) / ("latents-" + cache_key(
         dataset=ds_id, split=args.split, image_column=args.image_column, caption_column=args.caption_column,
         max_train_samples=args.max_train_samples, resolution=args.resolution, with_loser=with_loser,
-        vae=json.loads((Path(base) / "vae" / "config.json").read_text()) if Path(base).is_dir() else base))
+        vae=weights_identity(base, "vae")))
     if not cache_complete(lat_dir):
         log(f"encoding the real images once into {lat_dir} ...")
         ds = open_dataset(args.dataset, args.split, args.streaming)
@@ -763,8 +774,8 @@ def main(argv=None):
     pos = {c: i for i, c in enumerate(unique)}
     caption_ids = [pos[c] for c in captions]
     txt_dir = Path(args.cache_dir) / ("text-" + cache_key(
-        captions=cache_key(c=unique), tokenizer=len(tokenizer),
-        text_encoder=json.loads((Path(base) / "text_encoder" / "config.json").read_text()) if Path(base).is_dir() else base))
+        captions=cache_key(c=unique), tokenizer=weights_identity(base, "tokenizer"),
+        text_encoder=weights_identity(base, "text_encoder")))
     if not cache_complete(txt_dir):
         log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
         try:

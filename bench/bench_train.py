@@ -240,6 +240,17 @@ def main():
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None and r[k] == r[k] else "")  # noqa: E731
         print(f"| {r['batch']} | {r['step']} | {r['s_per_step'] * 1e3:.1f} | {r['pairs_per_s']:.2f} | {f('peak_gib', '{:.1f}')} "
               f"| {f('tflops', '{:.3f}')} | {f('mfu', '{:.0%}')} | {f('ours_speedup', '{:.2f}')} |")
+    # Largest per-device batch within 24 and 80 GiB: peak memory is close to linear in the batch (weights and
+    # optimizer state + activations per pair), so fit the measured peaks and solve; say it is a fit.
+    if device.type == "cuda":
+        for variant in args.variants.split(","):
+            pts = [(r["batch"], r["peak_gib"]) for r in rows if r["step"] == f"ours {variant}" and "peak_gib" in r]
+            if len(pts) >= 2:
+                (b0, m0), (b1, m1) = pts[0], pts[-1]
+                per_pair = (m1 - m0) / (b1 - b0)
+                fits = {cap: int((cap - (m0 - per_pair * b0)) / per_pair) for cap in (24, 80)}
+                print(f"ours {variant}: {m0 - per_pair * b0:.1f} GiB fixed + {per_pair:.2f} GiB/pair -> largest batch "
+                      f"in 24 GiB ~{fits[24]}, in 80 GiB ~{fits[80]} (linear fit of the measured peaks)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev_name, "model": args.model, "rows": rows}, indent=1))
 

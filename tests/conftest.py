@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import tiny  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "toy: the toy-world experiment end to end (minutes; pytest -m toy)")
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     return tiny.build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipeline")

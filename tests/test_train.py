@@ -151,6 +151,24 @@ def test_pair_rows_rotates_synthetic_images():
     assert missing == ["c"]
 
 
+def test_cache_identity_follows_the_weights(tiny_pipeline, tmp_path):
+    """Same VAE config, other weights: the latent cache key changes, so stale latents are never reused."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, copy)
+    assert ts.weights_identity(copy, "vae") == ts.weights_identity(copy, "vae")
+    before = ts.cache_key(vae=ts.weights_identity(copy, "vae"))
+    vae = AutoencoderKL.from_pretrained(copy, subfolder="vae")
+    with torch.no_grad():
+        next(vae.parameters()).add_(1.0)
+    vae.save_pretrained(copy / "vae")
+    assert ts.cache_key(vae=ts.weights_identity(copy, "vae")) != before
+    assert ts.weights_identity("some/hub-id", "vae") == "some/hub-id/vae"
+
+
 # ---------------------------------------------------------------------------------------------- the script
 @pytest.fixture(scope="module")
 def synth(tiny_pipeline, tmp_path_factory):
