@@ -629,11 +629,13 @@ def read_synthetic_dir(path):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item i: real latent, the other latent (synthetic or loser; absent for SFT) and the caption index."""
+    """Item i: real latent, the other latent (synthetic or loser; absent for SFT) and the prompt embedding, all
+    read lazily from the caches (prompt embeddings of a large dataset do not fit in device memory)."""
 
-    def __init__(self, latent_cache, rows, others, caption_ids, other_key=None):
+    def __init__(self, latent_cache, text_cache, rows, others, caption_ids, other_key=None):
         self.real = ShardedTensors(latent_cache, "latents")
         self.lose = ShardedTensors(latent_cache, "latents_lose") if other_key == "lose" else None
+        self.text = ShardedTensors(text_cache, "text")
         self.rows, self.others, self.caption_ids = rows, others, caption_ids
 
     def __len__(self):
@@ -641,7 +643,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        item = {"real": self.real[row], "caption_id": self.caption_ids[row]}
+        item = {"real": self.real[row], "text": self.text[self.caption_ids[row]]}
         if self.lose is not None:
             item["other"] = self.lose[row]
         elif self.others is not None:
@@ -785,8 +787,7 @@ def main(argv=None):
         text_encoder.requires_grad_(False)
         build_text_cache(txt_dir, unique, lambda c: encode_prompts(text_encoder, tokenizer, c), accelerator)
         del text_encoder
-    # Prompt embeddings are small next to latents (one per unique caption): keep them on the device.
-    text_table = torch.cat([ShardedTensors(txt_dir, "text")[i][None] for i in range(len(unique))]).to(accelerator.device)
+    empty_text = ShardedTensors(txt_dir, "text")[0].to(accelerator.device)  # "" for caption dropout
 
     # --- pairs: real row + opponent sample of the same prompt (or Pick-a-Pic loser for DPO) ---------------
     others, rows = None, [i for i, ok in enumerate(valid) if ok]
@@ -812,7 +813,7 @@ def main(argv=None):
         if shape_real != shape_syn:
             raise UserError(f"synthetic latents are {tuple(shape_syn)} but real latents at --resolution {args.resolution} "
                             f"are {tuple(shape_real)}: generate and train at the same resolution")
-    dataset = PairDataset(lat_dir, rows, others, caption_ids, other_key="lose" if with_loser else None)
+    dataset = PairDataset(lat_dir, txt_dir, rows, others, caption_ids, other_key="lose" if with_loser else None)
     latent_shape = tuple(ShardedTensors(lat_dir, "latents")[rows[0]].shape)
 
     per_device, world = args.train_batch_size, accelerator.num_processes
@@ -897,11 +898,11 @@ def main(argv=None):
             gen = step_generator(args.seed, accelerator.process_index, micro)
             b = batch["real"].shape[0]
             t, noise, t2, noise2 = draw_noise(gen, b, latent_shape, T, args.independent_pair_noise)
-            ids = batch["caption_id"]
-            if args.caption_dropout > 0:
-                ids = torch.where(torch.rand(b, generator=gen) < args.caption_dropout, 0, ids)  # row 0 = ""
             dev = accelerator.device
-            text = text_table[ids.to(dev)]
+            text = batch["text"].to(dev, non_blocking=True)
+            if args.caption_dropout > 0:
+                drop = (torch.rand(b, generator=gen) < args.caption_dropout).to(dev)
+                text = torch.where(drop[:, None, None], empty_text, text)
             real, t, noise = batch["real"].to(dev, non_blocking=True), t.to(dev), noise.to(dev)
             with accelerator.accumulate(unet):
                 if args.loss == "sft":
