@@ -308,7 +308,8 @@ def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp
         "--batch_size", "4", "--max_train_samples", "3")  # 3 usable rows: 3 of the 4 captions
     assert len(ts.read_jsonl(synth / "metadata.jsonl")) == 6
     out = tmp_path / "iter_1"
-    run(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "3", steps=2))
+    run(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "3",
+                    "--dataloader_num_workers", "2", steps=2))  # worker processes reopen the cache shards
     assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-6
     # the opponent check through the real command line: theta_1 did not make synth_0
     p = run(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "iter_2", cache, "--synthetic_dir", synth,
