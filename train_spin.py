@@ -325,8 +325,7 @@ RUN_IDENTITY = ("pretrained_model_name_or_path", "unet", "dataset", "split", "im
 def spin_loss(model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn, beta):
     """Per-pair SPIN-Diffusion loss: -log sigmoid(-(beta/2) * ((m_r - r_r) - (m_s - r_s))), in float32.
     Diffusion-DPO is the same expression with winner/loser in place of real/synthetic."""
-    args = [x.float() for x in (model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn)]
-    m_r, m_s, r_r, r_s = args
+    m_r, m_s, r_r, r_s = (x.float() for x in (model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn))
     margin = (m_r - r_r) - (m_s - r_s)
     return -F.logsigmoid(-(beta / 2) * margin)
 
@@ -762,12 +761,8 @@ def main(argv=None):
         del vae
     info = json.loads((lat_dir / "info.json").read_text())
     captions = json.loads((lat_dir / "captions.json").read_text())
-    from safetensors import safe_open
-
-    valid = []
-    for i in range(info["shards"]):
-        with safe_open(str(lat_dir / f"shard-{i:05d}.safetensors"), "pt") as f:
-            valid += f.get_tensor("valid").tolist()
+    invalid = set(info["invalid_rows"])
+    valid = [i not in invalid for i in range(info["rows"])]
     log(f"real data: {info['valid']} usable rows ({info.get('ties_dropped', 0)} ties dropped, "
         f"{len(info['invalid_rows'])} undecodable images skipped)")
 
@@ -808,13 +803,11 @@ def main(argv=None):
             raise UserError(f"{len(missing)} training prompt(s) have no synthetic image in {args.synthetic_dir} "
                             f"(e.g. {missing[0]!r}); run generate.py on the same --dataset/--split/--max_train_samples")
         rows, others = [r for r, _ in pairs], [f for _, f in pairs]
-        shape_real = ShardedTensors(lat_dir, "latents")[rows[0]].shape
-        shape_syn = load_latent(others[0]).shape
-        if shape_real != shape_syn:
-            raise UserError(f"synthetic latents are {tuple(shape_syn)} but real latents at --resolution {args.resolution} "
-                            f"are {tuple(shape_real)}: generate and train at the same resolution")
-    dataset = PairDataset(lat_dir, txt_dir, rows, others, caption_ids, other_key="lose" if with_loser else None)
     latent_shape = tuple(ShardedTensors(lat_dir, "latents")[rows[0]].shape)
+    if others is not None and tuple(load_latent(others[0]).shape) != latent_shape:
+        raise UserError(f"synthetic latents are {tuple(load_latent(others[0]).shape)} but real latents at --resolution "
+                        f"{args.resolution} are {latent_shape}: generate and train at the same resolution")
+    dataset = PairDataset(lat_dir, txt_dir, rows, others, caption_ids, other_key="lose" if with_loser else None)
 
     per_device, world = args.train_batch_size, accelerator.num_processes
     global_batch = per_device * world
