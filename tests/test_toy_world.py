@@ -94,25 +94,39 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
     if not toy_selected(request.config):
         pytest.skip("minutes of CPU: run with `pytest -m toy` or SPIN_TOY=1")
     out = tmp_path / "toy"
+    tag = tw.arm_names(tw.QUICK)[0]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--check", "--output_dir", str(out)],
+    p = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--check", "--output_dir", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}"
     assert "FAIL" not in p.stdout and p.stdout.count("PASS") == tw.QUICK.iterations + 4, p.stdout[-3000:]
-    r = json.loads((out / f"results_beta{tw.QUICK.beta:g}.json").read_text())
+    r = json.loads((out / f"results_{tag}.json").read_text())
     # the same checks, read back from the results file (what the README's table is made from)
     assert all(ok for _, ok in tw.checks(r))
     for name in ("world.json", "pipeline/model_index.json", "data/train.parquet", "data/test.parquet", "theta0/unet/config.json",
-                 f"fd_beta{tw.QUICK.beta:g}.png", f"samples_beta{tw.QUICK.beta:g}.png"):
+                 f"fd_{tag}.png", f"samples_{tag}.png"):
         assert (out / name).is_file(), name
     # rerun: every stage is found complete, nothing is trained or generated again
-    p2 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--output_dir", str(out)],
+    p2 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--output_dir", str(out)],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert "$ " not in p2.stdout, p2.stdout[-3000:]  # no script was run
-    assert json.loads((out / f"results_beta{tw.QUICK.beta:g}.json").read_text())["fd"] == r["fd"]
+    assert json.loads((out / f"results_{tag}.json").read_text())["fd"] == r["fd"]
     # the fd subcommand on the same world reuses the cached evaluation samples
     p3 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "fd", "--world", str(out), "--unet", str(out / "theta0"),
                          "--names", "theta0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p3.returncode == 0, p3.stderr[-3000:]
     assert json.loads((out / "fd.json").read_text())["fd"]["theta0"] == pytest.approx(r["fd"]["theta_0"])
+
+
+def test_arm_folders_are_named_after_their_settings():
+    """A run with other settings must not pick up an arm trained with different ones (a stale, silent result)."""
+    import dataclasses
+
+    base = tw.arm_names(tw.FULL)
+    for change in ({"lr": 1e-4}, {"beta": 500.0}, {"guidance": 3.0}, {"opponent_images": 16}, {"sample_steps": 50},
+                   {"steps": 50}, {"batch": 16}):
+        spin, sft = tw.arm_names(dataclasses.replace(tw.FULL, **change))
+        assert spin != base[0], change
+        assert (sft != base[1]) == bool({"lr", "steps", "batch"} & set(change)), change
+    assert tw.arm_names(dataclasses.replace(tw.FULL, iterations=2)) == base  # iter_k folders are shared
