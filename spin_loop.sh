@@ -39,7 +39,7 @@ if [[ "$RECIPE" == demo ]]; then
   # the plumbing. The meaningful number here is the Frechet distance to held-out real data (lower is better).
   RUN_DIR=${RUN_DIR:-runs/demo}
   WORLD=${WORLD:-$RUN_DIR/world}
-  WORLD_FLAGS=${WORLD_FLAGS:-}     # e.g. --quick: a smaller world (CI)
+  WORLD_FLAGS=${WORLD_FLAGS:-}     # toy_world.py build flags, e.g. --seed 1 or --quick (shorter decoder training; CI)
   # shellcheck disable=SC2086
   $PYTHON toy_world.py build --output_dir "$WORLD" $WORLD_FLAGS
   MODEL=${MODEL:-$WORLD/pipeline}

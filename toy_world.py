@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: offline tokenizer, tiny UNet
 # - In this world theta_0's conditional model is already close to the data (FD 2.1 at guidance 1 against a floor of
 #   0.7). What stands between its samples and the data is the sampler: classifier-free guidance extrapolates past
 #   the conditional model, and at SD's usual 7.5 (the scale the model card samples with) theta_0's FD is 8-14.
-#   SFT cannot see that gap (it trains the noise predictor, never the sampler: 300 more steps leave FD where it
-#   was). SPIN trains against the opponent's own guided samples, so it can close it: that is the claim under test.
+#   SFT cannot see that gap (it trains the noise predictor, never the sampler: 300 more steps move FD by 7% at
+#   most). SPIN trains against the opponent's own guided samples, so it can close it: that is the claim under test.
 # - At lr 1e-4 the SPIN loss reaches 0 within a few steps and the model over-optimises (FD jumps); at 1e-5 each
 #   iteration still saturates the loss but moves the model a measured distance. Both arms use the same lr.
 # ---------------------------------------------------------------------------------------------------------
