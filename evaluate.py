@@ -7,10 +7,13 @@
 Each image folder holds metadata.jsonl (one line per image: file_name, prompt, prompt_index, image_index, seed) as
 generate.py and sample.py write it; the model name is the folder name. All four scorers run with `transformers`
 alone: HPS and ImageReward checkpoints are converted key by key from their original layouts (open_clip, BLIP) and
-loaded strictly. Writes scores.jsonl (one line per image), summary.json, summary.md (the model card's table, one
-column group per model, and win rates against the first model) and run_config.json to --output_dir.
+loaded strictly; HPS prompts are tokenised exactly as open_clip's tokenize(). The towers run in fp32, as the
+official scorers do, unless --mixed_precision asks for fp16/bf16. Writes scores.jsonl (one line per image),
+summary.json, summary.md (the model card's table, one column group per model, and win rates against the first
+model) and run_config.json to --output_dir.
 """
 import argparse
+import html
 import json
 import math
 import os
@@ -104,7 +107,31 @@ def decode_image(value):
         return img.convert("RGB")
     except Exception:
         return None
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def quiet_known_noise():
+    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
+    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
+    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
+    processors instead (what we want: torchvision is not a dependency)."""
+    import logging
+
+    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
 # ---- end shared helpers ----
+
+
+quiet_known_noise()
 
 
 # ---- config ----
@@ -130,6 +157,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224  # ImageReward and the aesthetic predictor; HPS and PickScore take it from their configs (also 224)
 CLIP_MAX_LENGTH = 77  # CLIP context length (open_clip pads every prompt to it)
+# HPS prompts go through open_clip's tokenize(), spelled out below; recorded in the scoring settings, so that scores
+# made by the Hugging Face tokenizer (before) are not resumed.
+HPS_TOKENIZATION = "open_clip tokenize()"
 IMAGEREWARD_MAX_LENGTH = 35  # ImageReward truncates prompts to 35 BERT tokens
 IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward standardises the head's raw output with these
 IMAGEREWARD_STD = 1.0333394966054072
@@ -301,6 +331,127 @@ def resize_longest_pad(img, size=IMAGE_SIZE):
     pad_h, pad_w = size - new_h, size - new_w
     x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     return normalize(x)
+
+
+# ---- HPS prompts: open_clip's tokenize(), on the vocab.json + merges.txt of --hps_clip ----
+# HPS v2 was trained and is scored (hpsv2) with open_clip's tokenizer. The Hugging Face CLIPTokenizer of the same
+# vocabulary gives other ids on real prompts: it runs no ftfy and no HTML unescaping, treats a pad token such as
+# laion's "!" as a special token (a literal "!" becomes the pad id), and pads with the pad id. Up to 0.2 apart.
+OPEN_CLIP_SPECIALS = ("<start_of_text>", "<end_of_text>")  # open_clip's names: recognised inside a prompt too
+HF_CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")  # the same two ids, as a HF vocab.json names them
+# open_clip's pre-tokenisation (case-insensitive): its specials, English contractions, runs of letters, single
+# digits, runs of anything else but whitespace. Whitespace separates words and is dropped.
+OPEN_CLIP_WORD = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+END_OF_WORD = "</w>"  # byte-level CLIP BPE marks the last symbol of every word
+
+
+def clean_prompt(text):
+    """open_clip's text cleaning, in its order: ftfy.fix_text (mojibake, curly quotes, ...), HTML entities unescaped
+    twice (so "&amp;amp;" -> "&"), stripped, every run of whitespace one space, lowercased."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()  # str.split() and re's \s agree on what is whitespace
+
+
+def byte_alphabet():
+    """Byte-level BPE's alphabet (GPT-2, CLIP): every byte as one printable character. The printable Latin-1 bytes
+    stand for themselves; the 68 others (controls, space, NBSP, soft hyphen) take chr(256), chr(257), ... in byte
+    order, so that no symbol is whitespace."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
+
+
+BYTE_CHARS = byte_alphabet()
+
+
+def split_words(text):
+    """A cleaned prompt -> open_clip's words (the `regex` module: transformers needs it too)."""
+    import regex
+
+    return regex.findall(OPEN_CLIP_WORD, text, flags=regex.IGNORECASE)
+
+
+def bpe(word, ranks):
+    """Byte-level BPE of one word (already in BYTE_CHARS): one symbol per character, the last one with </w>; then,
+    while some adjacent pair is a merge, merge every occurrence (left to right, never overlapping) of the pair with
+    the lowest rank."""
+    symbols = list(word[:-1]) + [word[-1] + END_OF_WORD]
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def frame_ids(ids, start, end, length=CLIP_MAX_LENGTH):
+    """open_clip's framing: start + ids + end; longer than `length` -> cut to `length` with the end token last (so
+    the text tower always pools an end token); shorter -> padded with 0 (id 0 is "!", but padding never matters:
+    the causal mask hides it from the end token)."""
+    ids = [start, *ids, end]
+    if len(ids) > length:
+        ids = ids[:length - 1] + [end]
+    return ids + [0] * (length - len(ids))
+
+
+def read_clip_bpe(spec):
+    """(vocab, merges) from the vocab.json and merges.txt of a HF CLIP tokenizer (a folder or hub id). Every merge
+    must make a token of the vocab, and both specials must be in it: one-line errors, not a KeyError mid-run."""
+    vocab_path = resolve_file(spec, "vocab.json", "--hps_clip")
+    merges_path = resolve_file(spec, "merges.txt", "--hps_clip")
+    try:
+        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--hps_clip {spec}: cannot read its tokenizer files ({e})") from None
+    if not isinstance(vocab, dict):
+        raise UserError(f"--hps_clip {spec}: {vocab_path} is not a token -> id mapping")
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    bad = [" ".join(m) for m in merges if len(m) != 2 or "".join(m) not in vocab]
+    if bad:
+        raise UserError(f"--hps_clip {spec}: merges.txt does not match vocab.json (e.g. the merge {bad[0]!r})")
+    missing = [t for t in HF_CLIP_SPECIALS if t not in vocab]
+    if missing:
+        raise UserError(f"--hps_clip {spec}: vocab.json has no {missing}: not a CLIP tokenizer")
+    return vocab, merges
+
+
+class OpenClipTokenizer:
+    """open_clip's tokenize(texts) (context length 77) on a HF CLIP vocabulary: clean_prompt, split_words, BYTE_CHARS,
+    bpe, ids from vocab.json, frame_ids. A literal "<end_of_text>" in a prompt is that token, as in open_clip."""
+
+    def __init__(self, vocab, merges, length=CLIP_MAX_LENGTH):
+        self.vocab, self.length = vocab, length
+        self.ranks = {}
+        for rank, pair in enumerate(merges):
+            self.ranks[pair] = rank  # a repeated merge keeps its last rank, as dict(zip(merges, range(n)))
+        self.start, self.end = (vocab[t] for t in HF_CLIP_SPECIALS)
+        self.specials = dict(zip(OPEN_CLIP_SPECIALS, (self.start, self.end)))
+        self.cache = {}  # word -> ids: prompts repeat words
+
+    def word_ids(self, word):
+        if word in self.specials:
+            return [self.specials[word]]
+        if word not in self.cache:
+            chars = "".join(BYTE_CHARS[b] for b in word.encode("utf-8"))
+            self.cache[word] = [self.vocab[s] for s in bpe(chars, self.ranks)]
+        return self.cache[word]
+
+    def encode(self, prompt):
+        return [i for word in split_words(clean_prompt(prompt)) for i in self.word_ids(word)]
+
+    def __call__(self, prompts):
+        return torch.tensor([frame_ids(self.encode(p), self.start, self.end, self.length) for p in prompts])
 
 
 # ---- checkpoint key conversion ----
@@ -478,6 +629,17 @@ def clip_text_embeds(model, input_ids, attention_mask=None):
     return model.text_projection(pooled).float()
 
 
+def open_clip_text_embeds(model, input_ids):
+    """open_clip's text features on a transformers CLIPModel: only the causal mask (no padding mask), and pooled at
+    input_ids.argmax(-1), the end token (the largest id), whatever eos_token_id the transformers config names (it
+    pools at the argmax only when that is the legacy 2, else at the first eos_token_id)."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    hidden = model.text_model(input_ids=ids).last_hidden_state  # after final_layer_norm, as open_clip's ln_final
+    pooled = hidden[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)]
+    return model.text_projection(pooled).float()
+
+
 # ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
 class PickScore:
     """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
@@ -516,22 +678,29 @@ class HPS:
             raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{other} but --hps_version is {version}")
         ckpt = torch_load(path, "--hps_checkpoint")
         sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-        from transformers import AutoTokenizer, CLIPConfig, CLIPModel  # after the cheap checks: a slow import
+        try:
+            import ftfy  # noqa: F401  (open_clip cleans every prompt with it)
+        except ImportError:
+            raise UserError("HPS needs ftfy (pip install ftfy): open_clip cleans prompts with it") from None
+        from transformers import CLIPConfig, CLIPModel  # after the cheap checks: a slow import
 
         check_model_path(clip, "--hps_clip")
         try:
             config = CLIPConfig.from_pretrained(clip)
         except (OSError, ValueError) as e:
             raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
+        self.tokenize = OpenClipTokenizer(*read_clip_bpe(clip))  # before building ViT-H: a bad folder fails fast
+        if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
+            raise UserError(f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
+                            f"{config.text_config.vocab_size}")
         for cfg in (config.text_config, config.vision_config):
             cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
         with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
             self.model = CLIPModel(config)
         load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
         self.model.to(device, dtype).eval()
-        self.tokenizer = from_pretrained(AutoTokenizer, clip, "--hps_clip")
         self.image_size = config.vision_config.image_size
-        self.weights = {"checkpoint": path, "clip": clip, "version": version}
+        self.weights = {"checkpoint": path, "clip": clip, "version": version, "tokenization": HPS_TOKENIZATION}
 
     @property
     def prep_key(self):
@@ -542,10 +711,7 @@ class HPS:
 
     @torch.no_grad()
     def __call__(self, pixels, prompts):
-        # open_clip pads every prompt to 77 tokens and uses no padding mask (the causal mask makes it moot)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=CLIP_MAX_LENGTH,
-                             return_tensors="pt")
-        text = clip_text_embeds(self.model, tok["input_ids"])
+        text = open_clip_text_embeds(self.model, self.tokenize(prompts))
         return hps_formula(clip_image_embeds(self.model, pixels), text)
 
 
@@ -739,7 +905,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR",
                    help="image folders with metadata.jsonl, or a folder of such folders (samples/)")
     p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
@@ -748,9 +914,9 @@ def parse_args(argv=None):
                    help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
     p.add_argument("--hps_version", default="2.1", help="2.0 or 2.1 (not comparable: recorded in every output)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--mixed_precision", default=None,
-                   help="no, fp16 or bf16 for the towers (normalisation, dot products and heads stay fp32); "
-                        "default fp16 on a GPU, no on a CPU")
+    p.add_argument("--mixed_precision", default="no",
+                   help="no (fp32, as the official scorers run), fp16 or bf16 for the towers: reduced precision "
+                        "is faster but moves scores; normalisation, dot products and heads stay fp32")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -788,10 +954,12 @@ def parse_metrics(values):
 
 def pick_device(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mp = (args.mixed_precision or ("fp16" if device.type == "cuda" else "no")).lower()
+    # fp32 unless asked: the official PickScore, HPS, ImageReward and aesthetic code run their towers in fp32
+    mp = str(args.mixed_precision).lower()
+    mp = "no" if mp == "fp32" else mp  # recorded as "no", the other scripts' word for it
     dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if mp not in dtypes:
-        raise UserError(f"--mixed_precision {mp}: choose no, fp16 or bf16")
+        raise UserError(f"--mixed_precision {mp}: choose no (fp32), fp16 or bf16")
     if mp == "fp16" and device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU: use no or bf16 on a CPU")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -845,6 +1013,8 @@ def main(argv=None):
     scoring = {"metrics": metrics, "hps_version": args.hps_version, "mixed_precision": mp,
                "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(
                    ("pickscore_", "hps_", "imagereward_", "aesthetic_"))}}
+    if "hps" in metrics:
+        scoring["hps_tokenization"] = HPS_TOKENIZATION
     scores_path, config_path = out / "scores.jsonl", out / "run_config.json"
     kept = []
     if scores_path.exists() and not args.overwrite:

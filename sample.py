@@ -100,7 +100,31 @@ def decode_image(value):
         return img.convert("RGB")
     except Exception:
         return None
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def quiet_known_noise():
+    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
+    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
+    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
+    processors instead (what we want: torchvision is not a dependency)."""
+    import logging
+
+    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
 # ---- end shared helpers ----
+
+
+quiet_known_noise()
 
 
 # ---- shared model and data helpers: the same text in train_spin.py, generate.py, sample.py ----
@@ -167,11 +191,12 @@ def is_pickapic(column_names):
 def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
     """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
     give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
-    stats["ties_dropped"]. Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    stats["ties_dropped"] (stats["rows_read"] counts every row read, ties included; usable rows are what is
+    yielded). Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
     import datasets
 
     stats = {} if stats is None else stats
-    stats.setdefault("rows", 0)
+    stats.setdefault("rows_read", 0)
     stats.setdefault("ties_dropped", 0)
     names = list(ds.column_names or ds.features or [])
     pickapic = is_pickapic(names) and image_column is None
@@ -188,7 +213,7 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
     if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
     for row in ds:
-        stats["rows"] += 1
+        stats["rows_read"] += 1
         ex = {"caption": row[caption_column]}
         if pickapic:
             l0, l1 = float(row["label_0"]), float(row["label_1"])
@@ -525,7 +550,7 @@ GRID_HEADER_HEIGHT = 24  # top row with the model names
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="base pipeline (hub id or local folder): text encoder, VAE, tokenizer, scheduler")
     p.add_argument("--unet", action="append", help="a model to sample (repeat): 'base', a train_spin.py folder, a "

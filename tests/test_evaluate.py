@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 import evaluate as ev  # noqa: E402
+import tiny  # noqa: E402
 import tiny_scorers as ts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def assert_one_line_error(res, *fragments):
 def w(tmp_path_factory):
     """Every tiny scorer, in its original layout, and the CLI flags that point evaluate.py at them."""
     built = ts.build_all(tmp_path_factory.mktemp("scorers"))
-    built["flags"] += ["--device", "cpu", "--mixed_precision", "no"]
+    built["flags"] += ["--device", "cpu"]  # and the default precision, which must be fp32 ("no")
     return built
 
 
@@ -133,8 +134,7 @@ def test_blip_conversion_names(w):
 def test_hps_matches_open_clip_forward(w, scorers, images):
     s = scorers["hps"]
     pixels = torch.stack([ev.resize_longest_pad(im) for im in images])
-    tok = s.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    img, txt = ts.ref_open_clip(w["hps_sd"], pixels, tok["input_ids"])
+    img, txt = ts.ref_open_clip(w["hps_sd"], pixels, ref_open_clip_tokenize(PROMPTS, w["hps_clip"]))
     want = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
     got = s(torch.stack([s.prepare(im) for im in images]), PROMPTS)
     assert torch.allclose(got, want, atol=1e-5), (got, want)
@@ -203,11 +203,205 @@ def test_prompt_truncation(scorers, images):
     short = " ".join(letters.split()[:75])
     for metric in ("hps", "pickscore"):
         s = scorers[metric]
-        tok = s.tokenizer if metric == "hps" else s.processor.tokenizer
-        ids = tok(letters, truncation=True, max_length=77)["input_ids"]
-        assert len(ids) == 77 and ids[-1] == tok.eos_token_id
+        if metric == "hps":
+            ids = s.tokenize([letters])[0].tolist()
+            assert len(ids) == 77 and ids[-1] == s.tokenize.end and 0 not in ids
+        else:
+            tok = s.processor.tokenizer
+            ids = tok(letters, truncation=True, max_length=77)["input_ids"]
+            assert len(ids) == 77 and ids[-1] == tok.eos_token_id
         px = s.prepare(images[1])[None]
         assert torch.allclose(s(px, [letters]), s(px, [short]), atol=1e-5)
+
+
+# ---- HPS prompts: open_clip's tokenize(), checked against an independent reference ----
+# Prompts on which the Hugging Face CLIPTokenizer and open_clip disagree (or might): curly quotes, HTML entities
+# (also double-escaped), mojibake, whitespace runs, a literal "!" (laion's pad token), "!!" (a merge), an empty
+# prompt, a literal open_clip special, contractions and digits, and one longer than 77 tokens.
+TRICKY_PROMPTS = ["A “Red” cat’s square", "cats &amp; dogs &amp;amp; the sky &lt;3", "cafÃ© on a SQUARE",
+                  "  a\tred \n\n circle\r\n  with   the  cat ", "a cat! the dog!!", "", "<end_of_text> red dogs",
+                  "it's 3 cats; aaaa aaa", "ÉCOLE ﬁne 日本 🙂", " ".join(["the red cat"] * 30)]
+OPEN_CLIP_PATTERN = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def ref_open_clip_tokenize(prompts, folder, length=77):
+    """open_clip.tokenize() from its documented steps, written apart from evaluate.py: clean (ftfy, HTML unescaped
+    twice, whitespace runs -> one space, lowercase), split with open_clip's pattern, byte-level BPE in the original
+    paper's form (the word as space-separated symbols; the lowest-rank pair replaced everywhere with re.sub), ids
+    from vocab.json, start/end tokens, truncated with the end token last, zero padding."""
+    import html
+    import re
+
+    import ftfy
+    import regex
+
+    folder = Path(folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = [m for m in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] if m]
+    rank = {m: i for i, m in enumerate(merges)}
+    char = tiny.bytes_to_unicode()
+    sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    out = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        text = html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()
+        text = re.sub(r"\s+", " ", text).strip().lower()
+        ids = [sot]
+        for piece in regex.findall(OPEN_CLIP_PATTERN, text, regex.IGNORECASE):
+            if piece in ("<start_of_text>", "<end_of_text>"):
+                ids.append(sot if piece == "<start_of_text>" else eot)
+                continue
+            word = " ".join(char[b] for b in piece.encode("utf-8")) + "</w>"
+            while True:
+                sym = word.split(" ")
+                found = [f"{a} {b}" for a, b in zip(sym, sym[1:]) if f"{a} {b}" in rank]
+                if not found:
+                    break
+                best = min(found, key=rank.get)
+                word = re.sub(r"(?<!\S)" + re.escape(best) + r"(?!\S)", best.replace(" ", ""), word)
+            ids += [vocab[t] for t in word.split(" ")]
+        ids.append(eot)
+        if len(ids) > length:
+            ids = ids[:length]
+            ids[-1] = eot
+        out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def test_clean_prompt_is_open_clip_cleaning():
+    assert ev.clean_prompt("A “Red” cat’s") == 'a "red" cat\'s'  # ftfy straightens curly quotes
+    assert ev.clean_prompt("cats &amp; dogs &amp;amp; birds &lt;3") == "cats & dogs & birds <3"
+    assert ev.clean_prompt("cafÃ© latte") == "café latte"  # mojibake repaired
+    assert ev.clean_prompt("  a\tred \n\n circle\r\n  with\u00a0 the  CAT ") == "a red circle with the cat"
+    assert ev.clean_prompt("") == ""
+
+
+def test_bpe_merges_lowest_rank_everywhere(w):
+    vocab, merges = ev.read_clip_bpe(str(w["hps_clip"]))
+    tok = ev.OpenClipTokenizer(vocab, merges)
+    assert ev.bpe("red", tok.ranks) == ["red</w>"]  # e d</w> first, then r ed</w>
+    assert ev.bpe("aaa", tok.ranks) == ["aaa</w>"]
+    assert ev.bpe("aaaa", tok.ranks) == ["aa", "a", "a</w>"]  # a a merged left to right, without overlap
+    assert ev.bpe("x", tok.ranks) == ["x</w>"]
+    # by hand: 'a "red" cat!! café' -> a | " | red | " | cat | !! | café (c3 a9 -> Ã©)
+    want = ["<|startoftext|>", "a</w>", '"</w>', "red</w>", '"</w>', "cat</w>", "!!</w>", "cafÃ©</w>",
+            "<|endoftext|>"]
+    ids = tok(["A “Red” cat!! cafÃ©"])[0].tolist()
+    assert ids == [vocab[t] for t in want] + [0] * (77 - len(want))
+
+
+@pytest.mark.parametrize("prompt", TRICKY_PROMPTS)
+def test_hps_tokenize_matches_reference(w, scorers, prompt):
+    got = scorers["hps"].tokenize([prompt])
+    want = ref_open_clip_tokenize([prompt], w["hps_clip"])
+    assert got.dtype == torch.long and got.shape == (1, 77)
+    assert got.tolist() == want.tolist()
+
+
+def test_hps_tokenize_frames_like_open_clip(w, scorers):
+    tok = scorers["hps"].tokenize
+    vocab = json.loads((w["hps_clip"] / "vocab.json").read_text(encoding="utf-8"))
+    sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    assert eot == max(vocab.values())  # as in CLIP: the end token has the largest id, where open_clip pools
+    ids = tok(TRICKY_PROMPTS)
+    assert ids.tolist() == ref_open_clip_tokenize(TRICKY_PROMPTS, w["hps_clip"]).tolist()  # batched = one by one
+    assert ids[5].tolist() == [sot, eot] + [0] * 75  # the empty prompt
+    long = ids[-1].tolist()
+    assert long[0] == sot and long[-1] == eot and long.count(eot) == 1 and 0 not in long  # cut to 77, end kept
+    bang = tok(["a!"])[0].tolist()
+    assert bang[:4] == [sot, vocab["a</w>"], vocab["!</w>"], eot] and bang[4:] == [0] * 73  # "!" is no pad token
+
+
+def load_open_clip_tokenizer_module():
+    """open_clip's tokenizer.py, loaded alone (the package's __init__ needs torchvision and timm); skip without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch is not installed (a cross-check only: pip install --no-deps open_clip_torch)")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
+    mod_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_alone", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod, path.parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
+    """Cross-check with open_clip's own SimpleTokenizer: on the tiny vocabulary, and on CLIP's real 49408-token one
+    (written out as vocab.json + merges.txt, the layout --hps_clip provides) with random prompts too."""
+    import gzip
+    import random
+
+    oc, real_bpe = load_open_clip_tokenizer_module()
+    merges = (w["hps_clip"] / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    with gzip.open(tmp_path / "tiny.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(m for m in merges if m))  # no trailing newline: '' would be a merge
+    ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(w["hps_clip"])))
+    assert ours(TRICKY_PROMPTS).tolist() == oc.SimpleTokenizer(str(tmp_path / "tiny.txt.gz"))(TRICKY_PROMPTS).tolist()
+
+    real = gzip.open(real_bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    chars = list(tiny.bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in real]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (tmp_path / "real" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(real) + "\n", encoding="utf-8")
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), 0x2019, 0x201C, 0x201D, 0x1F642]] + \
+        ["\n", "\t", "&amp;", "&#39;", "Ã©", "  ", "'s", "!"]
+    prompts = TRICKY_PROMPTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))) for _ in range(200)]
+    ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(tmp_path / "real")))
+    assert ours(prompts).tolist() == oc.tokenize(prompts).tolist()
+
+
+def hps_scorer(w, clip):
+    return ev.HPS(str(w["dir"] / "HPS_v2.1_compressed.pt"), "2.1", str(clip), torch.device("cpu"), torch.float32)
+
+
+def test_hps_score_is_open_clip_path_and_pools_at_end_token(w, scorers, images, tmp_path):
+    """The HPS score of tricky prompts equals open_clip's forward (tests/tiny_scorers.py: its own state dict, pooled
+    at ids.argmax) on the reference token ids; and it does not depend on the eos_token_id of the transformers
+    config, where transformers would pool (first eos_token_id unless it is the legacy 2)."""
+    prompts = TRICKY_PROMPTS
+    pictures = [images[i % len(images)] for i in range(len(prompts))]
+    pixels = torch.stack([ev.resize_longest_pad(im) for im in pictures])
+    img, txt = ts.ref_open_clip(w["hps_sd"], pixels, ref_open_clip_tokenize(prompts, w["hps_clip"]))
+    want = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    got = scorers["hps"](pixels, prompts)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    # the same weights with a config whose eos_token_id is another token ("a</w>"), or the legacy 2
+    vocab = json.loads((w["hps_clip"] / "vocab.json").read_text(encoding="utf-8"))
+    for eos in (vocab["a</w>"], 2):
+        clip = tmp_path / f"clip_eos{eos}"
+        clip.mkdir()
+        for f in w["hps_clip"].iterdir():
+            (clip / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((clip / "config.json").read_text())
+        cfg["text_config"]["eos_token_id"] = eos
+        (clip / "config.json").write_text(json.dumps(cfg))
+        assert torch.allclose(hps_scorer(w, clip)(pixels, prompts), want, atol=1e-5), eos
+
+
+def test_hps_tokenizer_files_are_checked(w, tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "vocab.json").write_text((w["hps_clip"] / "vocab.json").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(ev.UserError, match="merges.txt"):
+        ev.read_clip_bpe(str(clip))
+    (clip / "merges.txt").write_text("#version: 0.2\nr e\nq z\n")  # "qz" is no token of the vocab
+    with pytest.raises(ev.UserError, match="merges.txt does not match vocab.json"):
+        ev.read_clip_bpe(str(clip))
+
+
+# ---- precision ----
+def test_precision_default_is_fp32(monkeypatch):
+    args = ev.parse_args(["x"])
+    assert ev.pick_device(args)[1:] == ("no", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too: the official scorers run fp32
+    device, mp, dtype = ev.pick_device(ev.parse_args(["x"]))
+    assert (device.type, mp, dtype) == ("cuda", "no", torch.float32)
+    assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp32"]))[1:] == ("no", torch.float32)
+    assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "bf16"]))[1:] == ("bf16", torch.bfloat16)
+    assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp16"]))[1:] == ("fp16", torch.float16)
 
 
 def test_head_keys_and_shapes_are_checked():
@@ -309,6 +503,8 @@ def test_cli_outputs(cli_run, scorers, samples):
         assert name in md
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["stage"] == "evaluate" and cfg["scoring"]["hps_version"] == "2.1"
+    assert summary["mixed_precision"] == "no" and cfg["scoring"]["mixed_precision"] == "no"  # fp32 by default
+    assert cfg["scoring"]["hps_tokenization"] == "open_clip tokenize()"
     assert "p0000001_i000.png" in res.stderr and "error" not in res.stderr
 
 

@@ -33,3 +33,33 @@ def test_every_script_has_the_helpers_blocks():
             assert name in found["shared helpers"], f"{name} lacks the shared helpers block"
     for name in ("train_spin.py", "generate.py", "sample.py"):
         assert name in found["shared model and data helpers"], name
+
+
+def test_help_states_each_default_once():
+    """--help shows a default only where the help text does not already state it, and never 'None'/'False'."""
+    import subprocess
+    import sys
+
+    for name in SCRIPTS:
+        p = subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, p.stderr
+        text = " ".join(p.stdout.split())  # argparse wraps lines
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        assert not re.search(r"default[^()]*\) \(default:", text), name  # stated twice
+
+
+def test_known_import_noise_is_silenced_at_its_source():
+    """Importing a script and the libraries it uses prints nothing (bitsandbytes' missing optional CPU kernel,
+    transformers' torchvision fallback), while other warnings of those loggers still show."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); import {m}; import bitsandbytes; "
+            "from diffusers import AutoencoderKL, StableDiffusionPipeline; from transformers import CLIPImageProcessor; "
+            "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real warning')")
+    for name in SCRIPTS:
+        p = subprocess.run([sys.executable, "-c", code.format(m=name[:-3])], capture_output=True, text=True, cwd=ROOT,
+                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "gemm_4bit" not in p.stderr and "torchvision" not in p.stderr, p.stderr
+        assert "a real warning" in p.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 import train_spin as ts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,9 @@ def train(*args, check=True):
     import io
     import types
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run is a fresh launch (its own --mixed_precision)
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv = [str(a) for a in args[1:]]  # args[0] is the script name, as for run()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -55,11 +59,15 @@ def error_line(p):
 
 
 def make_synthetic_dir(path, pipeline, captions=CAPTIONS, unet=None, n_images=2, nan=False, shape=(4, 8, 8)):
-    """A folder in generate.py's contract (run_config.json + metadata.jsonl + latents/), with random latents."""
+    """A folder in generate.py's contract (run_config.json + metadata.jsonl + images/ + latents/), with random
+    latents and random-pixel PNGs of the matching resolution (the tiny VAE downsamples x4)."""
+    from PIL import Image
     from safetensors.torch import save_file
 
     path = Path(path)
     (path / "latents").mkdir(parents=True, exist_ok=True)
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
     fp = ts.unet_fingerprint(ts.load_unet(unet, str(pipeline)))
     g = torch.Generator().manual_seed(1)
     with open(path / "metadata.jsonl", "w") as f:
@@ -70,6 +78,8 @@ def make_synthetic_dir(path, pipeline, captions=CAPTIONS, unet=None, n_images=2,
                 if nan:
                     lat[0, 0, 0] = float("nan")
                 save_file({"latent": lat}, str(path / "latents" / f"{key}.safetensors"))
+                pixels = rng.integers(0, 256, (shape[1] * 4, shape[2] * 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path / "images" / f"{key}.png")
                 f.write(json.dumps({"file_name": f"images/{key}.png", "latent_file": f"latents/{key}.safetensors",
                                     "prompt": cap, "prompt_index": pi, "image_index": ii,
                                     "seed": ts.image_seed(0, pi, ii)}) + "\n")
@@ -134,20 +144,29 @@ def test_batches_cover_epochs_and_split_processes():
             seen += parts[0] + parts[1]
         assert len(set(seen)) == len(seen) == steps_per_epoch * per_device * world
     assert ts.batch_indices(n, 0, 4, 0, 0, 2) != ts.batch_indices(n, 0, 4, steps_per_epoch, 0, 2)  # reshuffled
-    # noise: a pure function of (seed, process, step); processes differ
-    a = ts.draw_noise(ts.step_generator(0, 0, 5), 2, (4, 2, 2), 1000, False)
-    b = ts.draw_noise(ts.step_generator(0, 0, 5), 2, (4, 2, 2), 1000, False)
-    c = ts.draw_noise(ts.step_generator(0, 1, 5), 2, (4, 2, 2), 1000, False)
+    # noise: a pure function of (seed, step, place in the global batch), not of the process holding the pair
+    a = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, False)
+    b = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, False)
+    c = ts.draw_noise(ts.step_generator(0, 6), 2, (4, 2, 2), 1000, False)
     assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
     assert a[1] is a[3]  # shared by the pair unless asked otherwise
-    d = ts.draw_noise(ts.step_generator(0, 0, 5), 2, (4, 2, 2), 1000, True)
+    d = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, True)
     assert not torch.equal(d[1], d[3])
+    # a single process draws exactly what earlier versions drew (seeded by process 0), so recorded runs reproduce
+    old = torch.Generator().manual_seed(ts.image_seed(0, 0, 5))
+    assert torch.equal(ts.draw_noise(old, 2, (4, 2, 2), 1000, False)[1], a[1])
+    # 2 processes x 2 pairs hold the two halves of 1 process x 4 pairs, dropout mask included
+    whole = ts.draw_step(0, 5, 4, 0, 4, (4, 2, 2), 1000, True, 0.5)
+    halves = [ts.draw_step(0, 5, 4, r * 2, r * 2 + 2, (4, 2, 2), 1000, True, 0.5) for r in range(2)]
+    for k in range(5):
+        assert torch.equal(whole[k], torch.cat([halves[0][k], halves[1][k]]))
+    assert not torch.equal(halves[0][1], halves[1][1])  # the processes draw different noise
 
 
 def test_pair_rows_rotates_synthetic_images():
-    syn = [{"prompt": "a", "latent_path": "a0"}, {"prompt": "a", "latent_path": "a1"}, {"prompt": "b", "latent_path": "b0"}]
+    syn = [{"prompt": "a", "path": "a0"}, {"prompt": "a", "path": "a1"}, {"prompt": "b", "path": "b0"}]
     pairs, missing = ts.pair_rows(["a", "b", "a", "a", "c"], [True, True, True, False, True], syn)
-    assert pairs == [(0, "a0"), (1, "b0"), (2, "a1")]
+    assert [(row, syn[k]["path"]) for row, k in pairs] == [(0, "a0"), (1, "b0"), (2, "a1")]
     assert missing == ["c"]
 
 
@@ -194,7 +213,7 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
         assert all(math.isfinite(r[key]) for r in rows), key
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["finished"] and cfg["stage"] == "train" and cfg["opponent"]["unet_fingerprint"] == cfg["model"]["unet_fingerprint"]
-    assert cfg["data"]["ties_dropped"] == 1 and cfg["data"]["invalid_rows"] == 1
+    assert cfg["data"]["ties_dropped"] == 1 and cfg["data"]["undecodable_rows"] == 1 and cfg["data"]["usable_rows"] == 10
 
     # the written UNet loads as the model card shows and differs from theta_0
     new = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
@@ -210,7 +229,8 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     sched = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler")
     lat_dir = Path(cfg["cache"]["latents"])
     real = torch.stack([ts.ShardedTensors(lat_dir, "latents")[i] for i in range(4)])
-    syn = torch.stack([load_file(str(p))["latent"] for p in sorted((synth / "latents").glob("*_i000.safetensors"))])
+    syn_cache = ts.ShardedTensors(Path(cfg["cache"]["synthetic"]), "latents")  # the PNGs, encoded like real images
+    syn = torch.stack([syn_cache[2 * i] for i in range(4)])  # image 0 of each caption (2 images per caption)
     text = torch.cat([ts.ShardedTensors(Path(cfg["cache"]["text"]), "text")[i][None] for i in (1, 2, 3, 4)])
     t, noise, _, _ = ts.draw_noise(torch.Generator().manual_seed(123), 4, tuple(real.shape[1:]), 1000, False)
     with torch.no_grad():
@@ -292,10 +312,11 @@ def test_bad_input_one_line_errors(tiny_pipeline, pickapic_parquet, synth, cache
     unet.save_pretrained(other_unet / "unet")
     assert "opponent" in fails("--unet", other_unet)
     nan = make_synthetic_dir(tmp_path / "nan", tiny_pipeline, nan=True)
-    assert "non-finite loss" in fails(syn=nan)
+    assert "non-finite loss" in fails("--synthetic_latent", "sampler", syn=nan)
     assert "no UNet there" in fails("--unet", tmp_path / "nowhere")
     wrong = make_synthetic_dir(tmp_path / "wrong_res", tiny_pipeline, shape=(4, 4, 4))
     assert "same resolution" in fails(syn=wrong)
+    assert "same resolution" in fails("--synthetic_latent", "sampler", syn=wrong)
 
 
 def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp_path):
@@ -315,3 +336,127 @@ def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp
     p = run(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "iter_2", cache, "--synthetic_dir", synth,
                         "--unet", out, steps=2), check=False)
     assert "opponent must be theta_k" in error_line(p) and p.returncode == 2
+
+
+# ------------------------------------------------------------------------ real data: ties, corrupt images
+@pytest.mark.parametrize("loss", ["spin", "sft", "dpo"])
+def test_every_loss_trains_past_an_epoch_on_ties_and_corrupt_images(loss, tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
+    """Pick-a-Pic has ties and the odd undecodable image: 12 rows, 1 tie, 1 corrupt winner -> 10 usable rows, so
+    batch 2 x 12 steps runs through the data more than twice. The counters must not shadow each other (the bug:
+    'rows' read overwrote the cache's row count, adding a phantom row per tie that crashed sft and dpo)."""
+    out = tmp_path / loss
+    extra = ["--synthetic_dir", synth] if loss == "spin" else []
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", loss, *extra, steps=12))
+    assert "10 usable rows of 12 read (1 ties dropped, 1 undecodable images skipped)" in p.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in rows)
+    data = json.loads((out / "run_config.json").read_text())["data"]
+    assert (data["rows_read"], data["ties_dropped"], data["undecodable_rows"], data["usable_rows"]) == (12, 1, 1, 10)
+    assert data["pairs"] == 10
+
+
+def test_merge_pieces_cut_counts_ties_up_to_the_cut():
+    def piece(rows):  # rows: 'u' usable, 'x' undecodable, 't' tie; as encode_piece records them
+        kept = [(i, r) for i, r in enumerate(rows) if r != "t"]
+        return {"captions": [f"c{i}" for i, _ in kept], "source_rows": [i for i, _ in kept], "rows_read": len(rows),
+                "ties_dropped": rows.count("t"), "valid": [r == "u" for _, r in kept]}
+
+    pieces = [piece("utxu"), piece("ttuu"), piece("utu")]
+    whole = ts.merge_pieces(pieces, None)
+    assert whole["counts"] == {"cache_rows": 7, "usable_rows": 6, "rows_read": 11, "ties_dropped": 4, "undecodable_rows": 1}
+    assert whole["sizes"] == [3, 2, 2] and whole["valid"] == [True, False, True, True, True, True, True]
+    # the first 4 cache rows, as one stream would read them: u t x u | t t u -> 7 rows read, 3 ties
+    cut = ts.merge_pieces(pieces, 4)
+    assert cut["counts"] == {"cache_rows": 4, "usable_rows": 3, "rows_read": 7, "ties_dropped": 3, "undecodable_rows": 1}
+    assert cut["captions"] == ["c0", "c2", "c3", "c2"] and cut["sizes"] == [3, 2]
+    # a cut at a piece's end does not count the ties after its last usable row
+    assert ts.merge_pieces([piece("uutt"), piece("u")], 2)["counts"]["rows_read"] == 2
+
+
+def test_max_train_samples_reads_the_first_usable_rows(tiny_pipeline, pickapic_parquet, cache, tmp_path):
+    out = tmp_path / "sft5"
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--max_train_samples", "5"))
+    # rows 0 1 2 (3: tie) 4 5(corrupt): 5 rows past ties, 4 of them decodable, 6 read
+    assert "4 usable rows of 6 read (1 ties dropped, 1 undecodable images skipped)" in p.stdout
+
+
+def test_bf16_autocast_first_loss_is_ln2(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
+    """The precision path a GPU takes (bf16 autocast) runs on CPU too: policy and reference must take the same path,
+    so that the margin is exactly 0 at step 0."""
+    out = tmp_path / "bf16"
+    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--mixed_precision", "bf16",
+                      "--beta", "100", "--learning_rate", "3e-4", steps=4))
+    rows = metrics(out)
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["loss"] != rows[0]["loss"]
+    assert json.loads((out / "run_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+    # ... and autocast really ran: the same first batch in fp32 gives other errors
+    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "fp32", cache, "--synthetic_dir", synth,
+                      "--mixed_precision", "no", steps=1))
+    fp32 = metrics(tmp_path / "fp32")[0]
+    assert fp32["model_mse_real"] != rows[0]["model_mse_real"] and abs(fp32["model_mse_real"] - rows[0]["model_mse_real"]) < 1e-2
+
+
+# ------------------------------------------------------------------------------ several processes (torchrun)
+def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp_path):
+    """torchrun on CPU (gloo), as users launch: the processes join one run (one cache, one metrics line per step,
+    one checkpoint), each reads only its share of a streamed 3-file dataset yet the cache is the one a single
+    process builds, and 2 processes x batch 1 train what 1 process x batch 2 trains (noise follows the pair's place
+    in the global batch, not the process). A resume from the 2-process checkpoint ends bit-identical."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    for i in range(3):  # ties in every file, an undecodable winner in one
+        tiny.build_pickapic_parquet(data / f"train-{i:05d}-of-00003.parquet", n_rows=6, seed=i, tie_rows=(i,),
+                                    corrupt_rows=(4,) if i == 1 else ())
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_pipeline)
+    common = ["--pretrained_model_name_or_path", tiny_pipeline, "--dataset", data, "--streaming", "--synthetic_dir", synth,
+              "--resolution", "32", "--max_train_steps", "4", "--lr_warmup_steps", "0", "--learning_rate", "1e-4",
+              "--checkpointing_steps", "2", "--seed", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # torchrun's threads
+
+    def launch(nproc, out, cache, batch, *extra):
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [])
+        p = subprocess.run([*cmd, str(ROOT / "train_spin.py"), *map(str, common), "--output_dir", str(out),
+                            "--cache_dir", str(cache), "--train_batch_size", str(batch), *map(str, extra)],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    launch(1, one, tmp_path / "c1", 2)
+    p = launch(2, two, tmp_path / "c2", 1)
+    assert p.stdout.count("training spin: 14 pairs, 4 steps of 1 x 2 x 1 = 2 pairs") == 1  # one run, not two alone
+    assert [r["step"] for r in metrics(two)] == [1, 2, 3, 4]
+    assert json.loads((two / "run_config.json").read_text())["num_processes"] == 2
+
+    # the caches are the same files with the same tensors
+    for kind in ("latents", "text", "synthetic"):
+        (a,), (b,) = (list(Path(c).glob(f"{kind}-*")) for c in (tmp_path / "c1", tmp_path / "c2"))
+        assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
+        for f in a.iterdir():
+            if f.suffix == ".safetensors":
+                x, y = load_file(str(f)), load_file(str(b / f.name))
+                assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
+            else:
+                assert f.read_text() == (b / f.name).read_text(), f.name
+    info = json.loads(next(Path(tmp_path / "c2").glob("latents-*/info.json")).read_text())
+    assert info["sizes"] == [5, 5, 5] and (info["usable_rows"], info["ties_dropped"], info["undecodable_rows"]) == (14, 3, 1)
+
+    # the same weights up to float summation order: far closer than the training moved them
+    def weights(d):
+        return load_file(str(Path(d) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    w0, w1, w2 = weights(tiny_pipeline), weights(one), weights(two)
+    moved = sum(((w1[k] - w0[k]) ** 2).sum() for k in w0).sqrt()
+    apart = sum(((w1[k] - w2[k]) ** 2).sum() for k in w0).sqrt()
+    assert moved > 0 and apart < 0.01 * moved, (apart / moved).item()
+    assert metrics(one)[0]["loss"] == metrics(two)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    # interrupted after step 2 and resumed (in another folder) under torchrun: bit-identical to the straight run
+    p = launch(2, resumed, tmp_path / "c2", 1, "--resume_from_checkpoint", two / "checkpoint-2")
+    assert "resumed from" in p.stdout
+    w3 = weights(resumed)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(two)][2:]

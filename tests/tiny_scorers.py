@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tiny import build_clip_tokenizer
+from tiny import bytes_to_unicode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,12 +53,40 @@ def _linear(g, prefix, n_out, n_in, sd, bias=True, std=None):
 
 
 # ---- CLIP folders (PickScore, aesthetic CLIP, HPS config + tokenizer) ----
-def build_tiny_clip(path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale=math.log(40.0)):
+# A few BPE merges, in rank order, so that tokenisation is not one token per byte: overlapping candidates ("e d</w>"
+# outranks "r e", so "red" is r + ed</w> before red</w>), a repeated pair ("a a"), a merge of the two UTF-8 bytes of
+# "é" (c3 a9 -> "Ã©", what mojibake repair must produce), punctuation runs ("!!") and a contraction.
+CLIP_MERGES = ["e d</w>", "r e", "r ed</w>", "c a", "a t</w>", "ca t</w>", "t h", "th e</w>", "a a", "aa a</w>",
+               "Ã ©</w>", "ca f", "caf Ã©</w>", "! !</w>", "' s</w>", "s q", "sq u", "a r", "ar e</w>",
+               "squ are</w>", "d o", "do g</w>", "b l", "bl u", "blu e</w>", "i n</w>"]
+
+
+def build_clip_tokenizer(path, merges=CLIP_MERGES, pad_token="<|endoftext|>"):
+    """An offline byte-level CLIP tokenizer in the real layout: the 256 byte characters, the same with </w>, one
+    token per merge (in merge order), then <|startoftext|> and <|endoftext|> (the largest id, as in CLIP).
+    pad_token "!" is laion's CLIP-ViT-H-14 tokenizer (the HPS and PickScore one)."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+                                     encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=77, pad_token=pad_token)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def build_tiny_clip(path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale=math.log(40.0),
+                    pad_token="<|endoftext|>"):
     """A transformers CLIPModel folder with a CLIPProcessor (CLIP image processor + byte-level tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path = Path(path)
-    tok = build_clip_tokenizer(path)
+    tok = build_clip_tokenizer(path, pad_token=pad_token)
     c = CLIP_TINY
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=c["width"], intermediate_size=c["mlp"],
@@ -324,9 +352,9 @@ def build_image_folder(path, prompts, n_images=2, size=(96, 64), seed=0, corrupt
 def build_all(d):
     """Every tiny scorer in its original layout under `d`, and the evaluate.py flags that point at them."""
     d = Path(d)
-    pick = build_tiny_clip(d / "pickscore", seed=1)
-    aes_clip = build_tiny_clip(d / "aes_clip", seed=2)
-    hps_clip = build_tiny_clip(d / "hps_clip", seed=3)
+    pick = build_tiny_clip(d / "pickscore", seed=1, pad_token="!")  # both laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    aes_clip = build_tiny_clip(d / "aes_clip", seed=2)  # openai/clip-vit-large-patch14 pads with <|endoftext|>
+    hps_clip = build_tiny_clip(d / "hps_clip", seed=3, pad_token="!")
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(hps_clip)))
