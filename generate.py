@@ -464,6 +464,25 @@ def start_processes(partial_state):
     return state
 
 
+def on_main_process(state, fn, broadcast=None):
+    """fn() run by the main process only, its result (or its one-line error) handed to every process: reading the
+    prompts of a streamed Pick-a-Pic once, not once per GPU."""
+    box = [None]
+    if state.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    if state.num_processes > 1:
+        if broadcast is None:
+            from accelerate.utils import broadcast_object_list as broadcast
+        broadcast(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 def cast_unet(unet, dtype, device=None):
     """Cast the UNet (after its fingerprint was taken): from_pretrained(dtype=) leaves a passed-in UNet as it is.
     ModelMixin.to warns about fp32-only modules even when a model has none (UNet2DConditionModel): then the
@@ -585,8 +604,8 @@ def main():
 
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
-    prompts = load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column, args.max_prompts,
-                           args.max_train_samples, args.streaming)
+    prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column,
+                                                          args.max_prompts, args.max_train_samples, args.streaming))
 
     # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
     # UNet it trains, so the opponent that made these images is known exactly.

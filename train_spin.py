@@ -329,6 +329,12 @@ def parse_args(argv=None):
     # hardware
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config; trainable weights stay fp32")
     a("--gradient_checkpointing", action="store_true")
+    # LoRA (peft): train a low-rank adapter instead of every weight
+    a("--lora_rank", type=int, default=None, help="train a LoRA adapter of this rank on the UNet (default: full fine-tuning); "
+      "the reference is the same UNet with the adapter off, and unet/ is written merged")
+    a("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank, as diffusers' LoRA examples)")
+    a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
+      help="comma-separated module names the adapter wraps (diffusers' LoRA examples: the attention projections)")
     a("--allow_tf32", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
     # bookkeeping
@@ -347,7 +353,7 @@ RUN_IDENTITY = ("pretrained_model_name_or_path", "unet", "dataset", "split", "im
                 "max_train_samples", "synthetic_dir", "synthetic_latent", "reference_unet", "resolution", "loss", "beta", "independent_pair_noise",
                 "caption_dropout", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
                 "gradient_accumulation_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
-                "adam_epsilon", "max_grad_norm", "use_8bit_adam", "seed")
+                "adam_epsilon", "max_grad_norm", "use_8bit_adam", "seed", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -824,6 +830,60 @@ def check_same_run(saved, current, where):
                         "use the same flags or another --output_dir")
 
 
+def add_lora(unet, rank, alpha, target_modules, seed=0):
+    """Freeze the UNet and add a trainable LoRA adapter (peft) whose up-projection starts at zero: at step 0 the
+    policy computes exactly what the UNet computes (x + 0), so the first SPIN loss is still exactly ln 2. The
+    down-projection's random start is drawn from `seed`, so a run is reproducible."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserError("--lora_rank needs peft: pip install peft") from None
+    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+    unet.requires_grad_(False)
+    try:
+        torch.manual_seed(image_seed(seed, -2, 0))
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets))
+    except ValueError as e:
+        raise UserError(f"--lora_target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+    for p in unet.parameters():  # trainable weights stay float32 whatever --mixed_precision (SPEC pitfall 2)
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
+
+
+class WithoutAdapter:
+    """The frozen reference of a LoRA run: the policy's own UNet with its adapter switched off, so no second copy of
+    the UNet is held in memory. Called only under no_grad."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def save_lora_outputs(unet, output_dir):
+    """The adapter alone (output_dir/lora/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights reads),
+    then the adapter merged into the UNet, which save_unet_atomically writes as unet/: the next iteration's
+    generate.py, sample.py and the opponent fingerprint see a plain UNet."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    lora = Path(output_dir) / "lora"
+    tmp = Path(output_dir) / "lora.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    shutil.rmtree(lora, ignore_errors=True)
+    os.replace(tmp, lora)
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
 def save_unet_atomically(unet, output_dir):
     """Write output_dir/unet/ so that it exists only when complete (temp folder, then rename)."""
     out = Path(output_dir) / "unet"
@@ -1011,15 +1071,20 @@ def main(argv=None):
 
     # --- optimisation --------------------------------------------------------------------------------------
     reference, ref_fingerprint = None, None
+    if args.lora_rank:
+        add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
     if args.loss != "sft":
         import copy
 
-        if args.reference_unet is not None:
+        if args.lora_rank and args.reference_unet is None:
+            ref_fingerprint = fingerprint  # the UNet itself with the adapter off (set up after accelerator.prepare)
+        elif args.reference_unet is not None:
             reference = load_unet(args.reference_unet, base)
             ref_fingerprint = unet_fingerprint(reference)
         else:
             reference, ref_fingerprint = copy.deepcopy(unet), fingerprint
-        reference = reference.requires_grad_(False).eval().to(accelerator.device)
+        if reference is not None:
+            reference = reference.requires_grad_(False).eval().to(accelerator.device)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1034,13 +1099,16 @@ def main(argv=None):
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(trainable, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Stepped by us once per optimizer step (not prepared): warmup and total steps are optimizer steps,
     # whatever the number of processes.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if args.lora_rank and args.loss != "sft" and reference is None:
+        reference = WithoutAdapter(accelerator.unwrap_model(unet))
 
     # --- resume ----------------------------------------------------------------------------------------------
     global_step = 0
@@ -1107,7 +1175,7 @@ def main(argv=None):
                     loss, stats = pair_loss(unet, reference, noise_scheduler, real, other, text, t, noise, t2, noise2,
                                             args.beta, accelerator.autocast)
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm) if accelerator.sync_gradients else None
+                grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if accelerator.sync_gradients else None
                 # A non-finite loss would poison the weights: stop before the optimizer applies it. One host sync per
                 # optimizer step (the metrics need it anyway), none per micro-step.
                 batch_sums = torch.stack([loss.detach() * b] + [v.detach().sum() for v in stats.values()] + [torch.tensor(float(b), device=dev)])
@@ -1144,7 +1212,10 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if main_proc:
-        save_unet_atomically(accelerator.unwrap_model(unet), out)
+        final = accelerator.unwrap_model(unet)
+        if args.lora_rank:
+            final = save_lora_outputs(final, out)
+        save_unet_atomically(final, out)
         cfg = json.loads((out / "run_config.json").read_text())
         write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": global_step})
         log(f"wrote {out / 'unet'} (step {global_step}); metrics in {metrics_path}")

@@ -5,7 +5,8 @@
     python bench/bench_cache.py --files 8 --rows 128 --nproc 2
 
 Each process reads only its own pieces of the streamed dataset (its files / row groups), decodes their JPEGs and
-VAE-encodes them; the cache it leaves is the same whatever the number of processes (the script checks). The
+VAE-encodes them; the cache it leaves is the same whatever the number of processes (the script checks its files,
+tensors and metadata). The
 tiny test pipeline's VAE is used at --resolution 64, so the time is mostly reading and decoding the 512x512 JPEGs
 (what each process no longer repeats for the others); on a GPU the SD VAE adds its own share.
 """
@@ -50,8 +51,28 @@ def main():
         results[nproc] = float(m.group(3))
         print(f"{nproc} process(es): {m.group(1)} rows in {m.group(2)} s = {m.group(3)} rows/s", flush=True)
     a, b = (sorted((work / f"cache{n}").glob("latents-*"))[0] for n in (1, args.nproc))
-    same = all((a / f.name).read_bytes() == f.read_bytes() for f in b.iterdir()) and len(list(a.iterdir())) == len(list(b.iterdir()))
-    print(f"{args.nproc} processes / 1: {results[args.nproc] / results[1]:.2f}x rows/s; caches byte-identical: {same}")
+    print(f"{args.nproc} processes / 1: {results[args.nproc] / results[1]:.2f}x rows/s; "
+          f"same cache (files, tensors, metadata): {same_cache(a, b)}")
+
+
+def same_cache(a, b):
+    """Same file names, tensors and header metadata (the header's byte order is not deterministic in safetensors)."""
+    import torch
+    from safetensors import safe_open
+
+    if sorted(f.name for f in a.iterdir()) != sorted(f.name for f in b.iterdir()):
+        return False
+    for f in a.iterdir():
+        if f.suffix != ".safetensors":
+            if f.read_bytes() != (b / f.name).read_bytes():
+                return False
+            continue
+        with safe_open(str(f), "pt") as x, safe_open(str(b / f.name), "pt") as y:
+            if x.metadata() != y.metadata() or sorted(x.keys()) != sorted(y.keys()):
+                return False
+            if not all(torch.equal(x.get_tensor(k), y.get_tensor(k)) for k in x.keys()):
+                return False
+    return True
 
 
 if __name__ == "__main__":

@@ -215,3 +215,45 @@ def test_non_finite_results_are_counted_not_written(tiny_pipeline, tmp_path):
     writer.close()
     assert stats == {"written": 0, "nonfinite": ["p0000000_i000", "p0000000_i001"], "black": []}
     assert generate.merge_metadata(tmp_path) == [] and not list(tmp_path.rglob("*.png"))
+
+
+def test_only_the_main_process_reads_the_prompts():
+    """Under N processes the prompt source (a streamed dataset) is read once, by the main process, and its result or
+    its one-line error reaches every process."""
+    import types
+
+    sent = {}
+
+    def broadcast(box):  # what accelerate's broadcast_object_list does: every process ends with the main's box
+        if "box" in sent:
+            box[0] = sent["box"][0]
+        else:
+            sent["box"] = list(box)
+
+    main = types.SimpleNamespace(is_main_process=True, num_processes=2)
+    other = types.SimpleNamespace(is_main_process=False, num_processes=2)
+    assert generate.on_main_process(main, lambda: ["a cat"], broadcast) == ["a cat"]
+    assert generate.on_main_process(other, lambda: pytest.fail("a non-main process read the prompts"), broadcast) == ["a cat"]
+
+    sent.clear()
+
+    def bad():
+        raise generate.UserError("no prompts in --dataset x")
+
+    with pytest.raises(generate.UserError, match="no prompts"):
+        generate.on_main_process(main, bad, broadcast)
+    with pytest.raises(generate.UserError, match="no prompts"):
+        generate.on_main_process(other, lambda: pytest.fail("read twice"), broadcast)
+
+
+def test_two_processes_read_prompts_from_a_dataset(tiny_pipeline, pickapic_parquet, tmp_path):
+    """torchrun with --dataset: the prompts reach the second process from the main one; the folder is complete."""
+    out = tmp_path / "mpd"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "generate.py"),
+         "--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset", str(pickapic_parquet), "--resolution", "32",
+         "--num_inference_steps", "2", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train")))

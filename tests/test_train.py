@@ -460,3 +460,73 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     w3 = weights(resumed)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(two)][2:]
+
+    # LoRA with bf16 autocast and gradient checkpointing under the same launch: one run, first loss ln 2
+    p = launch(2, tmp_path / "lora", tmp_path / "c2", 1, "--lora_rank", "4", "--mixed_precision", "bf16",
+               "--gradient_checkpointing", "--checkpointing_steps", "100")
+    assert p.stdout.count("training spin") == 1 and (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert metrics(tmp_path / "lora")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
+    """--lora_rank: the reference is the UNet with its adapter off (no copy), so the first loss is exactly ln 2; unet/
+    is the merged UNet (what the next iteration's generate.py loads) and equals the base pipeline plus lora/ loaded
+    with load_lora_weights; 8-bit AdamW, gradient checkpointing and an exact resume work with it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    common = ["--synthetic_dir", synth, "--lora_rank", "4", "--learning_rate", "1e-3", "--gradient_checkpointing",
+              "--use_8bit_adam", "--checkpointing_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*train_args(tiny_pipeline, pickapic_parquet, straight, cache, *common, steps=4))
+    rows = metrics(straight)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and rows[-1]["loss"] != rows[0]["loss"]
+    cfg = json.loads((straight / "run_config.json").read_text())
+    assert cfg["reference"]["unet_fingerprint"] == cfg["model"]["unet_fingerprint"]
+
+    base = load_file(str(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"))
+    merged = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert merged.keys() == base.keys()  # a plain UNet, no adapter keys
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(any(f".{m}." in k for m in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
+
+    # the adapter alone, loaded the diffusers way onto the base pipeline, gives the merged UNet's predictions
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    pipe.load_lora_weights(str(straight / "lora"))
+    unet_m = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet_m.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        a = pipe.unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+        b = unet_m(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    assert torch.allclose(a, b, atol=1e-5)
+
+    # interrupted after the checkpoint at step 2, resumed: bit-identical
+    train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, steps=4))
+    import shutil
+
+    shutil.rmtree(resumed / "unet")
+    train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest", steps=4))
+    again = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+
+
+def test_lora_reference_is_the_same_unet_without_adapter(tiny_pipeline):
+    unet = ts.add_lora(ts.load_unet(None, str(tiny_pipeline)), 4, None, "to_q,to_v")
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)  # a trained adapter
+    ref = ts.WithoutAdapter(unet)
+    plain = ts.load_unet(None, str(tiny_pipeline))
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([100]), torch.randn(1, 77, plain.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(ref(x, t, encoder_hidden_states=text).sample, plain(x, t, encoder_hidden_states=text).sample)
+        assert not torch.equal(unet(x, t, encoder_hidden_states=text).sample, plain(x, t, encoder_hidden_states=text).sample)
+    p = train(*train_args(tiny_pipeline, tiny.build_pickapic_parquet(Path(str(tiny_pipeline)).parent / "lp.parquet"),
+                          Path(str(tiny_pipeline)).parent / "lbad", Path(str(tiny_pipeline)).parent / "lc", "--loss", "sft",
+                          "--lora_rank", "4", "--lora_target_modules", "no_such_module"), check=False)
+    assert "--lora_target_modules" in error_line(p)
