@@ -393,27 +393,30 @@ def pair_stats(m_r, m_s, r_r, r_s):
     }
 
 
-def denoising_errors(model, scheduler, latents, noise, t, text):
-    """Per-sample error of `model` at denoising `latents` noised with `noise` at timesteps `t`."""
-    pred = model(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text, return_dict=False)[0]
+def denoising_errors(model, scheduler, latents, noise, t, text, added=None):
+    """Per-sample error of `model` at denoising `latents` noised with `noise` at timesteps `t`. `added`: SDXL's extra
+    conditioning ({"text_embeds": pooled prompt embedding, "time_ids": micro-conditioning}), None for SD-1.x/2.x."""
+    pred = model(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text, added_cond_kwargs=added,
+                 return_dict=False)[0]
     return per_sample_mse(pred, diffusion_target(scheduler, latents, noise, t))
 
 
-def pair_loss(policy, reference, scheduler, real, other, text, t, noise, t2, noise2, beta, autocast):
+def pair_loss(policy, reference, scheduler, real, other, text, t, noise, t2, noise2, beta, autocast, added=None):
     """SPIN (other = opponent's sample) or Diffusion-DPO (real = winner, other = loser) on a batch of pairs:
-    one policy call on the concatenated [real; other] batch, one no-grad reference call on the same inputs."""
+    one policy call on the concatenated [real; other] batch, one no-grad reference call on the same inputs.
+    `added` (SDXL) is already laid out for the concatenated batch."""
     b = real.shape[0]
     latents, noises, ts, texts = torch.cat([real, other]), torch.cat([noise, noise2]), torch.cat([t, t2]), torch.cat([text, text])
-    model_mse = denoising_errors(policy, scheduler, latents, noises, ts, texts)
+    model_mse = denoising_errors(policy, scheduler, latents, noises, ts, texts, added)
     with torch.no_grad(), autocast():  # the same precision path as the policy: margin = 0 exactly at step 0
-        ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, texts)
+        ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, texts, added)
     m_r, m_s, r_r, r_s = model_mse[:b], model_mse[b:], ref_mse[:b], ref_mse[b:]
     return spin_loss(m_r, m_s, r_r, r_s, beta).mean(), pair_stats(m_r, m_s, r_r, r_s)
 
 
-def sft_loss(policy, scheduler, real, text, t, noise):
+def sft_loss(policy, scheduler, real, text, t, noise, added=None):
     """The SFT baseline: plain denoising MSE on the real images."""
-    m_r = denoising_errors(policy, scheduler, real, noise, t, text)
+    m_r = denoising_errors(policy, scheduler, real, noise, t, text, added)
     return m_r.mean(), {"model_mse_real": m_r}
 
 
@@ -480,17 +483,20 @@ PIECE_ROWS = 1024  # rows per piece of a downloaded dataset (a streamed one is c
 CHUNK = 64         # images decoded and encoded at a time
 
 
+def resize_crop(w, h, resolution):
+    """Where preprocess_image puts an image of w x h: its resized size and the top-left corner of the centre crop."""
+    s = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    return rw, rh, (rw - resolution) // 2, (rh - resolution) // 2
+
+
 def preprocess_image(img, resolution):
     """Resize the short side to `resolution` (bicubic), centre-crop, scale to [-1, 1], CHW float32."""
     import numpy as np
     from PIL import Image
 
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    rw, rh, left, top = resize_crop(*img.size, resolution)
+    img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return x / 127.5 - 1.0
 
@@ -502,12 +508,33 @@ def encode_images(vae, pixels):
     return (posterior.mean * vae.config.scaling_factor).float()
 
 
+def time_ids(height, width, resolution):
+    """SDXL's micro-conditioning of an image of height x width brought to `resolution` by preprocess_image, as the
+    pipeline and diffusers' SDXL training take it: original size, crop top-left, target size."""
+    _, _, left, top = resize_crop(width, height, resolution)
+    return [height, width, top, left, resolution, resolution]
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, captions):
-    """Captions -> the last hidden state of the text encoder on 77 padded tokens, as SD-1.5 conditions on."""
+    """Captions -> the last hidden state of the text encoder on 77 padded tokens, as SD-1.x/2.x condition on."""
     ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+@torch.no_grad()
+def encode_prompts_sdxl(text_encoders, tokenizers, captions):
+    """Captions -> SDXL's conditioning, as StableDiffusionXLPipeline.encode_prompt computes it: the penultimate hidden
+    states of both text encoders, concatenated, and the pooled (projected) embedding of the second."""
+    hidden, pooled = [], None
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1).float(), pooled.float()
 
 
 def source_fingerprint(name):
@@ -571,6 +598,7 @@ def encode_piece(out, examples, stats, encode, with_loser, max_rows):
     from safetensors.torch import save_file
 
     captions, source_rows, valid, cols = [], [], [], {"latents": [], "latents_lose": []}
+    sizes = {"image_hw": [], "image_hw_lose": []}  # original height, width: SDXL's micro-conditioning
     examples = itertools.islice(examples, max_rows)
     while chunk := list(itertools.islice(((ex, stats["rows_read"] - 1) for ex in examples), CHUNK)):
         imgs = [[decode_image(ex["image"]) for ex, _ in chunk]]
@@ -578,6 +606,7 @@ def encode_piece(out, examples, stats, encode, with_loser, max_rows):
             imgs.append([decode_image(ex["image_lose"]) for ex, _ in chunk])
         ok = torch.tensor([all(col[i] is not None for col in imgs) for i in range(len(chunk))])
         for key, col in zip(("latents", "latents_lose"), imgs):
+            sizes["image_hw" + key[len("latents"):]] += [(im.height, im.width) if im is not None else (0, 0) for im in col]
             lat = encode([im for im, good in zip(col, ok) if good]).cpu() if ok.any() else None
             full = torch.zeros((len(chunk), *(lat.shape[1:] if lat is not None else (1,))))
             if lat is not None:
@@ -592,9 +621,11 @@ def encode_piece(out, examples, stats, encode, with_loser, max_rows):
         return torch.cat([p if p.shape[1:] == shape else p.new_zeros((len(p), *shape)) for p in parts]) if parts else torch.zeros(0, 1)
 
     tensors = {"latents": cat(cols["latents"]).contiguous(),
-               "valid": torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool)}
+               "valid": torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool),
+               "image_hw": torch.tensor(sizes["image_hw"], dtype=torch.int32).reshape(-1, 2)}
     if with_loser:
         tensors["latents_lose"] = cat(cols["latents_lose"]).contiguous()
+        tensors["image_hw_lose"] = torch.tensor(sizes["image_hw_lose"], dtype=torch.int32).reshape(-1, 2)
     meta = {"captions": json.dumps(captions), "source_rows": json.dumps(source_rows),
             "rows_read": str(stats["rows_read"]), "ties_dropped": str(stats["ties_dropped"])}
     tmp = out.with_suffix(".tmp")
@@ -671,7 +702,7 @@ def build_latent_cache(path, pieces, read, encode, accelerator, with_loser, max_
 
 def build_sharded_cache(path, n, encode_range, key, accelerator, info=None):
     """A cache of n rows in shards of SHARD rows: process k encodes shards k, k+N, ...; `encode_range(a, b)` gives
-    rows a..b-1 as one tensor. info.json (rows per shard + `info`), written last, marks it complete."""
+    rows a..b-1 as one tensor (saved under `key`) or a dict of tensors. info.json (rows per shard + `info`), written last, marks it complete."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -680,8 +711,10 @@ def build_sharded_cache(path, n, encode_range, key, accelerator, info=None):
     for idx, start in enumerate(range(0, n, SHARD)):
         out = path / f"shard-{idx:05d}.safetensors"
         if idx % world == rank and not out.is_file():
+            tensors = encode_range(start, min(start + SHARD, n))
+            tensors = tensors if isinstance(tensors, dict) else {key: tensors}
             tmp = out.with_suffix(".tmp")
-            save_file({key: encode_range(start, min(start + SHARD, n)).cpu().to(torch.float16).contiguous()}, str(tmp))
+            save_file({k: v.cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, out)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -691,9 +724,13 @@ def build_sharded_cache(path, n, encode_range, key, accelerator, info=None):
 
 
 def build_text_cache(path, captions, encode, accelerator):
-    """Prompt embeddings, 64 captions per text-encoder call."""
+    """Prompt embeddings, 64 captions per text-encoder call. `encode` gives the hidden states, or (SDXL) the hidden
+    states and the pooled embeddings, saved as "text" and "pooled"."""
     def encode_range(a, b):
-        return torch.cat([encode(captions[i:min(i + 64, b)]) for i in range(a, b, 64)])
+        parts = [encode(captions[i:min(i + 64, b)]) for i in range(a, b, 64)]
+        if isinstance(parts[0], tuple):
+            return {"text": torch.cat([p[0] for p in parts]), "pooled": torch.cat([p[1] for p in parts])}
+        return torch.cat(parts)
 
     build_sharded_cache(path, len(captions), encode_range, "text", accelerator, {"captions": len(captions)})
     if accelerator.is_main_process:
@@ -792,11 +829,17 @@ class PairDataset(torch.utils.data.Dataset):
     """Item i: real latent, the other latent (synthetic or loser; absent for SFT) and the prompt embedding, all
     read lazily from the caches (prompt embeddings of a large dataset do not fit in device memory)."""
 
-    def __init__(self, latent_cache, text_cache, rows, others, caption_ids, other_source=None):
+    def __init__(self, latent_cache, text_cache, rows, others, caption_ids, other_source=None, sdxl_resolution=None,
+                 loser=False):
         self.real = ShardedTensors(latent_cache, "latents")
         self.text = ShardedTensors(text_cache, "text")
         self.other_source = other_source  # ShardedTensors (loser latents, encoded synthetic images) or LatentFiles
         self.rows, self.others, self.caption_ids = rows, others, caption_ids
+        self.res = sdxl_resolution  # SDXL: also the pooled embedding and each image's micro-conditioning
+        if self.res:
+            self.pooled = ShardedTensors(text_cache, "pooled")
+            self.hw = ShardedTensors(latent_cache, "image_hw")
+            self.hw_other = ShardedTensors(latent_cache, "image_hw_lose") if loser else None
 
     def __len__(self):
         return len(self.rows)
@@ -806,6 +849,12 @@ class PairDataset(torch.utils.data.Dataset):
         item = {"real": self.real[row], "text": self.text[self.caption_ids[row]]}
         if self.other_source is not None:
             item["other"] = self.other_source[self.others[i]]
+        if self.res:
+            item["pooled"] = self.pooled[self.caption_ids[row]]
+            item["time_ids"] = torch.tensor(time_ids(*self.hw[row].int().tolist(), self.res), dtype=torch.float32)
+            # a loser keeps its own size; an opponent image was generated at the training resolution, uncropped
+            other = time_ids(*self.hw_other[row].int().tolist(), self.res) if self.hw_other else time_ids(self.res, self.res, self.res)
+            item["time_ids_other"] = torch.tensor(other, dtype=torch.float32)
         return item
 
 
@@ -937,6 +986,20 @@ def main(argv=None):
         raise UserError(f"could not load the pipeline {base!r}: {str(e).splitlines()[0]}") from None
     unet = load_unet(args.unet, base)
     fingerprint = unet_fingerprint(unet)
+    # SDXL's UNet also takes the pooled prompt embedding and the micro-conditioning (addition_embed_type text_time)
+    sdxl = unet.config.addition_embed_type == "text_time"
+    if unet.config.addition_embed_type not in (None, "text_time"):
+        raise UserError(f"UNet addition_embed_type {unet.config.addition_embed_type!r} is not supported "
+                        "(SD-1.x/2.x: none, SDXL: text_time)")
+    force_zeros = False  # SDXL base: the unconditional branch's prompt embeddings are zeros, not the empty prompt's
+    if sdxl:
+        from diffusers import DiffusionPipeline
+
+        try:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
+            force_zeros = bool(DiffusionPipeline.load_config(base).get("force_zeros_for_empty_prompt", True))
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load the SDXL pipeline {base!r}: {str(e).splitlines()[0]}") from None
     if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
         vae_config = AutoencoderKL.load_config(base, subfolder="vae")
         args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -960,9 +1023,12 @@ def main(argv=None):
         nonlocal vae
         if vae is None:
             try:
-                vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=enc_dtype).to(accelerator.device)
+                vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=enc_dtype)
             except (OSError, ValueError) as e:
                 raise UserError(f"could not load the VAE of {base!r}: {str(e).splitlines()[0]}") from None
+            if vae.config.get("force_upcast", False) and enc_dtype == torch.float16:
+                vae = vae.float()  # SDXL's VAE overflows in fp16: its config asks for fp32, as the pipeline does
+            vae = vae.to(accelerator.device)
             vae.requires_grad_(False)
         x = torch.stack([preprocess_image(im, args.resolution) for im in imgs])
         return torch.cat([encode_images(vae, x[i:i + 16]) for i in range(0, len(x), 16)])
@@ -997,17 +1063,32 @@ def main(argv=None):
     caption_ids = [pos[c] for c in captions]
     txt_dir = Path(args.cache_dir) / ("text-" + cache_key(
         captions=cache_key(c=unique), tokenizer=weights_identity(base, "tokenizer"),
-        text_encoder=weights_identity(base, "text_encoder")))
+        text_encoder=weights_identity(base, "text_encoder"),
+        **({"tokenizer_2": weights_identity(base, "tokenizer_2"), "text_encoder_2": weights_identity(base, "text_encoder_2")} if sdxl else {})))
     if not cache_complete(txt_dir):
         log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
+        from transformers import CLIPTextModelWithProjection
+
         try:
             text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=enc_dtype).to(accelerator.device)
+            if sdxl:
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                    base, subfolder="text_encoder_2", torch_dtype=enc_dtype).to(accelerator.device)
         except (OSError, ValueError) as e:
-            raise UserError(f"could not load the text encoder of {base!r}: {str(e).splitlines()[0]}") from None
-        text_encoder.requires_grad_(False)
-        build_text_cache(txt_dir, unique, lambda c: encode_prompts(text_encoder, tokenizer, c), accelerator)
+            raise UserError(f"could not load the text encoder(s) of {base!r}: {str(e).splitlines()[0]}") from None
+        if sdxl:
+            build_text_cache(txt_dir, unique, lambda c: encode_prompts_sdxl(
+                (text_encoder, text_encoder_2), (tokenizer, tokenizer_2), c), accelerator)
+            del text_encoder_2
+        else:
+            build_text_cache(txt_dir, unique, lambda c: encode_prompts(text_encoder, tokenizer, c), accelerator)
         del text_encoder
-    empty_text = ShardedTensors(txt_dir, "text")[0].to(accelerator.device)  # "" for caption dropout
+    # What caption dropout trains on: what the pipeline's unconditional branch sees (the empty prompt's embeddings,
+    # or zeros for SDXL base's force_zeros_for_empty_prompt), pooled embedding included.
+    empty_text = ShardedTensors(txt_dir, "text")[0].to(accelerator.device)
+    empty_pooled = ShardedTensors(txt_dir, "pooled")[0].to(accelerator.device) if sdxl else None
+    if force_zeros:
+        empty_text, empty_pooled = torch.zeros_like(empty_text), torch.zeros_like(empty_pooled)
 
     # --- pairs: real row + opponent sample of the same prompt (or Pick-a-Pic loser for DPO) ---------------
     others, rows, other_source = None, [i for i, ok in enumerate(valid) if ok], None
@@ -1061,7 +1142,8 @@ def main(argv=None):
     if other_source is not None and tuple(other_source[others[0]].shape) != latent_shape:
         raise UserError(f"synthetic latents are {tuple(other_source[others[0]].shape)} but real latents at --resolution "
                         f"{args.resolution} are {latent_shape}: generate and train at the same resolution")
-    dataset = PairDataset(lat_dir, txt_dir, rows, others, caption_ids, other_source)
+    dataset = PairDataset(lat_dir, txt_dir, rows, others, caption_ids, other_source,
+                          sdxl_resolution=args.resolution if sdxl else None, loser=with_loser)
 
     per_device, world = args.train_batch_size, accelerator.num_processes
     global_batch = per_device * world
@@ -1135,7 +1217,8 @@ def main(argv=None):
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         write_json_atomic(out / "run_config.json", run_config(
             "train", args, identity=identity(args), finished=False, num_processes=world, global_batch=global_batch * args.gradient_accumulation_steps,
-            model={"pretrained_model_name_or_path": base, "unet": args.unet or "base", "unet_fingerprint": fingerprint},
+            model={"pretrained_model_name_or_path": base, "unet": args.unet or "base", "unet_fingerprint": fingerprint,
+                   "conditioning": "sdxl" if sdxl else "sd", "prediction_type": noise_scheduler.config.prediction_type},
             reference={"unet": args.reference_unet or args.unet or "base", "unet_fingerprint": ref_fingerprint},
             opponent=(synth_config or {}).get("model"),
             data={"pairs": len(dataset), "synthetic_latent": args.synthetic_latent if args.loss == "spin" else None,
@@ -1166,14 +1249,23 @@ def main(argv=None):
             text = batch["text"].to(dev, non_blocking=True)
             if args.caption_dropout > 0:
                 text = torch.where(drop.to(dev)[:, None, None], empty_text, text)
+            added = None
+            if sdxl:  # pooled prompt embedding (dropped like the prompt) and each image's micro-conditioning
+                pooled = batch["pooled"].to(dev, non_blocking=True)
+                if args.caption_dropout > 0:
+                    pooled = torch.where(drop.to(dev)[:, None], empty_pooled, pooled)
+                ids = batch["time_ids"].to(dev, non_blocking=True)
+                if args.loss != "sft":
+                    pooled, ids = torch.cat([pooled, pooled]), torch.cat([ids, batch["time_ids_other"].to(dev, non_blocking=True)])
+                added = {"text_embeds": pooled, "time_ids": ids}
             real, t, noise = batch["real"].to(dev, non_blocking=True), t.to(dev), noise.to(dev)
             with accelerator.accumulate(unet):
                 if args.loss == "sft":
-                    loss, stats = sft_loss(unet, noise_scheduler, real, text, t, noise)
+                    loss, stats = sft_loss(unet, noise_scheduler, real, text, t, noise, added)
                 else:
                     other, t2, noise2 = batch["other"].to(dev, non_blocking=True), t2.to(dev), noise2.to(dev)
                     loss, stats = pair_loss(unet, reference, noise_scheduler, real, other, text, t, noise, t2, noise2,
-                                            args.beta, accelerator.autocast)
+                                            args.beta, accelerator.autocast, added)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if accelerator.sync_gradients else None
                 # A non-finite loss would poison the weights: stop before the optimizer applies it. One host sync per

@@ -96,6 +96,70 @@ def build_tiny_pipeline(path, seed=0, resolution=32, prediction_type="epsilon"):
     return path
 
 
+
+def build_tiny_sd2_pipeline(path, seed=0, resolution=32):
+    """Save a tiny SD-2.x-shaped folder: the SD-1.5 layout (StableDiffusionPipeline, one CLIP text encoder) with a
+    v-prediction scheduler, as stabilityai/stable-diffusion-2-1 is laid out (its 1024-wide OpenCLIP text encoder
+    and linear-projection attention are sizes, not a different layout)."""
+    return build_tiny_pipeline(path, seed=seed, resolution=resolution, prediction_type="v_prediction")
+
+
+def build_tiny_sdxl_pipeline(path, seed=0, resolution=32, addition_time_embed_dim=8):
+    """Save a tiny StableDiffusionXLPipeline folder in the layout of stabilityai/stable-diffusion-xl-base-1.0:
+    unet/ (UNet2DConditionModel with the `text_time` addition embedding), vae/ (AutoencoderKL, force_upcast as
+    SDXL's), text_encoder/ (CLIPTextModel), text_encoder_2/ (CLIPTextModelWithProjection), tokenizer/,
+    tokenizer_2/ (pad token "!" as SDXL's), scheduler/ (EulerDiscreteScheduler with SDXL's settings).
+
+    As in build_tiny_pipeline the VAE downsamples x4, so `resolution` 32 gives 8x8 latents. cross_attention_dim is
+    the two text encoders' hidden sizes concatenated (32 + 32); the time embedding input is 6 size/crop numbers x
+    addition_time_embed_dim plus text_encoder_2's projection_dim, exactly SDXL's 2816 = 6 * 256 + 1280."""
+    import shutil
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=resolution, scaling_factor=0.13025, force_upcast=True,
+    )
+    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(path / "_tokenizer_build"), model_max_length=77, pad_token="!")
+    common = dict(
+        vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, projection_dim=32, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, projection_dim=32, hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common))
+    hidden = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_encoder_2.config.projection_dim,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
+        timestep_spacing="leading", steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(path))
+    shutil.rmtree(path / "_tokenizer_build")
+    return path
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -182,6 +246,8 @@ if __name__ == "__main__":  # python tests/tiny.py OUT_DIR: build everything onc
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny")
     build_tiny_pipeline(out / "pipeline")
+    build_tiny_sd2_pipeline(out / "pipeline_sd2")
+    build_tiny_sdxl_pipeline(out / "pipeline_sdxl")
     build_pickapic_parquet(out / "pickapic" / "train.parquet")
     build_imagefolder(out / "imagefolder")
     print(os.path.abspath(out))
