@@ -4,8 +4,13 @@
         --unet runs/x/iter_1 --dataset yuvalkirstain/pickapic_v2 --output_dir runs/x/synth_1
     accelerate launch --num_processes 8 generate.py ...      # the same folder, 8x faster
 
+The pipeline class is the one the model's model_index.json names: StableDiffusionPipeline (SD-1.x, SD-2.x with
+v-prediction) or StableDiffusionXLPipeline (SDXL: two text encoders, pooled embedding, micro-conditioning with
+original = target size = --resolution and crop (0, 0), an fp16 VAE decoded in float32 where its config says
+force_upcast).
+
 Output (train_spin.py reads it):
-    run_config.json   model identity (incl. the UNet's sha256 fingerprint) + every setting
+    run_config.json   model identity (pipeline class, the UNet's sha256 fingerprint) + every setting
     metadata.jsonl    one line per image: file_name, latent_file, prompt, prompt_index, image_index, seed
     images/<key>.png, latents/<key>.safetensors ("latent": float32 [4, h, w], the pipeline's final latent,
                       in the scaled space: what vae.encode(x).latent_dist.mean * scaling_factor gives)
@@ -130,7 +135,7 @@ def quiet_known_noise():
 quiet_known_noise()
 
 
-# ---- shared model and data helpers: the same text in train_spin.py, generate.py, sample.py ----
+# ---- shared model and data helpers: the same text in train_spin.py and generate.py (sample.py imports it) ----
 def unet_fingerprint(unet):
     """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
     import hashlib
@@ -265,7 +270,7 @@ def image_seed(seed, prompt_index, image_index):
 # ---- end shared model and data helpers ----
 
 
-# ---- shared image-folder helpers: the same text in generate.py and sample.py ----
+# Image-folder machinery, also used by sample.py (which imports it from here: keep the two files side by side).
 # --scheduler names -> diffusers classes (None keeps the pipeline's own scheduler).
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
@@ -274,6 +279,20 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "
 # (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
 IMAGE_SETTINGS = ("num_images_per_prompt", "num_inference_steps", "guidance_scale", "resolution", "scheduler", "seed",
                   "mixed_precision")
+# Pipeline classes (model_index.json's "_class_name") that generate.py and sample.py run: the arguments each is loaded
+# with, whether it decodes with its VAE upcast to float32 when the VAE is float16 and its config says force_upcast
+# (diffusers' SDXL pipeline does; its StableDiffusionPipeline does not), whether it takes SDXL's micro-conditioning,
+# whether its decoding applies the VAE config's latents_mean/latents_std where there are some, and the UNet
+# addition embedding it drives (SDXL's UNet takes pooled text + size/crop ids: "text_time"). SD-1.x and SD-2.x
+# (768-v: v-prediction is the scheduler's business) are StableDiffusionPipeline.
+PIPELINES = {
+    "StableDiffusionPipeline": {"load": {"safety_checker": None, "requires_safety_checker": False},
+                                "upcast_vae": False, "micro_conditioning": False, "latents_mean_std": False,
+                                "unet_addition_embed_type": None},
+    "StableDiffusionXLPipeline": {"load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
+                                  "upcast_vae": True, "micro_conditioning": True, "latents_mean_std": True,
+                                  "unet_addition_embed_type": "text_time"},
+}
 BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
 WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator never waits for the disk
 
@@ -492,23 +511,87 @@ def cast_unet(unet, dtype, device=None):
     return torch.nn.Module.to(unet, device=device, dtype=dtype)
 
 
-def load_pipeline(pretrained, unet, scheduler, dtype, device):
-    """The Stable Diffusion pipeline around `unet`, safety checker off (its black images would poison the
-    synthetic data and bias comparisons), inner progress bar off, SDPA attention (diffusers' default)."""
+def pipeline_class_name(pretrained):
+    """The pipeline class a model folder or hub id names (its model_index.json's "_class_name", read through
+    diffusers' own loading path, so a hub id is downloaded/cached as from_pretrained does it); one that we do not run
+    is refused."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(pretrained).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if name not in PIPELINES:
+        raise UserError(f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
+                        f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)")
+    return name
+
+
+def check_unet_fits(unet, class_name, where="--unet"):
+    """A UNet of another model family (an SD-1.5 UNet with an SDXL base, or the reverse) is refused in one line, before
+    any image is made."""
+    want, got = PIPELINES[class_name]["unet_addition_embed_type"], unet.config.get("addition_embed_type")
+    if got != want:
+        raise UserError(f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
+                        f"(which needs {want!r}): pass a UNet of the base's model family")
+
+
+def load_pipeline(pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet"):
+    """The pipeline class that `pretrained` names (see PIPELINES) around `unet`, with everything that class loads
+    (SDXL: both text encoders and tokenizers), safety checker off (its black images would poison the synthetic data
+    and bias comparisons), inner progress bar off, SDPA attention (diffusers' default). Where the class decodes with an
+    fp32 VAE (SDXL's fp16 VAE overflows; its config says force_upcast), the VAE is kept in float32 here: make_images
+    decodes with it, so the pipeline itself never needs to."""
     import diffusers
     import transformers
 
+    class_name = class_name or pipeline_class_name(pretrained)
+    check_unet_fits(unet, class_name, unet_where)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            pretrained, unet=cast_unet(unet, dtype), safety_checker=None, requires_safety_checker=False, dtype=dtype)
+        pipe = getattr(diffusers, class_name).from_pretrained(
+            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"])
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}") from None
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def micro_conditioning(pipe, resolution):
+    """SDXL's size/crop conditioning for an image generated at `resolution`: original size = target size = the
+    image's own, crop (0, 0), as diffusers' defaults are, but passed explicitly and recorded in the settings (the
+    training side conditions synthetic images on the size they were generated at). {} for other pipelines."""
+    if not PIPELINES[type(pipe).__name__]["micro_conditioning"]:
+        return {}
+    return {"original_size": (resolution, resolution), "crops_coords_top_left": (0, 0),
+            "target_size": (resolution, resolution)}
+
+
+def model_record(pipe):
+    """What run_config.json's "model" says about the pipeline besides the UNet: its class and its VAE's dtype."""
+    return {"pipeline_class": type(pipe).__name__, "vae_dtype": str(pipe.vae.dtype).replace("torch.", "")}
+
+
+def decode_latents(pipe, latents):
+    """The pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
+    decodes it: in the VAE's own dtype (float32 where load_pipeline upcast it), un-normalized with the VAE config's
+    latents_mean/latents_std where it has them (SDXL's decoding), else divided by scaling_factor."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None and PIPELINES[type(pipe).__name__]["latents_mean_std"]:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def resolve_precision(name, device):
@@ -526,6 +609,9 @@ def folder_settings(args, pipe, prompts, fingerprint):
                 "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts)}
     settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
     settings["scheduler"] = type(pipe.scheduler).__name__
+    extra = micro_conditioning(pipe, args.resolution)
+    if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
+        settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
     return settings
 
 
@@ -537,15 +623,16 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
     shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
              args.resolution // pipe.vae_scale_factor)
     stats = {"written": 0, "nonfinite": [], "black": []}
+    extra = micro_conditioning(pipe, args.resolution)
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         seeds = [image_seed(args.seed, p, i) for p, i in batch]
         noise, gens = initial_noise(seeds, shape)
         latents = pipe(prompt=[prompts[p] for p, _ in batch], latents=noise.to(device, dtype), generator=gens,
                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       height=args.resolution, width=args.resolution, output_type="latent").images
+                       height=args.resolution, width=args.resolution, output_type="latent", **extra).images
         # Decode ourselves: one pipeline call gives both the final latent and the image.
-        x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        x = decode_latents(pipe, latents)
         finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
         pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
         latents = latents.float().cpu()
@@ -564,13 +651,14 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
         if progress is not None:
             progress.update(len(batch))
     return stats
-# ---- end shared image-folder helpers ----
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="base pipeline (hub id or local folder): text encoder, VAE, tokenizer, scheduler")
+                   help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
+                   "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
+                   "StableDiffusionXLPipeline")
     p.add_argument("--unet", default="base", help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
                    "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'")
     p.add_argument("--dataset", help="prompts: unique captions of a dataset (hub id or local), Pick-a-Pic ties dropped")
@@ -584,7 +672,8 @@ def parse_args(argv=None):
     p.add_argument("--num_images_per_prompt", type=int, default=1)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 "
+                   "for SD-2.1, 1024 for SDXL)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
     p.add_argument("--seed", type=int, default=0)
@@ -604,6 +693,7 @@ def main():
 
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
+    class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
     prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column,
                                                           args.max_prompts, args.max_train_samples, args.streaming))
 
@@ -612,7 +702,8 @@ def main():
     unet = load_unet(args.unet, args.pretrained_model_name_or_path)
     fingerprint = unet_fingerprint(unet)
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name,
+                         f"--unet {args.unet}")
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     args.resolution = args.resolution or native
     if args.resolution % pipe.vae_scale_factor:
@@ -620,7 +711,7 @@ def main():
 
     out = Path(args.output_dir)
     model = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "unet": args.unet or "base",
-             "unet_fingerprint": fingerprint}
+             "unet_fingerprint": fingerprint, **model_record(pipe)}
     config = run_config("generate", args, model=model,
                         settings=folder_settings(args, pipe, prompts, fingerprint))
     check_folder(out, config)  # every process checks, so a refusal never leaves the others waiting

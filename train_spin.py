@@ -142,7 +142,7 @@ def quiet_known_noise():
 quiet_known_noise()
 
 
-# ---- shared model and data helpers: the same text in train_spin.py, generate.py, sample.py ----
+# ---- shared model and data helpers: the same text in train_spin.py and generate.py (sample.py imports it) ----
 def unet_fingerprint(unet):
     """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
     import hashlib

@@ -257,3 +257,137 @@ def test_two_processes_read_prompts_from_a_dataset(tiny_pipeline, pickapic_parqu
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["prompt"] for r in rows) == sorted(generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train")))
+
+
+# ---- model families: SDXL (StableDiffusionXLPipeline) and SD-2.x (v-prediction), and the ones we refuse ----
+import tiny  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+SDXL_CONDITIONING = {"original_size": [32, 32], "crops_coords_top_left": [0, 0], "target_size": [32, 32]}
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory):
+    return tiny.build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def sd2_pipeline(tmp_path_factory):
+    return tiny.build_tiny_sd2_pipeline(tmp_path_factory.mktemp("sd2") / "pipeline")
+
+
+def pipelines_own(folder, prompt, seed, steps, **kw):
+    """(final latent, uint8 image) that the model's own diffusers pipeline makes for `prompt` from the image seed's
+    noise, loaded and called directly (not through generate.py)."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False) \
+        if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline" \
+        else DiffusionPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=steps, guidance_scale=7.5, height=32, width=32, **kw)
+    noise, _ = generate.initial_noise([seed], (4, 8, 8))
+    latent = pipe(prompt, latents=noise, output_type="latent", **call).images[0]
+    image = pipe(prompt, latents=noise, output_type="np", **call).images[0]
+    return latent, np.round(image * 255).astype(np.uint8)
+
+
+def assert_pipelines_own(folder, model_folder, key, steps, **kw):
+    import numpy as np
+    from PIL import Image
+
+    row = next(r for r in (json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines())
+               if (r["prompt_index"], r["image_index"]) == key)
+    latent, image = pipelines_own(model_folder, row["prompt"], row["seed"], steps, **kw)
+    if "latent_file" in row:
+        torch.testing.assert_close(load_file(folder / row["latent_file"])["latent"], latent, atol=1e-4, rtol=1e-4)
+    got = np.asarray(Image.open(folder / row["file_name"])).astype(int)
+    assert got.shape == image.shape and np.abs(got - image).max() <= 1
+
+
+def test_sdxl_end_to_end(sdxl_pipeline, prompts_file, tmp_path):
+    """An SDXL folder runs its own pipeline class (two text encoders, pooled embedding, micro-conditioning passed
+    explicitly and recorded); images and latents are the pipeline's own for each seed, whatever the batch size."""
+    args = ["--pretrained_model_name_or_path", sdxl_pipeline, "--prompts_file", prompts_file, "--num_inference_steps", 2,
+            "--seed", 7]
+    proc = run_cli("generate.py", *args, "--batch_size", 3, "--output_dir", tmp_path / "b3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "b3"
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["model"]["pipeline_class"] == "StableDiffusionXLPipeline" and cfg["model"]["vae_dtype"] == "float32"
+    assert cfg["settings"]["micro_conditioning"] == SDXL_CONDITIONING
+    assert cfg["settings"]["scheduler"] == "EulerDiscreteScheduler"
+    assert cfg["args"]["resolution"] == 32  # the model's own: unet sample_size 8 x VAE factor 4
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["image_index"]) for r in rows] == [(0, 0), (1, 0), (2, 0)]
+    for r in rows:
+        latent = load_file(out / r["latent_file"])["latent"]
+        assert latent.shape == (4, 8, 8) and latent.dtype == torch.float32 and torch.isfinite(latent).all()
+    assert_pipelines_own(out, sdxl_pipeline, (1, 0), 2, original_size=(32, 32), target_size=(32, 32),
+                         crops_coords_top_left=(0, 0))
+
+    proc = run_cli("generate.py", *args, "--batch_size", 1, "--output_dir", tmp_path / "b1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_set(out, tmp_path / "b1")
+
+
+def test_sd2_v_prediction_end_to_end(sd2_pipeline, prompts_file, tmp_path):
+    """SD-2.x is a StableDiffusionPipeline with a v-prediction scheduler: its folder records the class, and its
+    settings have exactly SD-1.5's keys (no micro-conditioning), so SD folders made before keep resuming."""
+    out = tmp_path / "sd2"
+    proc = run_cli("generate.py", "--pretrained_model_name_or_path", sd2_pipeline, "--prompts_file", prompts_file,
+                   "--num_inference_steps", 2, "--max_prompts", 2, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["model"]["pipeline_class"] == "StableDiffusionPipeline"
+    assert set(cfg["settings"]) == {"pretrained_model_name_or_path", "unet_fingerprint", "prompts_sha256",
+                                    "num_prompts", *generate.IMAGE_SETTINGS}
+    from diffusers import DDIMScheduler
+
+    assert DDIMScheduler.from_pretrained(sd2_pipeline, subfolder="scheduler").config.prediction_type == "v_prediction"
+    assert_pipelines_own(out, sd2_pipeline, (1, 0), 2)
+
+
+def test_unsupported_pipeline_is_one_line_error(tiny_pipeline, prompts_file, tmp_path):
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0"}))
+    base = ["--prompts_file", prompts_file, "--output_dir", tmp_path / "out"]
+    assert_user_error(run_cli("generate.py", "--pretrained_model_name_or_path", other, *base),
+                      "FluxPipeline", "not supported", "StableDiffusionXLPipeline")
+    # a UNet folder instead of a pipeline folder: no model_index.json
+    assert_user_error(run_cli("generate.py", "--pretrained_model_name_or_path", Path(tiny_pipeline) / "unet", *base),
+                      "model_index.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_fp16_decodes_with_an_fp32_vae(sdxl_pipeline, tiny_pipeline):
+    """Half precision: SDXL's VAE (config force_upcast) stays float32 and decodes fp16 latents in float32, as
+    diffusers' SDXL pipeline decodes; an SD-1.x pipeline keeps its VAE in fp16, as diffusers' does."""
+    pipe = generate.load_pipeline(str(sdxl_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None,
+                                  torch.float16, "cpu")
+    assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
+    assert generate.model_record(pipe) == {"pipeline_class": "StableDiffusionXLPipeline", "vae_dtype": "float32"}
+    x = generate.decode_latents(pipe, torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    assert x.dtype == torch.float32 and x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+    sd = generate.load_pipeline(str(tiny_pipeline), generate.load_unet("base", str(tiny_pipeline)), None,
+                                torch.float16, "cpu")
+    assert sd.vae.dtype == torch.float16 and generate.model_record(sd)["vae_dtype"] == "float16"
+
+
+def test_micro_conditioning_follows_the_resolution():
+    sdxl, sd = type("StableDiffusionXLPipeline", (), {})(), type("StableDiffusionPipeline", (), {})()
+    assert generate.micro_conditioning(sdxl, 1024) == {
+        "original_size": (1024, 1024), "crops_coords_top_left": (0, 0), "target_size": (1024, 1024)}
+    assert generate.micro_conditioning(sd, 512) == {}
+
+
+def test_unet_of_another_family_is_refused(sdxl_pipeline, tiny_pipeline):
+    """An SD-1.x UNet with an SDXL base (or the reverse) is a one-line error, not a crash inside the pipeline."""
+    sd_unet = generate.load_unet("base", str(tiny_pipeline))
+    with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionXLPipeline"):
+        generate.load_pipeline(str(sdxl_pipeline), sd_unet, None, torch.float32, "cpu", unet_where="--unet x")
+    with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionPipeline"):
+        generate.load_pipeline(str(tiny_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None,
+                               torch.float32, "cpu")

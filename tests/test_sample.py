@@ -106,3 +106,92 @@ def test_grid_labels_fit():
     grid = sample.make_grid(cells, ["a-very-long-model-name", "b"], ["a prompt " * 30 + "ünïcode ✓"], 64)
     assert grid.size == (sample.GRID_LABEL_WIDTH + 128, sample.GRID_HEADER_HEIGHT + 64)
     assert grid.getpixel((sample.GRID_LABEL_WIDTH + 5, sample.GRID_HEADER_HEIGHT + 5)) == (255, 0, 0)
+
+
+# ---- model families: SDXL and SD-2.x through sample.py (it runs generate.py's machinery) ----
+import tiny  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+
+def pipelines_own_image(folder, prompt, seed, steps=2, **kw):
+    """The uint8 image the model's own diffusers pipeline makes for `prompt` from the image seed's noise."""
+    from diffusers import DiffusionPipeline
+
+    is_sd = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    pipe = DiffusionPipeline.from_pretrained(folder, **({"safety_checker": None, "requires_safety_checker": False}
+                                                        if is_sd else {"add_watermarker": False}))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed))[None]
+    image = pipe(prompt, latents=noise, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
+                 output_type="np", **kw).images[0]
+    return np.round(image * 255).astype(np.uint8)
+
+
+def test_sdxl_models_share_seeds(tmp_path):
+    """An SDXL base and a fine-tuned SDXL UNet (as train_spin.py saves it) sampled into one comparison: the SDXL
+    pipeline class and its micro-conditioning are recorded, and base's images are the pipeline's own for each seed."""
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    pipeline = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "run" / "iter_1" / "unet")
+
+    out = tmp_path / "samples"
+    proc = run_cli("--pretrained_model_name_or_path", pipeline, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                   "--num_images_per_prompt", 1, "--num_inference_steps", 2, "--batch_size", 2, "--output_dir", out,
+                   "--unet", "base", "--unet", tmp_path / "run" / "iter_1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, iter1 = rows_of(out / "base"), rows_of(out / "iter_1")
+    assert base == iter1 and [(r["prompt_index"], r["image_index"]) for r in base] == [(0, 0), (1, 0)]
+    for name in ("base", "iter_1"):
+        cfg = json.loads((out / name / "run_config.json").read_text())
+        assert cfg["model"]["pipeline_class"] == "StableDiffusionXLPipeline"
+        assert cfg["settings"]["micro_conditioning"] == {
+            "original_size": [32, 32], "crops_coords_top_left": [0, 0], "target_size": [32, 32]}
+    px = lambda m, r: np.asarray(Image.open(out / m / r["file_name"])).astype(int)
+    want = pipelines_own_image(pipeline, base[1]["prompt"], base[1]["seed"], original_size=(32, 32),
+                               target_size=(32, 32), crops_coords_top_left=(0, 0))
+    assert np.abs(px("base", base[1]) - want).max() <= 1
+    assert not np.array_equal(px("base", base[1]), px("iter_1", iter1[1]))  # the fine-tuned UNet really was used
+    assert (out / "grid.png").is_file()
+
+
+def test_sd2_v_prediction(tmp_path):
+    pipeline = tiny.build_tiny_sd2_pipeline(tmp_path / "sd2")
+    out = tmp_path / "samples"
+    proc = run_cli("--pretrained_model_name_or_path", pipeline, "--prompt", PROMPTS[2], "--num_images_per_prompt", 1,
+                   "--num_inference_steps", 2, "--grid_prompts", 0, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "base" / "run_config.json").read_text())
+    assert cfg["model"]["pipeline_class"] == "StableDiffusionPipeline" and "micro_conditioning" not in cfg["settings"]
+    from PIL import Image
+
+    row = rows_of(out / "base")[0]
+    got = np.asarray(Image.open(out / "base" / row["file_name"])).astype(int)
+    assert np.abs(got - pipelines_own_image(pipeline, PROMPTS[2], row["seed"])).max() <= 1
+
+
+def test_unsupported_pipeline_is_one_line_error(tmp_path):
+    (tmp_path / "kandinsky").mkdir()
+    (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    proc = run_cli("--pretrained_model_name_or_path", tmp_path / "kandinsky", "--prompt", "a cat",
+                   "--output_dir", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "KandinskyV22Pipeline" in errors[0] and "not supported" in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_needs_generate_beside_it(tmp_path):
+    """Copied alone, sample.py says in one line that it needs generate.py beside it."""
+    import shutil
+
+    shutil.copy(ROOT / "sample.py", tmp_path / "sample.py")
+    proc = subprocess.run([sys.executable, str(tmp_path / "sample.py"), "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "generate.py beside it" in proc.stderr, \
+        proc.stderr

@@ -1,16 +1,18 @@
-"""The scripts are standalone (users copy one file), so a few helpers are repeated in each. Every copy of a
-marked block must stay byte-identical: a fix made in one script must be made in all."""
+"""train_spin.py, generate.py and evaluate.py are standalone (users copy one file), so a few helpers are repeated in
+each. Every copy of a marked block must stay byte-identical: a fix made in one script must be made in all. sample.py
+builds on generate.py, its sibling: it imports generate.py's machinery instead of carrying a copy."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["train_spin.py", "generate.py", "sample.py", "evaluate.py"]
+STANDALONE = ["train_spin.py", "generate.py", "evaluate.py"]  # each carries the shared blocks
 BLOCK = re.compile(r"^# ---- (shared [^:\n]*?)(?::[^\n]*)? ----\n(.*?)^# ---- end \1 ----$", re.M | re.S)
 
 
 def blocks():
     found = {}
-    for name in SCRIPTS:
+    for name in STANDALONE:
         path = ROOT / name
         if path.is_file():
             for m in BLOCK.finditer(path.read_text()):
@@ -28,11 +30,31 @@ def test_shared_blocks_are_identical():
 
 def test_every_script_has_the_helpers_blocks():
     found = blocks()
-    for name in SCRIPTS:
+    for name in STANDALONE:
         if (ROOT / name).is_file():
             assert name in found["shared helpers"], f"{name} lacks the shared helpers block"
-    for name in ("train_spin.py", "generate.py", "sample.py"):
+    for name in ("train_spin.py", "generate.py"):
         assert name in found["shared model and data helpers"], name
+
+
+def test_sample_imports_generate_instead_of_copying_it():
+    """sample.py carries no copy of generate.py: no marked block, no function or class of the same name but its own
+    main and parse_args (one place to fix a bug or add a model family), and it runs generate.py's own objects."""
+    import ast
+    import sys
+
+    def top_level(name):
+        tree = ast.parse((ROOT / name).read_text())
+        return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+    assert not BLOCK.search((ROOT / "sample.py").read_text())
+    assert top_level("sample.py") & top_level("generate.py") == {"main", "parse_args"}
+    sys.path.insert(0, str(ROOT))
+    import generate
+    import sample
+
+    for name in ("UserError", "load_pipeline", "make_images", "FolderWriter", "image_seed"):
+        assert getattr(sample, name) is getattr(generate, name), name
 
 
 def test_help_states_each_default_once():
