@@ -623,3 +623,15 @@ def test_sdxl_spin_and_dpo_first_loss_ln2_and_lora(tmp_path):
         rows = metrics(tmp_path / name)
         assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and all(math.isfinite(r["loss"]) for r in rows), name
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_sdxl_generate_then_train(pickapic_parquet, tmp_path):
+    """The SDXL folder generate.py writes feeds train_spin.py: opponent check, image size, first loss ln 2."""
+    pipe_dir = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    synth = tmp_path / "synth_0"
+    run("generate.py", "--pretrained_model_name_or_path", pipe_dir, "--dataset", pickapic_parquet, "--output_dir", synth,
+        "--num_inference_steps", "2", "--num_images_per_prompt", "2", "--batch_size", "4")
+    assert json.loads((synth / "run_config.json").read_text())["model"]["pipeline_class"] == "StableDiffusionXLPipeline"
+    out = tmp_path / "iter_1"
+    train(*train_args(pipe_dir, pickapic_parquet, out, tmp_path / "cache", "--synthetic_dir", synth, steps=2))
+    assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
