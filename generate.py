@@ -483,6 +483,14 @@ def start_processes(partial_state):
     return state
 
 
+def end_processes(state):
+    """Leave the process group together: a process that exits with it still open can abort at interpreter shutdown
+    (gloo: 'terminate called without an active exception') while the others finish."""
+    state.wait_for_everyone()
+    if state.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def on_main_process(state, fn, broadcast=None):
     """fn() run by the main process only, its result (or its one-line error) handed to every process: reading the
     prompts of a streamed Pick-a-Pic once, not once per GPU."""
@@ -736,7 +744,7 @@ def main():
         from accelerate.utils import gather_object
 
         all_stats = gather_object([stats])
-    state.wait_for_everyone()
+    end_processes(state)
     if not state.is_main_process:
         return
     rows = merge_metadata(out)

@@ -25,7 +25,7 @@ try:
         check_model_path, cli, folder_settings, image_key, image_seed, load_pipeline, load_prompts,
         load_unet, make_images, merge_metadata, model_record, on_main_process, pipeline_class_name,
         plan, prepare_folder, read_jsonl, resolve_precision, run_config, save_atomic, shard,
-        start_processes, unet_fingerprint)
+        start_processes, unet_fingerprint, end_processes)
 except ModuleNotFoundError as e:
     if e.name != "generate":
         raise
@@ -210,6 +210,7 @@ def main():
                 print(f"warning: {name}: {len(keys)} {kind} image(s), e.g. {keys[0]}", file=sys.stderr)
         del unet
 
+    end_processes(state)
     if state.is_main_process and args.grid_prompts > 0:
         grid = grid_from_folders(out, [n for n, _ in models], prompts, args.grid_prompts, args.resolution)
         save_atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
