@@ -204,7 +204,7 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
 
     out = tmp_path / "iter_1"
     train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--beta", "100",
-                    "--learning_rate", "3e-4", steps=8))
+                    "--learning_rate", "3e-4", "--synthetic_latent", "image", steps=8))
     rows = metrics(out)
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6
     assert rows[0]["implicit_acc"] == 0.0 and abs(rows[0]["real_logratio"]) < 1e-7
@@ -242,7 +242,7 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
 
     # a second run with the same settings is a no-op; with other settings it refuses
     p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--beta", "100",
-                        "--learning_rate", "3e-4", steps=8))
+                        "--learning_rate", "3e-4", "--synthetic_latent", "image", steps=8))
     assert "nothing to do" in p.stdout
     p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, steps=8), check=False)
     assert "other settings" in error_line(p)
@@ -316,7 +316,7 @@ def test_bad_input_one_line_errors(tiny_pipeline, pickapic_parquet, synth, cache
     assert "no UNet there" in fails("--unet", tmp_path / "nowhere")
     wrong = make_synthetic_dir(tmp_path / "wrong_res", tiny_pipeline, shape=(4, 4, 4))
     assert "same resolution" in fails(syn=wrong)
-    assert "same resolution" in fails("--synthetic_latent", "sampler", syn=wrong)
+    assert "same resolution" in fails("--synthetic_latent", "image", syn=wrong)
 
 
 def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp_path):
@@ -413,7 +413,7 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     synth = make_synthetic_dir(tmp_path / "synth", tiny_pipeline)
     common = ["--pretrained_model_name_or_path", tiny_pipeline, "--dataset", data, "--streaming", "--synthetic_dir", synth,
               "--resolution", "32", "--max_train_steps", "4", "--lr_warmup_steps", "0", "--learning_rate", "1e-4",
-              "--checkpointing_steps", "2", "--seed", "3"]
+              "--checkpointing_steps", "2", "--seed", "3", "--synthetic_latent", "image"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # torchrun's threads
 
     def launch(nproc, out, cache, batch, *extra):
