@@ -5,6 +5,8 @@
 #
 #   bash spin_loop.sh                 # offline demo: the toy world (no hub, no GPU), 3 iterations, minutes on 2 cores
 #   bash spin_loop.sh --recipe sd15   # the paper's recipe: SD-1.5 + Pick-a-Pic v2 (GPU; see README)
+#   bash spin_loop.sh --recipe sd21   # the same on SD-2.1 (v-prediction, 768x768)
+#   bash spin_loop.sh --recipe sdxl   # SDXL base at 1024x1024 with LoRA, one GPU
 #
 # Every setting is a flag (--iterations 2) or an environment variable (ITERATIONS=2); flags win. Each stage's
 # folder is named by iteration under RUN_DIR; re-running after an interruption resumes: finished stages are skipped
@@ -36,7 +38,8 @@ EXTRA_EVALUATE_ARGS=${EXTRA_EVALUATE_ARGS:-}
 if [[ "$RECIPE" == demo ]]; then
   # The toy world (toy_world.py): 12 captions of coloured shapes, 32x32 images, a tiny SD-shaped pipeline and a
   # theta_0 pre-trained with train_spin.py --loss sft. The scorers are tiny RANDOM models: their numbers only show
-  # the plumbing. The meaningful number here is the Frechet distance to held-out real data (lower is better).
+  # the plumbing. The meaningful number here is the Frechet distance to held-out real images, measured on the pictures
+  # (image space; lower is better), plotted per iteration in eval/fd_across_iterations.png.
   RUN_DIR=${RUN_DIR:-runs/demo}
   WORLD=${WORLD:-$RUN_DIR/world}
   WORLD_FLAGS=${WORLD_FLAGS:-}     # toy_world.py build flags, e.g. --seed 1 or --quick (shorter decoder training; CI)
@@ -51,6 +54,12 @@ if [[ "$RECIPE" == demo ]]; then
   GEN_BATCH=${GEN_BATCH:-64}
   TRAIN_BATCH=${TRAIN_BATCH:-32}; GRAD_ACCUM=${GRAD_ACCUM:-1}; LR=${LR:-1e-5}; LR_SCHEDULER=${LR_SCHEDULER:-constant}
   WARMUP=${WARMUP:-0}; STEPS=${STEPS:-100}; BETA=${BETA:-2000}; MIXED_PRECISION=${MIXED_PRECISION:-no}
+  # The toy world's measured choice (docs/toy_world.md): in image space SPIN on the sampler's latents beat SPIN on the
+  # re-encoded images on 3 of 3 seeds, and only the former moved theta_0 at all.
+  SYNTHETIC_LATENT=${SYNTHETIC_LATENT:-sampler}
+  # One torch thread per stage: the tiny models gain nothing from more, and on a small shared machine OpenMP threads
+  # spinning against other work made one training step 40x slower (12 s instead of 0.3 s; toy_world.py does the same).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-12}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-4}; SAMPLE_STEPS=${SAMPLE_STEPS:-10}
   SCORERS=${SCORERS:-$RUN_DIR/demo_scorers}
   if [[ ! -f "$SCORERS/evaluate_flags.txt" ]]; then $PYTHON tests/tiny_scorers.py "$SCORERS" > /dev/null; fi
@@ -77,10 +86,52 @@ elif [[ "$RECIPE" == sd15 ]]; then
   DATA_FLAGS=(--streaming)
   [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
   EXTRA_TRAIN_ARGS="--gradient_checkpointing --use_8bit_adam --allow_tf32 --checkpointing_steps 50 --checkpoints_total_limit 2 $EXTRA_TRAIN_ARGS"
+elif [[ "$RECIPE" == sd21 ]]; then
+  # The model card's settings on SD-2.1 (v-prediction: train_spin.py takes the velocity target from its scheduler).
+  RUN_DIR=${RUN_DIR:-runs/sd21}
+  MODEL=${MODEL:-stabilityai/stable-diffusion-2-1}
+  UNET0=${UNET0:-base}
+  DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
+  MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-}
+  TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
+  RESOLUTION=${RESOLUTION:-768}
+  GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-7.5}; SCHEDULER=${SCHEDULER:-}
+  GEN_BATCH=${GEN_BATCH:-8}
+  TRAIN_BATCH=${TRAIN_BATCH:-4}; GRAD_ACCUM=${GRAD_ACCUM:-512}; LR=${LR:-2e-5}; LR_SCHEDULER=${LR_SCHEDULER:-linear}
+  WARMUP=${WARMUP:-200}; STEPS=${STEPS:-500}; BETA=${BETA:-5000}; MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+  SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-500}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-5}; SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+  SCORER_FLAGS=()
+  DATA_FLAGS=(--streaming)
+  [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
+  EXTRA_TRAIN_ARGS="--gradient_checkpointing --use_8bit_adam --allow_tf32 --checkpointing_steps 50 --checkpoints_total_limit 2 $EXTRA_TRAIN_ARGS"
+elif [[ "$RECIPE" == sdxl ]]; then
+  # SDXL base at 1024x1024 on one GPU with LoRA. Training settings from diffusers' Diffusion-DPO SDXL LoRA example
+  # (examples/research_projects/diffusion_dpo: rank 8, lr 1e-5 constant, no warmup, batch 8 x accumulation 2,
+  # gradient checkpointing, 8-bit AdamW, beta 5000, 2000 steps); SDXL's own sampling default, guidance 5.
+  # bf16 rather than fp16: SDXL's VAE is upcast where its config asks, and bf16 needs no fp16-fix VAE.
+  RUN_DIR=${RUN_DIR:-runs/sdxl}
+  MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
+  UNET0=${UNET0:-base}
+  DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
+  MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-32000}   # 2000 steps x 16 pairs: each real row seen once per iteration
+  TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
+  RESOLUTION=${RESOLUTION:-1024}
+  GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-5.0}; SCHEDULER=${SCHEDULER:-}
+  GEN_BATCH=${GEN_BATCH:-4}
+  TRAIN_BATCH=${TRAIN_BATCH:-8}; GRAD_ACCUM=${GRAD_ACCUM:-2}; LR=${LR:-1e-5}; LR_SCHEDULER=${LR_SCHEDULER:-constant}
+  WARMUP=${WARMUP:-0}; STEPS=${STEPS:-2000}; BETA=${BETA:-5000}; MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+  SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-500}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-5}; SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+  LORA_RANK=${LORA_RANK:-8}
+  SCORER_FLAGS=()
+  DATA_FLAGS=(--streaming)
+  [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
+  EXTRA_TRAIN_ARGS="--lora_rank $LORA_RANK --gradient_checkpointing --use_8bit_adam --allow_tf32 --checkpointing_steps 250 --checkpoints_total_limit 2 $EXTRA_TRAIN_ARGS"
 else
-  echo "error: --recipe must be demo or sd15, not '$RECIPE'" >&2; exit 2
+  echo "error: --recipe must be demo, sd15, sd21 or sdxl, not '$RECIPE'" >&2; exit 2
 fi
 SEED=${SEED:-0}
+SYNTHETIC_LATENT=${SYNTHETIC_LATENT:-}   # train_spin.py --synthetic_latent (image | sampler); empty: train_spin.py's default
+SYN_FLAGS=(); [[ -n "$SYNTHETIC_LATENT" ]] && SYN_FLAGS=(--synthetic_latent "$SYNTHETIC_LATENT")
 CACHE_FLAGS=(); [[ -n "${CACHE_DIR:-}" ]] && CACHE_FLAGS=(--cache_dir "$CACHE_DIR")
 SCHED_FLAGS=(); [[ -n "$SCHEDULER" ]] && SCHED_FLAGS=(--scheduler "$SCHEDULER")
 mkdir -p "$RUN_DIR"
@@ -104,7 +155,7 @@ for ((k = 0; k < ITERATIONS; k++)); do
     --dataset "$DATASET" --split "$SPLIT" "${DATA_FLAGS[@]}" --synthetic_dir "$RUN_DIR/synth_$k" \
     --resolution "$RESOLUTION" --train_batch_size "$TRAIN_BATCH" --gradient_accumulation_steps "$GRAD_ACCUM" \
     --learning_rate "$LR" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" \
-    --beta "$BETA" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" \
+    --beta "$BETA" --seed "$SEED" --mixed_precision "$MIXED_PRECISION" "${SYN_FLAGS[@]}" \
     "${CACHE_FLAGS[@]}" --resume_from_checkpoint latest --output_dir "$RUN_DIR/iter_$((k + 1))" $EXTRA_TRAIN_ARGS
   unet_k=$RUN_DIR/iter_$((k + 1))
 done
@@ -125,7 +176,7 @@ say "evaluate"
 $PYTHON evaluate.py "$RUN_DIR/samples" --output_dir "$RUN_DIR/eval" "${SCORER_FLAGS[@]}" $EXTRA_EVALUATE_ARGS
 
 # ---- pictures: training curves per iteration, metrics across iterations -------------------------------------------
-$PYTHON - "$RUN_DIR" "$ITERATIONS" <<'PY'
+$PYTHON - "$RUN_DIR" "$ITERATIONS" "$RECIPE" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -133,7 +184,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-run, K = Path(sys.argv[1]), int(sys.argv[2])
+run, K, recipe = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 keys = [("loss", "loss"), ("implicit_acc", "implicit accuracy"),
         ("real_logratio", "real term -(m_r - r_r)"), ("syn_logratio", "synthetic term -(m_s - r_s)")]
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
@@ -147,6 +198,8 @@ axes[0].axhline(0.6931, color="grey", lw=0.5, ls="--")
 axes[0].legend()
 fig.tight_layout()
 fig.savefig(run / "eval" / "training_curves.png", dpi=110)
+if recipe == "demo":  # the demo's scorers are random stand-ins: their plot would be flat lines; its FD plot is below
+    sys.exit(0)
 
 summary = json.loads((run / "eval" / "summary.json").read_text())
 models, metrics, table = summary["models"], summary["metrics"], summary["summary"]
@@ -165,10 +218,14 @@ say "summary ($(($(date +%s) - t_start)) s)"
 [[ "$RECIPE" == demo ]] && echo "(demo: the four scorers are tiny RANDOM models; their numbers only show that every stage ran)"
 cat "$RUN_DIR/eval/summary.md"
 if [[ "$RECIPE" == demo ]]; then
-  say "Frechet distance to held-out real data (lower is better; the demo's meaningful number)"
+  say "Frechet distance to held-out real images (image space; lower is better; the demo's meaningful number)"
   fd_args=(--unet "$UNET0"); names=(theta_0)
   for ((k = 1; k <= ITERATIONS; k++)); do fd_args+=(--unet "$RUN_DIR/iter_$k"); names+=("iter_$k"); done
-  $PYTHON toy_world.py fd --world "$WORLD" "${fd_args[@]}" --names "${names[@]}" --json "$RUN_DIR/eval/fd.json"
+  $PYTHON toy_world.py fd --world "$WORLD" "${fd_args[@]}" --names "${names[@]}" --json "$RUN_DIR/eval/fd.json" \
+    --plot "$RUN_DIR/eval/fd_across_iterations.png" --grid "$RUN_DIR/eval/sample_grid.png"
+  plots="$RUN_DIR/eval/training_curves.png  $RUN_DIR/eval/fd_across_iterations.png  $RUN_DIR/eval/sample_grid.png"
+else
+  plots="$RUN_DIR/eval/training_curves.png  $RUN_DIR/eval/metrics_across_iterations.png"
 fi
 cat <<EOF
 
@@ -177,5 +234,5 @@ Where everything is:
   trained UNets    $RUN_DIR/iter_1 .. iter_$ITERATIONS  (unet/, metrics.jsonl, run_config.json)
   samples          $RUN_DIR/samples/<model>/  and  $RUN_DIR/samples/grid.png
   scores, tables   $RUN_DIR/eval/  (summary.md, summary.json, scores.jsonl)
-  plots            $RUN_DIR/eval/training_curves.png  $RUN_DIR/eval/metrics_across_iterations.png
+  plots            $plots
 EOF

@@ -5,13 +5,16 @@ Claim (arXiv 2402.10210): self-play moves the model toward the data distribution
 fine-tuning (SFT) gets with the same compute. Here the "data distribution" is a procedural one we know exactly
 (3 shapes x 4 colours on a light background, 32x32), the models are tiny (a VAE downsampling x4 trained here for
 a few seconds, a frozen random CLIP text encoder, a ~0.8M-parameter UNet), and the distance to the data is a
-Frechet distance in latent space, per caption, against held-out real images.
+Frechet distance per caption against held-out real images, measured on the pictures: each generated PNG is encoded
+exactly as a real image is (image space; the sampler's own latents are scored too, as a second column). The full
+record of results is docs/toy_world.md.
 
 Everything is run through the command lines of generate.py and train_spin.py (as subprocesses), exactly as
 spin_loop.sh runs them on SD-1.5, so the experiment is also an end-to-end check of those scripts.
 
     python toy_world.py --output_dir runs/toy            # whole experiment: world, theta_0, SPIN and SFT arms, FD table, plots
-    python toy_world.py --output_dir runs/toy_ci --quick --check   # CI size; exits 1 if a claim does not hold
+    python toy_world.py --output_dir runs/toy_ci --quick --check   # CI size; exits 1 if a check does not hold
+    python toy_world.py --output_dir runs/toy --arm dpo  # an ablation arm (ARMS) in the same world
     python toy_world.py build --output_dir DIR           # only data + pipeline + theta_0 (for spin_loop.sh)
     python toy_world.py fd --world DIR --unet A --unet B --names a b   # FD table of any UNets in that world
 
@@ -33,17 +36,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: offline tokenizer, tiny UNet, draw_shape()
 
 # ---------------------------------------------------------------------------------------------------------
-# Configuration. FULL is the size the README's figures come from; QUICK is the CI size (same recipe, fewer
-# steps and images). Everything a number in the README depends on is here.
+# Configuration. FULL is the size docs/toy_world.md's tables come from; QUICK is the CI size (same world and recipe,
+# fewer iterations). Everything a number in docs/toy_world.md depends on is here.
 #
-# Why guidance 7.5 and lr 1e-5 (the issue's prototype used 3 and 1e-4; the README has both runs):
-# - In this world theta_0's conditional model is already close to the data (FD 2.05 at guidance 1 against a floor of
-#   0.7). What stands between its samples and the data is the sampler: classifier-free guidance extrapolates past
-#   the conditional model, and at SD's usual 7.5 (the scale the model card samples with) theta_0's FD is 8-14.
-#   SFT cannot see that gap (it trains the noise predictor, never the sampler: 300 more steps move FD by 7% at
-#   most). SPIN trains against the opponent's own guided samples, so it can close it: that is the claim under test.
+# Why guidance 7.5 and lr 1e-5 (issue 6's prototype used 3 and 1e-4; docs/toy_world.md has both runs):
+# - theta_0's conditional model is already close to the data; classifier-free guidance at SD's usual 7.5 (the scale
+#   the model card samples with) extrapolates past it. SFT trains the noise predictor and never sees the guided
+#   samples; SPIN trains against the opponent's own guided samples, so it could close that gap: the claim under test.
+#   In image space the gap theta_0 -> (real images through the decoder) is 1.5-3 FD, and SPIN 3 closes 11-51% of it.
 # - At lr 1e-4 the SPIN loss reaches 0 within a few steps and the model over-optimises (FD jumps); at 1e-5 each
 #   iteration still saturates the loss but moves the model a measured distance. Both arms use the same lr.
+# - synthetic_latent "sampler": measured in image space on seeds 0-2, SPIN on the sampler's latents moved theta_0's
+#   pictures toward the data on every seed, SPIN on the re-encoded images did not move them at all (docs/toy_world.md).
 # ---------------------------------------------------------------------------------------------------------
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -73,13 +77,31 @@ class Sizes:
     guidance: float = 7.5          # SD's usual scale, for the opponent and the evaluation: its bias is the gap (see below)
     sample_steps: int = 10         # DDIM steps, for the opponent and for the evaluation
     fine_steps: int = 50           # the final models are also evaluated with this many DDIM steps
+    arm: str = "spin"              # which self-play arm runs beside SFT (ARMS below; the ablations of issue 14)
+    synthetic_latent: str = "sampler"  # train_spin.py --synthetic_latent: sampler latent / PNG re-encoded (see above)
+    independent_pair_noise: bool = False  # train_spin.py --independent_pair_noise (default: one t and noise per pair)
+
+
+# The arms, at equal compute (iterations x steps optimizer steps of batch pairs each):
+ARMS = {
+    # self-play: theta_k generates, training starts from theta_k with theta_k as the frozen reference (the paper)
+    "spin": "spin",
+    # one run of iterations x steps steps against theta_0's samples, theta_0 as reference: Diffusion-DPO with the real
+    # image as winner and theta_0's sample as loser (the paper says SPIN beats it from iteration 2)
+    "dpo": "dpo",
+    # self-play with a refreshed opponent (theta_k generates, training starts from theta_k) but theta_0 kept as the
+    # reference: is it the moving reference or the fresh samples that matter?
+    "spin_ref0": "ref0",
+}
+CHOICES = {"arm": tuple(ARMS), "synthetic_latent": ("sampler", "image")}
 
 
 FULL = Sizes()
-# CI: the same world and arms, 2 iterations instead of 3, a shorter decoder training (pictures only) and no 50-step
-# evaluation (about 10 min on 2 idle cores with the world). Not smaller: a theta_0 trained half as long is not at its
-# SFT plateau, and fewer evaluation images (< 64 per caption) make the 64-dim covariances singular.
-QUICK = Sizes(vae_steps=200, iterations=2, fine_steps=0)
+# CI: the same world (so a full run and a quick run of one seed share it) and arms, 2 iterations instead of 3 and no
+# 50-step evaluation. Not smaller: a theta_0 trained half as long is not at its SFT plateau, fewer evaluation images
+# (< 64 per caption) make the 64-dim covariances singular, and a shorter decoder training (the former 200 steps) lifts
+# the image-space floor that every model's pictures pass through (seed 1: theta_0 11.19 with 200 steps, 9.00 with 600).
+QUICK = Sizes(iterations=2, fine_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,6 +354,63 @@ def fd_table_row(per_caption):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Image space. The FD above is computed on whatever latents it is given; which latents decides what it measures.
+# The sampler's final latent (generate.py's latents/ file) is NOT what a user sees: the decoder discards part of it
+# (seed 0: theta_0's sampled latents have 63% more neighbour-difference energy than real ones; the same samples
+# decoded and re-encoded match the real statistics), and SPIN learns to remove exactly that energy, which halves the
+# sampler-latent FD while the pictures' FD falls 4-17% (issue 14; docs/toy_world.md). So the FD is computed in
+# image space: the PNG generate.py saved, encoded exactly as train_spin.py encodes a real image (preprocess_image +
+# encode_images, the VAE posterior mean). The random frozen encoder is then a fixed random feature map of the picture, the same for
+# real and generated images. The sampler-latent FD stays as a second column so the difference stays visible.
+# ---------------------------------------------------------------------------------------------------------
+_VAES = {}
+
+
+def world_vae(pipeline):
+    """The world's VAE (loaded once per process)."""
+    from diffusers import AutoencoderKL
+
+    key = str(pipeline)
+    if key not in _VAES:
+        _VAES[key] = AutoencoderKL.from_pretrained(key, subfolder="vae").eval()
+    return _VAES[key]
+
+
+def encode_pil(vae, images):
+    """RGB PIL images -> scaled latents, with train_spin.py's own functions (what its real-data cache holds)."""
+    import torch
+
+    from train_spin import encode_images, preprocess_image
+
+    x = torch.stack([preprocess_image(img, RESOLUTION) for img in images])
+    return torch.cat([encode_images(vae, x[i:i + 256]) for i in range(0, len(x), 256)])
+
+
+def to_pil(vae, latents):
+    """Scaled latents -> RGB PIL images, decoded and quantised exactly as generate.py writes its PNGs."""
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        x = torch.cat([vae.decode(latents[i:i + 256] / vae.config.scaling_factor).sample for i in range(0, len(latents), 256)])
+    pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in pixels]
+
+
+def folder_image_latents(folder, vae):
+    """{caption: [n, 4, 8, 8]}: every PNG of a generate.py folder, encoded as a real image is."""
+    from PIL import Image
+
+    from train_spin import read_jsonl
+
+    by = {}
+    for r in read_jsonl(Path(folder) / "metadata.jsonl"):
+        with Image.open(Path(folder) / r["file_name"]) as img:
+            by.setdefault(r["prompt"], []).append(img.convert("RGB"))
+    return {cap: encode_pil(vae, imgs) for cap, imgs in by.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Stages. Each one returns at once when its output is already complete.
 # ---------------------------------------------------------------------------------------------------------
 WORLD_KEYS = ("train_per_caption", "test_per_caption", "vae_steps", "train_encoder", "theta0_steps", "theta0_batch", "theta0_lr",
@@ -356,7 +435,8 @@ def check_world(p, seed, sizes):
     return want
 
 
-def train_args(p, *, unet, loss, steps, batch, lr, seed, output_dir, caption_dropout=0.0, beta=None, synthetic_dir=None):
+def train_args(p, *, unet, loss, steps, batch, lr, seed, output_dir, caption_dropout=0.0, beta=None, synthetic_dir=None,
+               synthetic_latent=None, reference=None, independent_pair_noise=False):
     """train_spin.py's flags, the same for theta_0, SPIN and SFT: constant learning rate without warmup (the
     runs are short, and each SPIN iteration starts from a trained model), float32, no checkpoints."""
     a = ["--pretrained_model_name_or_path", p["pipeline"], "--dataset", p["train"], "--resolution", RESOLUTION,
@@ -368,6 +448,12 @@ def train_args(p, *, unet, loss, steps, batch, lr, seed, output_dir, caption_dro
         a += ["--beta", beta]
     if synthetic_dir is not None:
         a += ["--synthetic_dir", synthetic_dir]
+    if synthetic_latent is not None:
+        a += ["--synthetic_latent", synthetic_latent]
+    if reference is not None:
+        a += ["--reference_unet", reference]
+    if independent_pair_noise:
+        a += ["--independent_pair_noise"]
     return a
 
 
@@ -445,10 +531,23 @@ def real_latents(p):
     return {key: {cap: t[f"{key}/{i}"] for i, cap in enumerate(CAPTIONS)} for key in ("train", "test")}
 
 
-def noise_floor(p):
-    """FD between held-out and training real latents: what a perfect model would score (sampling noise)."""
-    real = real_latents(p)
-    return fd_table_row(fd_per_caption(real["train"], real["test"]))
+def noise_floor(p, n):
+    """The floors, against the held-out real latents, with n training images per caption (the number of evaluation
+    samples per model: FD is biased upward at small n, so a floor from more images would flatter every model):
+    real: training real images as they are (what a perfect sampler would score: sampling noise only);
+    decoder: the same images decoded and re-encoded as generate.py's PNGs are (what a perfect model would score in
+    image space: the decoder's loss is part of every generated picture). Cached in floors.json."""
+    path = p["dir"] / "floors.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if str(n) not in cached:
+        real = real_latents(p)
+        train = {cap: lat[:n] for cap, lat in real["train"].items()}
+        vae = world_vae(p["pipeline"])
+        through = {cap: encode_pil(vae, to_pil(vae, lat)) for cap, lat in train.items()}
+        cached[str(n)] = {"real": fd_table_row(fd_per_caption(train, real["test"]))["fd"],
+                          "decoder": fd_table_row(fd_per_caption(through, real["test"]))["fd"]}
+        write_json(path, cached)
+    return cached[str(n)]
 
 
 def eval_dir(p, unet, sizes, steps):
@@ -488,25 +587,41 @@ def folder_latents(folder):
 
 
 def evaluate(p, unet, sizes, steps, threads=1):
+    """FD of one UNet's evaluation samples: "fd" in image space (the toy world's metric), "fd_sampler" on the
+    sampler's latents (the former metric, kept for comparison)."""
     folder, seconds = sample_for_eval(p, unet, sizes, steps, threads)
-    row = fd_table_row(fd_per_caption(folder_latents(folder), real_latents(p)["test"]))
-    return {**row, "samples": str(folder), "seconds": round(seconds, 1)}
+    test = real_latents(p)["test"]
+    image = fd_table_row(fd_per_caption(folder_image_latents(folder, world_vae(p["pipeline"])), test))
+    sampler = fd_table_row(fd_per_caption(folder_latents(folder), test))
+    return {"fd": image["fd"], "per_caption": image["per_caption"], "fd_sampler": sampler["fd"],
+            "per_caption_sampler": sampler["per_caption"], "samples": str(folder), "seconds": round(seconds, 1)}
 
 
 def arm_names(sizes):
     """Folder names of the two arms: every setting an arm's models depend on is in its name, so a run with other
     settings gets its own folders in the same world (and a rerun with the same settings reuses them)."""
     sft = f"sft_lr{sizes.lr:g}_{sizes.steps}x{sizes.batch}"
-    spin = (f"spin_lr{sizes.lr:g}_beta{sizes.beta:g}_{sizes.steps}x{sizes.batch}_"
-            f"opp{sizes.opponent_images}_g{sizes.guidance:g}_ddim{sizes.sample_steps}")
+    steps = sizes.steps * sizes.iterations if sizes.arm == "dpo" else sizes.steps  # dpo: one run of all the steps
+    spin = (f"{ARMS[sizes.arm]}_lr{sizes.lr:g}_beta{sizes.beta:g}_{steps}x{sizes.batch}_"
+            f"opp{sizes.opponent_images}_g{sizes.guidance:g}_ddim{sizes.sample_steps}_lat-{sizes.synthetic_latent}"
+            + ("_indep" if sizes.independent_pair_noise else ""))
     return spin, sft
 
 
+def results_tag(sizes):
+    """Name of a run's results/plot files in the world: the arm folder and the number of iterations (a --quick run
+    of 2 iterations in the same world must not overwrite a full run's 3-iteration results)."""
+    return f"{arm_names(sizes)[0]}_{sizes.iterations}it"
+
+
 def spin_arm(p, sizes, seed, threads=1):
-    """SPIN: theta_k generates opponent images for every training caption, then train_spin.py --loss spin
-    starts from theta_k (also the frozen opponent) and writes theta_{k+1}. Returns [iter_1 .. iter_K]."""
-    arm, prev, out = p["dir"] / arm_names(sizes)[0], p["theta0"], []
-    for k in range(1, sizes.iterations + 1):
+    """The self-play arm (sizes.arm, see ARMS). Each iteration: the opponent generates synthetic images for every
+    training caption (generate.py), then train_spin.py --loss spin trains against them. Returns {result key: folder}:
+    spin_1 .. spin_K (ref0_1 .. ref0_K), or dpo_K for the single run of K x steps steps."""
+    arm, theta0, K = p["dir"] / arm_names(sizes)[0], p["theta0"], sizes.iterations
+    runs = [(1, K * sizes.steps)] if sizes.arm == "dpo" else [(k, sizes.steps) for k in range(1, K + 1)]
+    out, prev = {}, theta0
+    for k, steps in runs:
         synth, it = arm / f"synth_{k - 1}", arm / f"iter_{k}"
         if not finished(it):
             arm.mkdir(parents=True, exist_ok=True)
@@ -514,9 +629,11 @@ def spin_arm(p, sizes, seed, threads=1):
                 p, unet=prev, prompts=p["train"], n=sizes.opponent_images, steps=sizes.sample_steps,
                 guidance=sizes.guidance, seed=seed * 1000 + k, output_dir=synth), threads=threads)
             run_script("train_spin.py", *train_args(
-                p, unet=prev, loss="spin", steps=sizes.steps, batch=sizes.batch, lr=sizes.lr, seed=seed * 1000 + k,
-                beta=sizes.beta, synthetic_dir=synth, output_dir=it), threads=threads)
-        out.append(it)
+                p, unet=prev, loss="spin", steps=steps, batch=sizes.batch, lr=sizes.lr, seed=seed * 1000 + k,
+                beta=sizes.beta, synthetic_dir=synth, output_dir=it, synthetic_latent=sizes.synthetic_latent,
+                reference=theta0 if sizes.arm == "spin_ref0" else None,
+                independent_pair_noise=sizes.independent_pair_noise), threads=threads)
+        out[f"{ARMS[sizes.arm]}_{K if sizes.arm == 'dpo' else k}"] = it
         prev = it
     return out
 
@@ -564,12 +681,12 @@ def run_experiment(out, seed, sizes, threads=1, jobs=2):
     p = build_world(out, seed, sizes, threads)
     times["world"] = round(time.time() - t0, 1)
     t0 = time.time()
-    spin, sft = in_parallel(jobs, lambda: spin_arm(p, sizes, seed, threads), lambda: sft_arm(p, sizes, seed, threads))
+    arm, sft = in_parallel(jobs, lambda: spin_arm(p, sizes, seed, threads), lambda: sft_arm(p, sizes, seed, threads))
     times["arms"] = round(time.time() - t0, 1)
 
-    models = {"theta_0": p["theta0"], **{f"spin_{k}": d for k, d in enumerate(spin, 1)},
-              **{f"sft_{k}": d for k, d in enumerate(sft, 1)}}
-    final = {"theta_0": p["theta0"], f"spin_{sizes.iterations}": spin[-1], f"sft_{sizes.iterations}": sft[-1]}
+    K, last = sizes.iterations, list(arm)[-1]
+    models = {"theta_0": p["theta0"], **arm, **{f"sft_{k}": d for k, d in enumerate(sft, 1)}}
+    final = {"theta_0": p["theta0"], last: arm[last], f"sft_{K}": sft[-1]}
     t0 = time.time()
     calls = [(name, d, sizes.sample_steps) for name, d in models.items()]
     if sizes.fine_steps:
@@ -578,25 +695,37 @@ def run_experiment(out, seed, sizes, threads=1, jobs=2):
     times["evaluation"] = round(time.time() - t0, 1)
     fd = {name: r for (name, _, s), r in zip(calls, rows) if s == sizes.sample_steps}
     fd_fine = {name: r for (name, _, s), r in zip(calls, rows) if s != sizes.sample_steps}
-    floor = noise_floor(p)
+    floor = noise_floor(p, sizes.eval_images)
     times["total"] = round(time.time() - t_start, 1)
     stage_times = save_timings(p)
-    for arm, dirs in (("spin_arm", spin), ("sft_arm", sft)):  # script seconds, summed over the arm's folders
-        times[arm] = round(sum(v for k, v in stage_times.items() if k.startswith(str(dirs[0].parent) + os.sep)), 1)
+    arm_dir = str(next(iter(arm.values())).parent)
+    for name, d in (("arm", arm_dir), ("sft_arm", str(sft[0].parent))):  # script seconds, summed over the arm's folders
+        times[name] = round(sum(v for k, v in stage_times.items() if k.startswith(d + os.sep)), 1)
     results = {
-        "seed": seed, "sizes": dataclasses.asdict(sizes), "world": str(p["dir"]),
+        "seed": seed, "sizes": dataclasses.asdict(sizes), "world": str(p["dir"]), "arm": sizes.arm,
+        "metric": "image space: FD between generate.py's PNGs encoded as real images are and held-out real latents",
         "fd": {k: v["fd"] for k, v in fd.items()}, "fd_per_caption": {k: v["per_caption"] for k, v in fd.items()},
-        "fd_fine": {k: v["fd"] for k, v in fd_fine.items()}, "floor": floor["fd"],
-        "models": {k: str(v) for k, v in models.items()},
-        "spin_metrics": [train_metrics(d) for d in spin], "sft_metrics": [train_metrics(d) for d in sft],
+        "captions_better": captions_better({k: v["per_caption"] for k, v in fd.items()}),
+        "fd_sampler": {k: v["fd_sampler"] for k, v in fd.items()},
+        "fd_fine": {k: v["fd"] for k, v in fd_fine.items()},
+        "fd_fine_sampler": {k: v["fd_sampler"] for k, v in fd_fine.items()},
+        "floor": floor, "models": {k: str(v) for k, v in models.items()},
+        "spin_metrics": [train_metrics(d) for d in arm.values()], "sft_metrics": [train_metrics(d) for d in sft],
         "seconds": {**times, "world_stages": json.loads(p["json"].read_text())["seconds"]},
     }
-    tag = arm_names(sizes)[0]
+    tag = results_tag(sizes)
     write_json(p["dir"] / f"results_{tag}.json", results)
     print_table(results)
     plot_fd(results, p["dir"] / f"fd_{tag}.png")
     plot_samples(p, {**{k: v["samples"] for k, v in fd.items()}}, p["dir"] / f"samples_{tag}.png")
     return results
+
+
+def captions_better(per_caption):
+    """{model: on how many captions its image-space FD is below theta_0's}: the mean over 12 captions can move
+    with one caption; a paired count over captions (same evaluation seeds) says whether a change is broad."""
+    base = per_caption["theta_0"]
+    return {name: sum(fd[c] < base[c] for c in base) for name, fd in per_caption.items() if name != "theta_0"}
 
 
 def save_timings(p):
@@ -608,48 +737,55 @@ def save_timings(p):
 
 
 def print_table(r):
-    K = r["sizes"]["iterations"]
+    K, key = r["sizes"]["iterations"], ARMS[r["arm"]]
+    fl = r["floor"]
     log("")
-    log(f"Frechet distance to held-out real latents (per caption, 2x2-pooled 64-dim latents, mean over "
-        f"{len(CAPTIONS)} captions; DDIM {r['sizes']['sample_steps']} steps, guidance {r['sizes']['guidance']:g}; lower is better)")
-    log(f"{'iteration':>10} {'SPIN':>8} {'SFT':>8}")
-    log(f"{0:>10} {r['fd']['theta_0']:>8.2f} {r['fd']['theta_0']:>8.2f}   (theta_0)")
-    for k in range(1, K + 1):
-        log(f"{k:>10} {r['fd'][f'spin_{k}']:>8.2f} {r['fd'][f'sft_{k}']:>8.2f}")
-    log(f"{'floor':>10} {r['floor']:>8.2f}            (held-out real vs training real)")
+    log(f"Frechet distance to held-out real images, per caption, mean over {len(CAPTIONS)} captions (lower is better; "
+        f"DDIM {r['sizes']['sample_steps']} steps, guidance {r['sizes']['guidance']:g}).")
+    log("image: generated PNGs encoded as real images are (the metric); sampler: the sampler's final latents (the old one)")
+    log(f"{'iteration':>10} {key + ' image':>12} {'SFT image':>10}   {key + ' sampler':>14} {'SFT sampler':>12}")
+    for k in range(K + 1):
+        a, b = ("theta_0", "theta_0") if k == 0 else (f"{key}_{k}", f"sft_{k}")
+        cell = lambda d, n, w: f"{d[n]:>{w}.2f}" if n in d else f"{'-':>{w}}"
+        log(f"{k:>10} {cell(r['fd'], a, 12)} {cell(r['fd'], b, 10)}   {cell(r['fd_sampler'], a, 14)} "
+            f"{cell(r['fd_sampler'], b, 12)}" + ("   (theta_0)" if k == 0 else ""))
+    log(f"floors: held-out vs training real {fl['real']:.2f}; real images through the decoder {fl['decoder']:.2f} "
+        "(the best an image-space FD can be here)")
+    log(f"captions (of {len(CAPTIONS)}) where the image-space FD is below theta_0's: "
+        + ", ".join(f"{n} {c}" for n, c in r["captions_better"].items()))
     if r["fd_fine"]:
-        f = r["fd_fine"]
-        log(f"with DDIM {r['sizes']['fine_steps']} steps: theta_0 {f['theta_0']:.2f}, SPIN {K} {f[f'spin_{K}']:.2f}, "
-            f"SFT {K} {f[f'sft_{K}']:.2f}")
+        f, g = r["fd_fine"], r["fd_fine_sampler"]
+        log(f"with DDIM {r['sizes']['fine_steps']} steps (image / sampler): " + ", ".join(
+            f"{n} {f[n]:.2f} / {g[n]:.2f}" for n in f))
     first = [m["first"]["loss"] for m in r["spin_metrics"]]
-    log("first SPIN loss per iteration: " + ", ".join(f"{x:.6f}" for x in first) + f" (ln 2 = {math.log(2):.6f})")
+    log(f"first {key} loss per iteration: " + ", ".join(f"{x:.6f}" for x in first) + f" (ln 2 = {math.log(2):.6f})")
     log("seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items() if not isinstance(v, dict)))
 
 
 def plot_fd(r, path):
+    """FD per iteration, image space (solid) and sampler latents (faint), with both floors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    K = r["sizes"]["iterations"]
-    x = list(range(K + 1))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(x, [r["fd"]["theta_0"]] + [r["fd"][f"spin_{k}"] for k in x[1:]], "o-", label=f"SPIN (beta {r['sizes']['beta']:g})")
-    ax.plot(x, [r["fd"]["theta_0"]] + [r["fd"][f"sft_{k}"] for k in x[1:]], "s-", label="SFT (same steps)")
-    ax.axhline(r["floor"], color="gray", ls="--", label="floor (real vs real)")
-    if r["fd_fine"]:
-        f = r["fd_fine"]
-        ax.plot([0, K], [f["theta_0"], f[f"spin_{K}"]], "o", mfc="none", color="C0", label=f"SPIN, DDIM {r['sizes']['fine_steps']}")
-        ax.plot([0, K], [f["theta_0"], f[f"sft_{K}"]], "s", mfc="none", color="C1", label=f"SFT, DDIM {r['sizes']['fine_steps']}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("FD to held-out real (latent)")
-    ax.set_xticks(x)
+    K, key = r["sizes"]["iterations"], ARMS[r["arm"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for fd, style, alpha, what in ((r["fd"], "-", 1.0, "image"), (r["fd_sampler"], ":", 0.45, "sampler latent")):
+        for name, marker, colour in ((key, "o", "C0"), ("sft", "s", "C1")):
+            x = [0] + [k for k in range(1, K + 1) if f"{name}_{k}" in fd]
+            ax.plot(x, [fd["theta_0"]] + [fd[f"{name}_{k}"] for k in x[1:]], marker=marker, ls=style, color=colour,
+                    alpha=alpha, label=f"{ {'spin': 'SPIN', 'sft': 'SFT'}.get(name, name)} ({what})")
+    ax.axhline(r["floor"]["decoder"], color="gray", ls="--", label="floor: real through the decoder")
+    ax.axhline(r["floor"]["real"], color="gray", ls=":", label="floor: real vs real")
+    ax.set_xlabel("iteration (x steps)")
+    ax.set_ylabel("FD to held-out real")
+    ax.set_xticks(range(K + 1))
     ax.set_ylim(bottom=0)
-    ax.set_title(f"toy world, seed {r['seed']}")
-    ax.legend(fontsize=7)
+    ax.set_title(f"toy world, seed {r['seed']}, arm {r['arm']}")
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     log(f"plot -> {path}")
 
@@ -666,8 +802,9 @@ def sample_grid(folder, columns):
                                            for j in range(columns)], 1) for i in range(len(CAPTIONS))], 0)
 
 
-def plot_samples(p, folders, path, columns=4):
-    """One picture: the real held-out images, then every model's samples, side by side (decoded by our VAE)."""
+def plot_samples(p, folders, path, columns=4, dpi=150, small=False):
+    """One picture: the real held-out images, then every model's samples, side by side (decoded by our VAE).
+    small: a 256-colour PNG (a third of the size; for figures committed to docs/, which must stay < 200 KB)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -687,28 +824,44 @@ def plot_samples(p, folders, path, columns=4):
         ax.set_yticks([])
     axes[0].set_yticks([RESOLUTION * (i + 0.5) for i in range(len(CAPTIONS))], CAPTIONS, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    if small:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            quantised = img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        quantised.save(path, optimize=True)
     log(f"samples -> {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks (CI): the claims, with margins chosen after looking at three seeds (see the README)
+# Checks (CI): only what held in image space on every seed run (docs/toy_world.md, "What CI checks")
 # ---------------------------------------------------------------------------------------------------------
 def checks(r):
-    """[(description, passed)] for a results dict."""
-    K = r["sizes"]["iterations"]
-    fd, ln2 = r["fd"], math.log(2)
-    values = [*fd.values(), *r["fd_fine"].values(), r["floor"]]
+    """[(description, passed)] for a results dict: only what held in image space on every seed run (seeds 0-4 with
+    the default settings; docs/toy_world.md has the tables). The FD inequalities are strict but unscaled: their
+    margins were 0.9-14% (SPIN 2 vs theta_0) and 2-15% (SPIN 2 vs SFT 2); seed 1 (CI's) 5% and 7.5%. Not asserted
+    because they failed on a seed: SPIN 1 < theta_0 (seed 0: 4.16 vs 4.11), SPIN 2 < SPIN 1 (seed 3: 4.25 vs 4.02);
+    nor anything about the other arms (documented runs, one seed)."""
+    fd, fs, ln2 = r["fd"], r["fd_sampler"], math.log(2)
+    values = [*fd.values(), *fs.values(), *r["fd_fine"].values(), *r["fd_fine_sampler"].values(), *r["floor"].values()]
+    # ln 2 at step 0 needs the frozen reference to be the starting UNet: not so after iteration 1 of spin_ref0
     out = [(f"iteration {k} starts at loss ln 2: {m['first']['loss']:.6f}", abs(m["first"]["loss"] - ln2) < 1e-4)
-           for k, m in enumerate(r["spin_metrics"], 1)]
+           for k, m in enumerate(r["spin_metrics"], 1) if k == 1 or r["arm"] != "spin_ref0"]
     out += [
-        (f"FD(SPIN 1) {fd['spin_1']:.2f} <= 0.7 FD(theta_0) {0.7 * fd['theta_0']:.2f}", fd["spin_1"] <= 0.7 * fd["theta_0"]),
-        (f"FD(SPIN {K}) {fd[f'spin_{K}']:.2f} <= 1.1 FD(SPIN 1) {1.1 * fd['spin_1']:.2f}", fd[f"spin_{K}"] <= 1.1 * fd["spin_1"]),
-        (f"FD(SPIN {K}) {fd[f'spin_{K}']:.2f} <= 0.7 FD(SFT {K}) {0.7 * fd[f'sft_{K}']:.2f}", fd[f"spin_{K}"] <= 0.7 * fd[f"sft_{K}"]),
         ("every FD and loss is finite", all(math.isfinite(v) for v in values)
          and all(math.isfinite(m["last"]["loss"]) for m in r["spin_metrics"] + r["sft_metrics"])),
+        # the metric itself: the decoder loses something, and the sampler's latents overstate theta_0's distance
+        (f"floor through the decoder {r['floor']['decoder']:.2f} > floor real vs real {r['floor']['real']:.2f}",
+         r["floor"]["decoder"] > r["floor"]["real"]),
+        (f"theta_0: image-space FD {fd['theta_0']:.2f} < sampler-latent FD {fs['theta_0']:.2f}", fd["theta_0"] < fs["theta_0"]),
     ]
+    if r["arm"] == "spin" and "spin_2" in fd:  # the default arm: what held on every seed, at iteration 2
+        out += [
+            (f"FD(SPIN 2) {fd['spin_2']:.2f} < FD(theta_0) {fd['theta_0']:.2f}", fd["spin_2"] < fd["theta_0"]),
+            (f"FD(SPIN 2) {fd['spin_2']:.2f} < FD(SFT 2) {fd['sft_2']:.2f}", fd["spin_2"] < fd["sft_2"]),
+        ]
     return out
 
 
@@ -722,6 +875,10 @@ def add_common(ap):
     for f in dataclasses.fields(Sizes):
         if f.type in (bool, "bool"):
             ap.add_argument("--" + f.name, action="store_const", const=True, default=None)
+            continue
+        if f.name in CHOICES:
+            ap.add_argument("--" + f.name, choices=CHOICES[f.name], default=None,
+                            help=f"default {getattr(FULL, f.name)} ({getattr(QUICK, f.name)} with --quick)")
             continue
         ap.add_argument("--" + f.name, type=f.type if callable(f.type) else type(f.default), default=None,
                         help=f"default {getattr(FULL, f.name)} ({getattr(QUICK, f.name)} with --quick)")
@@ -751,6 +908,8 @@ def main(argv=None):
         ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the world's sample_steps)")
         ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the world's guidance)")
         ap.add_argument("--json", default=None, help="where to write the table (default: WORLD/fd.json)")
+        ap.add_argument("--plot", default=None, help="also write FD per model (in --unet order) to this PNG")
+        ap.add_argument("--grid", default=None, help="also write a grid of real images and each model's samples to this PNG")
         ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
         ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -789,17 +948,50 @@ def fd_command(args):
     if len(names) != len(args.unet):
         raise SystemExit(f"error: {len(names)} --names for {len(args.unet)} --unet")
     rows = in_parallel(args.jobs, *[lambda u=u: evaluate(p, u, sizes, steps, args.threads) for u in args.unet])
-    floor = noise_floor(p)["fd"]
+    floor = noise_floor(p, sizes.eval_images)
     table = {"steps": steps, "guidance": sizes.guidance, "eval_images": sizes.eval_images, "floor": floor,
+             "metric": "fd: image space (generate.py's PNGs encoded as real images are); fd_sampler: sampler latents",
              "fd": {n: r["fd"] for n, r in zip(names, rows)}, "per_caption": {n: r["per_caption"] for n, r in zip(names, rows)},
-             "unets": dict(zip(names, args.unet))}
-    log(f"{'model':>20} {'FD':>8}")
+             "fd_sampler": {n: r["fd_sampler"] for n, r in zip(names, rows)},
+             "samples": {n: r["samples"] for n, r in zip(names, rows)}, "unets": dict(zip(names, args.unet))}
+    log(f"{'model':>20} {'FD image':>9} {'FD sampler':>11}")
     for n, r in zip(names, rows):
-        log(f"{n:>20} {r['fd']:>8.2f}")
-    log(f"{'floor':>20} {floor:>8.2f}")
+        log(f"{n:>20} {r['fd']:>9.2f} {r['fd_sampler']:>11.2f}")
+    log(f"{'floor: real':>20} {floor['real']:>9.2f}")
+    log(f"{'floor: decoder':>20} {floor['decoder']:>9.2f}   (real images decoded and re-encoded)")
     out = Path(args.json or p["dir"] / "fd.json")
     write_json(out, table)
     log(f"-> {out}")
+    if args.plot:
+        plot_fd_models(table, args.plot)
+    if args.grid:
+        plot_samples(p, table["samples"], args.grid, columns=3, dpi=100, small=True)
+
+
+def plot_fd_models(table, path):
+    """The fd subcommand's table as a plot (spin_loop.sh's demo: theta_0, iter_1 .. iter_K): image-space FD, the
+    sampler-latent FD faintly for comparison, and the two floors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table["fd"])
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    ax.plot(range(len(names)), [table["fd"][n] for n in names], "o-", color="C0", label="FD, image space (the metric)")
+    ax.plot(range(len(names)), [table["fd_sampler"][n] for n in names], "o:", color="C0", alpha=0.4,
+            label="FD, sampler latents (not what the pictures show)")
+    ax.axhline(table["floor"]["decoder"], color="gray", ls="--", lw=1, label="floor: real images through the decoder")
+    ax.axhline(table["floor"]["real"], color="gray", ls=":", lw=1, label="floor: real vs real")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("FD to held-out real (lower is better)")
+    ax.set_title(f"toy world: DDIM {table['steps']}, guidance {table['guidance']:g}", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    log(f"plot -> {path}")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ def test_sizes_and_flags():
 
     ap = argparse.ArgumentParser()
     tw.add_common(ap)
-    s = tw.sizes_from(ap.parse_args(["--quick", "--beta", "500", "--iterations", "2"]))
+    s = tw.sizes_from(ap.parse_args(["--quick", "--beta", "500", "--iterations", "2", "--arm", "dpo",
+                                     "--synthetic_latent", "image", "--independent_pair_noise"]))
     assert s.beta == 500.0 and s.iterations == 2 and s.theta0_steps == tw.QUICK.theta0_steps
+    assert s.arm == "dpo" and s.synthetic_latent == "image" and s.independent_pair_noise
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--arm", "nonsense"])
     assert tw.sizes_from(ap.parse_args([])) == tw.FULL
     assert len(tw.CAPTIONS) == 12 and tw.CAPTIONS[0] == "a red circle"
 
@@ -88,21 +92,22 @@ def toy_selected(config):
 
 @pytest.mark.toy
 def test_toy_world_quick_end_to_end(tmp_path, request):
-    """The CI-sized experiment through the command line: world, theta_0, SPIN and SFT arms, evaluation.
-    --check asserts: every SPIN iteration starts at loss ln 2, FD(SPIN 1) <= 0.7 FD(theta_0),
-    FD(SPIN final) <= 1.1 FD(SPIN 1), FD(SPIN final) <= 0.7 FD(SFT final), everything finite."""
+    """The CI-sized experiment through the command line: world, theta_0, SPIN and SFT arms, evaluation in image space
+    (and on sampler latents), and --check (see toy_world.checks: what held in image space on every seed run)."""
     if not toy_selected(request.config):
         pytest.skip("minutes of CPU: run with `pytest -m toy` or SPIN_TOY=1")
     out = tmp_path / "toy"
-    tag = tw.arm_names(tw.QUICK)[0]
+    tag = tw.results_tag(tw.QUICK)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     p = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--check", "--output_dir", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}"
-    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == tw.QUICK.iterations + 4, p.stdout[-3000:]
     r = json.loads((out / f"results_{tag}.json").read_text())
-    # the same checks, read back from the results file (what the README's table is made from)
-    assert all(ok for _, ok in tw.checks(r))
+    # the same checks, read back from the results file (what docs/toy_world.md's tables are made from)
+    checks = tw.checks(r)
+    assert all(ok for _, ok in checks)
+    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == len(checks), p.stdout[-3000:]
+    assert set(r["fd"]) == set(r["fd_sampler"]) and r["floor"]["decoder"] > r["floor"]["real"]
     for name in ("world.json", "pipeline/model_index.json", "data/train.parquet", "data/test.parquet", "theta0/unet/config.json",
                  f"fd_{tag}.png", f"samples_{tag}.png"):
         assert (out / name).is_file(), name
@@ -116,7 +121,50 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
     p3 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "fd", "--world", str(out), "--unet", str(out / "theta0"),
                          "--names", "theta0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p3.returncode == 0, p3.stderr[-3000:]
-    assert json.loads((out / "fd.json").read_text())["fd"]["theta0"] == pytest.approx(r["fd"]["theta_0"])
+    table = json.loads((out / "fd.json").read_text())
+    assert table["fd"]["theta0"] == pytest.approx(r["fd"]["theta_0"])
+    assert table["fd_sampler"]["theta0"] == pytest.approx(r["fd_sampler"]["theta_0"])
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         norm_num_groups=8, sample_size=tw.RESOLUTION).eval()
+
+
+def test_image_space_latents_are_real_image_latents(tmp_path):
+    """The image-space metric encodes a generated PNG exactly as train_spin.py encodes a real image: a folder of PNGs
+    (generate.py's layout) gives the latents of train_spin.preprocess_image + encode_images on the same pictures, and
+    to_pil quantises as generate.py does (so a decoded real image is what a perfect generator would have saved)."""
+    from PIL import Image
+
+    from train_spin import encode_images, preprocess_image
+
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    images = tw.to_pil(vae, torch.randn(6, 4, 8, 8, generator=g))
+    assert all(img.size == (tw.RESOLUTION, tw.RESOLUTION) and img.mode == "RGB" for img in images)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, img in enumerate(images):
+        name = f"images/{i}.png"
+        img.save(tmp_path / name)
+        rows.append({"file_name": name, "prompt": tw.CAPTIONS[i % 2], "prompt_index": i % 2, "image_index": i // 2})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = tw.folder_image_latents(tmp_path, vae)
+    for cap in tw.CAPTIONS[:2]:
+        pics = [Image.open(tmp_path / r["file_name"]).convert("RGB") for r in rows if r["prompt"] == cap]
+        want = encode_images(vae, torch.stack([preprocess_image(p, tw.RESOLUTION) for p in pics]))
+        assert torch.equal(got[cap], want)
+    # quantisation as generate.py: ((x / 2 + 0.5).clamp(0, 1) * 255).round()
+    lat = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        x = vae.decode(lat / vae.config.scaling_factor).sample
+    want = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(np.asarray(img), w) for img, w in zip(tw.to_pil(vae, lat), want))
 
 
 def test_arm_folders_are_named_after_their_settings():
@@ -125,8 +173,12 @@ def test_arm_folders_are_named_after_their_settings():
 
     base = tw.arm_names(tw.FULL)
     for change in ({"lr": 1e-4}, {"beta": 500.0}, {"guidance": 3.0}, {"opponent_images": 16}, {"sample_steps": 50},
-                   {"steps": 50}, {"batch": 16}):
+                   {"steps": 50}, {"batch": 16}, {"arm": "dpo"}, {"arm": "spin_ref0"}, {"independent_pair_noise": True},
+                   {"synthetic_latent": "image" if tw.FULL.synthetic_latent == "sampler" else "sampler"}):
         spin, sft = tw.arm_names(dataclasses.replace(tw.FULL, **change))
         assert spin != base[0], change
         assert (sft != base[1]) == bool({"lr", "steps", "batch"} & set(change)), change
     assert tw.arm_names(dataclasses.replace(tw.FULL, iterations=2)) == base  # iter_k folders are shared
+    # the Diffusion-DPO arm is one run of iterations x steps: its folder depends on the number of iterations
+    dpo = dataclasses.replace(tw.FULL, arm="dpo")
+    assert tw.arm_names(dataclasses.replace(dpo, iterations=2))[0] != tw.arm_names(dpo)[0]
