@@ -67,37 +67,24 @@ if [[ "$RECIPE" == demo ]]; then
   SCORER_FLAGS+=(--device cpu --mixed_precision no)
   DATA_FLAGS=()
   CACHE_DIR=${CACHE_DIR:-$RUN_DIR/cache}   # the demo keeps everything it makes under RUN_DIR
-elif [[ "$RECIPE" == sd15 ]]; then
+elif [[ "$RECIPE" == sd15 || "$RECIPE" == sd21 ]]; then
   # The model card's recipe. One GPU: GRAD_ACCUM=256 gives the card's 2048 pairs per step with TRAIN_BATCH=8;
-  # 8 GPUs: LAUNCH="accelerate launch --num_processes 8" GRAD_ACCUM=32.
-  RUN_DIR=${RUN_DIR:-runs/sd15}
-  MODEL=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
+  # 8 GPUs: LAUNCH="accelerate launch --num_processes 8" GRAD_ACCUM=32. sd21: the same on SD-2.1 (v-prediction:
+  # train_spin.py takes the velocity target from its scheduler) at 768x768, batch 4 x 512.
+  if [[ "$RECIPE" == sd15 ]]; then
+    MODEL=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}; RESOLUTION=${RESOLUTION:-512}
+    TRAIN_BATCH=${TRAIN_BATCH:-8}; GRAD_ACCUM=${GRAD_ACCUM:-256}; GEN_BATCH=${GEN_BATCH:-16}
+  else
+    MODEL=${MODEL:-stabilityai/stable-diffusion-2-1}; RESOLUTION=${RESOLUTION:-768}
+    TRAIN_BATCH=${TRAIN_BATCH:-4}; GRAD_ACCUM=${GRAD_ACCUM:-512}; GEN_BATCH=${GEN_BATCH:-8}
+  fi
+  RUN_DIR=${RUN_DIR:-runs/$RECIPE}
   UNET0=${UNET0:-base}
   DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
   MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-}     # e.g. 100000 for a first run; empty: the whole split
   TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
-  RESOLUTION=${RESOLUTION:-512}
   GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-7.5}; SCHEDULER=${SCHEDULER:-}
-  GEN_BATCH=${GEN_BATCH:-16}
-  TRAIN_BATCH=${TRAIN_BATCH:-8}; GRAD_ACCUM=${GRAD_ACCUM:-256}; LR=${LR:-2e-5}; LR_SCHEDULER=${LR_SCHEDULER:-linear}
-  WARMUP=${WARMUP:-200}; STEPS=${STEPS:-500}; BETA=${BETA:-5000}; MIXED_PRECISION=${MIXED_PRECISION:-bf16}
-  SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-500}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-5}; SAMPLE_STEPS=${SAMPLE_STEPS:-50}
-  SCORER_FLAGS=()
-  DATA_FLAGS=(--streaming)
-  [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
-  EXTRA_TRAIN_ARGS="--gradient_checkpointing --use_8bit_adam --allow_tf32 --checkpointing_steps 50 --checkpoints_total_limit 2 $EXTRA_TRAIN_ARGS"
-elif [[ "$RECIPE" == sd21 ]]; then
-  # The model card's settings on SD-2.1 (v-prediction: train_spin.py takes the velocity target from its scheduler).
-  RUN_DIR=${RUN_DIR:-runs/sd21}
-  MODEL=${MODEL:-stabilityai/stable-diffusion-2-1}
-  UNET0=${UNET0:-base}
-  DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
-  MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-}
-  TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
-  RESOLUTION=${RESOLUTION:-768}
-  GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-7.5}; SCHEDULER=${SCHEDULER:-}
-  GEN_BATCH=${GEN_BATCH:-8}
-  TRAIN_BATCH=${TRAIN_BATCH:-4}; GRAD_ACCUM=${GRAD_ACCUM:-512}; LR=${LR:-2e-5}; LR_SCHEDULER=${LR_SCHEDULER:-linear}
+  LR=${LR:-2e-5}; LR_SCHEDULER=${LR_SCHEDULER:-linear}
   WARMUP=${WARMUP:-200}; STEPS=${STEPS:-500}; BETA=${BETA:-5000}; MIXED_PRECISION=${MIXED_PRECISION:-bf16}
   SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-500}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-5}; SAMPLE_STEPS=${SAMPLE_STEPS:-50}
   SCORER_FLAGS=()
