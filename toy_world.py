@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: offline tokenizer, tiny UNet, draw_shape()
 
+from train_spin import quiet_known_noise  # noqa: E402  (the scripts' filter for known-harmless import messages)
+
+quiet_known_noise()
+
 # ---------------------------------------------------------------------------------------------------------
 # Configuration. FULL is the size docs/toy_world.md's tables come from; QUICK is the CI size (same world and recipe,
 # fewer iterations). Everything a number in docs/toy_world.md depends on is here.
