@@ -1048,8 +1048,8 @@ def main(argv=None):
             return iter_examples(piece, args.caption_column, args.image_column, with_images=True, with_loser=with_loser, stats=stats)
         t_build = time.time()
         build_latent_cache(lat_dir, pieces, read, encode, accelerator, with_loser, args.max_train_samples)
-        built = json.loads((lat_dir / "info.json").read_text())["rows_read"]
-        log(f"encoded {built} rows in {time.time() - t_build:.1f}s ({built / (time.time() - t_build):.1f} rows/s, "
+        built, seconds = json.loads((lat_dir / "info.json").read_text())["rows_read"], time.time() - t_build
+        log(f"encoded {built} rows in {seconds:.1f}s ({built / seconds:.1f} rows/s, "
             f"{accelerator.num_processes} process(es), {len(pieces)} piece(s) of the dataset)")
     info = json.loads((lat_dir / "info.json").read_text())
     captions = json.loads((lat_dir / "captions.json").read_text())

@@ -21,6 +21,18 @@ def tiny_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+    """A tiny StableDiffusionXLPipeline folder (two text encoders, text_time UNet, force_upcast VAE)."""
+    return tiny.build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def sd2_pipeline(tmp_path_factory):
+    """A tiny SD-2.x-style pipeline: the SD layout with a v-prediction scheduler."""
+    return tiny.build_tiny_sd2_pipeline(tmp_path_factory.mktemp("sd2") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def pickapic_parquet(tmp_path_factory):
     return tiny.build_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet")
 

@@ -260,19 +260,8 @@ def test_two_processes_read_prompts_from_a_dataset(tiny_pipeline, pickapic_parqu
 
 
 # ---- model families: SDXL (StableDiffusionXLPipeline) and SD-2.x (v-prediction), and the ones we refuse ----
-import tiny  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 SDXL_CONDITIONING = {"original_size": [32, 32], "crops_coords_top_left": [0, 0], "target_size": [32, 32]}
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory):
-    return tiny.build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def sd2_pipeline(tmp_path_factory):
-    return tiny.build_tiny_sd2_pipeline(tmp_path_factory.mktemp("sd2") / "pipeline")
 
 
 def pipelines_own(folder, prompt, seed, steps, **kw):

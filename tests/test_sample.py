@@ -109,7 +109,6 @@ def test_grid_labels_fit():
 
 
 # ---- model families: SDXL and SD-2.x through sample.py (it runs generate.py's machinery) ----
-import tiny  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 def pipelines_own_image(folder, prompt, seed, steps=2, **kw):
@@ -126,13 +125,13 @@ def pipelines_own_image(folder, prompt, seed, steps=2, **kw):
     return np.round(image * 255).astype(np.uint8)
 
 
-def test_sdxl_models_share_seeds(tmp_path):
+def test_sdxl_models_share_seeds(sdxl_pipeline, tmp_path):
     """An SDXL base and a fine-tuned SDXL UNet (as train_spin.py saves it) sampled into one comparison: the SDXL
     pipeline class and its micro-conditioning are recorded, and base's images are the pipeline's own for each seed."""
     from diffusers import UNet2DConditionModel
     from PIL import Image
 
-    pipeline = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    pipeline = sdxl_pipeline
     unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -160,8 +159,8 @@ def test_sdxl_models_share_seeds(tmp_path):
     assert (out / "grid.png").is_file()
 
 
-def test_sd2_v_prediction(tmp_path):
-    pipeline = tiny.build_tiny_sd2_pipeline(tmp_path / "sd2")
+def test_sd2_v_prediction(sd2_pipeline, tmp_path):
+    pipeline = sd2_pipeline
     out = tmp_path / "samples"
     proc = run_cli("--pretrained_model_name_or_path", pipeline, "--prompt", PROMPTS[2], "--num_images_per_prompt", 1,
                    "--num_inference_steps", 2, "--grid_prompts", 0, "--output_dir", out)

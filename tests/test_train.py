@@ -224,7 +224,6 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     # on one fixed batch (fixed pairs, timesteps and noise) the trained policy has a lower loss than theta_0,
     # whose loss against itself is ln 2
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file
 
     sched = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler")
     lat_dir = Path(cfg["cache"]["latents"])
@@ -532,12 +531,12 @@ def test_lora_reference_is_the_same_unet_without_adapter(tiny_pipeline):
     assert "--lora_target_modules" in error_line(p)
 
 
-def test_v_prediction_end_to_end(pickapic_parquet, tmp_path):
+def test_v_prediction_end_to_end(sd2_pipeline, pickapic_parquet, tmp_path):
     """SD-2.x-style v-prediction pipeline through generate.py and train_spin.py: the opponent samples with its
     scheduler's v-prediction, the loss's target is the velocity, the first loss is ln 2 and training moves it."""
     if not (ROOT / "generate.py").is_file():
         pytest.skip("generate.py not present")
-    pipe = tiny.build_tiny_pipeline(tmp_path / "sd2", prediction_type="v_prediction")
+    pipe = sd2_pipeline
     assert json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     synth = tmp_path / "synth_0"
     run("generate.py", "--pretrained_model_name_or_path", pipe, "--dataset", pickapic_parquet, "--output_dir", synth,
@@ -573,14 +572,14 @@ def wide_pickapic(path, n=6):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 1.0])
-def test_sdxl_conditioning_is_the_pipelines(dropout, tmp_path):
+def test_sdxl_conditioning_is_the_pipelines(dropout, sdxl_pipeline, tmp_path):
     """SDXL: one SFT step at lr 0 logs the denoising error of its first batch; recompute it with the conditioning the
     official StableDiffusionXLPipeline builds: encode_prompt's prompt and pooled embeddings (its negative branch, zeros
     for force_zeros_for_empty_prompt, when the caption is dropped) and add_time_ids = original size, crop top-left,
     target size of each real image (48x32 centre-cropped to 32: crop left 8)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    pipe_dir = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    pipe_dir = sdxl_pipeline
     data = wide_pickapic(tmp_path / "wide.parquet")
     out = tmp_path / "sft"
     train(*train_args(pipe_dir, data, out, tmp_path / "cache", "--loss", "sft", "--learning_rate", "0",
@@ -613,8 +612,8 @@ def test_sdxl_conditioning_is_the_pipelines(dropout, tmp_path):
     assert ((wrong - noise) ** 2).mean().item() != pytest.approx(logged, rel=1e-3)
 
 
-def test_sdxl_spin_and_dpo_first_loss_ln2_and_lora(tmp_path):
-    pipe_dir = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+def test_sdxl_spin_and_dpo_first_loss_ln2_and_lora(sdxl_pipeline, tmp_path):
+    pipe_dir = sdxl_pipeline
     data = wide_pickapic(tmp_path / "wide.parquet")
     synth = make_synthetic_dir(tmp_path / "synth", pipe_dir)
     for name, extra in (("spin", ["--synthetic_dir", synth, "--caption_dropout", "0.5"]), ("dpo", ["--loss", "dpo"]),
@@ -625,9 +624,9 @@ def test_sdxl_spin_and_dpo_first_loss_ln2_and_lora(tmp_path):
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_sdxl_generate_then_train(pickapic_parquet, tmp_path):
+def test_sdxl_generate_then_train(sdxl_pipeline, pickapic_parquet, tmp_path):
     """The SDXL folder generate.py writes feeds train_spin.py: opponent check, image size, first loss ln 2."""
-    pipe_dir = tiny.build_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    pipe_dir = sdxl_pipeline
     synth = tmp_path / "synth_0"
     run("generate.py", "--pretrained_model_name_or_path", pipe_dir, "--dataset", pickapic_parquet, "--output_dir", synth,
         "--num_inference_steps", "2", "--num_images_per_prompt", "2", "--batch_size", "4")
