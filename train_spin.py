@@ -280,6 +280,9 @@ def image_seed(seed, prompt_index, image_index):
 # ---------------------------------------------------------------------------------------------------------
 # Command line. Flag names follow the diffusers training examples.
 # ---------------------------------------------------------------------------------------------------------
+PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
@@ -310,7 +313,10 @@ def parse_args(argv=None):
     # objective
     a("--loss", choices=["spin", "sft", "dpo"], default="spin")
     a("--beta", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
-    a("--independent_pair_noise", action="store_true", help="draw timestep and noise separately for the two members of a pair")
+    a("--pair_noise", choices=PAIR_NOISE, default="shared",
+      help="what the two members of a pair share: 'shared' one timestep and one noise (Diffusion-DPO's code), "
+      "'separate_noise' one timestep and two noises (the paper's Appendix C.6), 'independent' nothing")
+    a("--independent_pair_noise", action="store_true", help="the same as --pair_noise independent")
     a("--caption_dropout", type=float, default=0.0, help="probability of training on the empty prompt (keeps classifier-free guidance working)")
     # optimisation
     a("--learning_rate", type=float, default=2e-5)
@@ -344,6 +350,8 @@ def parse_args(argv=None):
     a("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' (in output_dir; starts fresh if none)")
     a("--report_to", default="none", help="accelerate tracker: tensorboard, wandb, ... (metrics.jsonl is always written)")
     args = p.parse_args(argv)
+    if args.independent_pair_noise:
+        args.pair_noise = "independent"
     if args.loss == "spin" and not args.synthetic_dir:
         p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
     return args
@@ -351,7 +359,7 @@ def parse_args(argv=None):
 
 # Settings that change what is trained: a resumed or re-run output_dir must agree on them.
 RUN_IDENTITY = ("pretrained_model_name_or_path", "unet", "dataset", "split", "image_column", "caption_column",
-                "max_train_samples", "synthetic_dir", "synthetic_latent", "reference_unet", "resolution", "loss", "beta", "independent_pair_noise",
+                "max_train_samples", "synthetic_dir", "synthetic_latent", "reference_unet", "resolution", "loss", "beta", "pair_noise",
                 "caption_dropout", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
                 "gradient_accumulation_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
                 "adam_epsilon", "max_grad_norm", "use_8bit_adam", "seed", "lora_rank", "lora_alpha", "lora_target_modules")
@@ -430,50 +438,67 @@ def step_generator(seed, micro_step):
     return torch.Generator().manual_seed(image_seed(seed, 0, micro_step))
 
 
-def draw_noise(gen, batch, latent_shape, num_train_timesteps, independent):
-    """Timesteps and noise for `batch` pairs; the pair's two members share them unless `independent`."""
+def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared"):
+    """Timesteps and noise for `batch` pairs. `pair_noise` (PAIR_NOISE): the pair's two members share both
+    ('shared'), share the timestep only ('separate_noise'), or neither ('independent'). Each mode draws the shared
+    values first, so the first member's draws are the same in every mode."""
     t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
     noise = torch.randn((batch, *latent_shape), generator=gen)
-    if independent:
-        t2 = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
-        noise2 = torch.randn((batch, *latent_shape), generator=gen)
-    else:
-        t2, noise2 = t, noise
+    t2 = torch.randint(0, num_train_timesteps, (batch,), generator=gen) if pair_noise == "independent" else t
+    noise2 = torch.randn((batch, *latent_shape), generator=gen) if pair_noise != "shared" else noise
     return t, noise, t2, noise2
 
 
-def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, independent, caption_dropout):
+def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, pair_noise, caption_dropout):
     """Timesteps, noise and caption-dropout mask of pairs start..stop-1 of one micro-step's global batch."""
     gen = step_generator(seed, micro_step)
-    t, noise, t2, noise2 = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, independent)
+    t, noise, t2, noise2 = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, pair_noise)
     drop = torch.rand(global_batch, generator=gen) < caption_dropout if caption_dropout > 0 else torch.zeros(global_batch, dtype=torch.bool)
     return t[start:stop], noise[start:stop], t2[start:stop], noise2[start:stop], drop[start:stop]
 
 
-def batch_indices(n, seed, global_batch, micro_step, process_index, per_device):
+def epoch_permutation(n, seed, epoch):
+    """The row order of one epoch: a seeded permutation, the same on every process."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1, epoch)))
+
+
+def batch_indices(n, seed, global_batch, micro_step, process_index, per_device, perm=None):
     """Row indices for one process at one micro-step. Each epoch is a fresh seeded permutation cut into global
     batches (the last partial batch is dropped); a process takes its slice. Pure function of the step, so a
-    resumed run continues mid-epoch exactly where the interrupted one was."""
-    per_epoch = n // global_batch
-    epoch, b = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1, epoch)))
+    resumed run continues mid-epoch exactly where the interrupted one was. `perm`: the epoch's permutation, if the
+    caller keeps it (computing it costs milliseconds at Pick-a-Pic's size)."""
+    epoch, b = divmod(micro_step, n // global_batch)
+    perm = epoch_permutation(n, seed, epoch) if perm is None else perm
     start = b * global_batch + process_index * per_device
     return perm[start:start + per_device].tolist()
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """Batch sampler yielding batch_indices() for micro-steps start..stop-1."""
+class StepBatches(torch.utils.data.Dataset):
+    """Item m: this process's batch of micro-step m with everything its step draws (timesteps, noise, caption-dropout
+    mask), made in the data pipeline, so the training loop's host work is the pinned, non-blocking copies. The batch
+    and the draws are pure functions of (seed, m), as batch_indices and draw_step define them."""
 
-    def __init__(self, n, seed, global_batch, process_index, per_device, start, stop):
-        self.n, self.seed, self.global_batch = n, seed, global_batch
-        self.process_index, self.per_device, self.start, self.stop = process_index, per_device, start, stop
+    def __init__(self, pairs, seed, global_batch, process_index, per_device, latent_shape, num_train_timesteps,
+                 pair_noise, caption_dropout):
+        self.pairs, self.seed, self.global_batch = pairs, seed, global_batch
+        self.first, self.per_device = process_index * per_device, per_device
+        self.latent_shape, self.T, self.pair_noise, self.caption_dropout = latent_shape, num_train_timesteps, pair_noise, caption_dropout
+        self.perm = (None, None)  # (epoch, permutation): each worker keeps the current epoch's
 
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield batch_indices(self.n, self.seed, self.global_batch, step, self.process_index, self.per_device)
+    def __getitem__(self, micro):
+        n = len(self.pairs)
+        epoch = micro // (n // self.global_batch)
+        if self.perm[0] != epoch:
+            self.perm = (epoch, epoch_permutation(n, self.seed, epoch))
+        rows = batch_indices(n, self.seed, self.global_batch, micro, self.first // self.per_device, self.per_device,
+                             self.perm[1])
+        batch = torch.utils.data.default_collate([self.pairs[i] for i in rows])
+        t, noise, t2, noise2, drop = draw_step(self.seed, micro, self.global_batch, self.first, self.first + len(rows),
+                                               self.latent_shape, self.T, self.pair_noise, self.caption_dropout)
+        batch.update(t=t, noise=noise, drop=drop)
+        if self.pair_noise != "shared":  # else the second member's draws are the first's: not copied twice
+            batch.update(t2=t2, noise2=noise2)
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -880,6 +905,98 @@ def check_same_run(saved, current, where):
                         "use the same flags or another --output_dir")
 
 
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP",
+                       "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def refuse_unsupported_engine(environ):
+    """This script accumulates, clips, guards against non-finite losses and saves around a plain DDP step. DeepSpeed,
+    FSDP and Megatron-LM take those over (their own accumulation, clipping after their step, no autocast, sharded or
+    bf16 saves), so a launch through them would train something else without saying so."""
+    for var, name in UNSUPPORTED_ENGINES.items():
+        if environ.get(var, "false").lower() in ("true", "1", "yes"):
+            raise UserError(f"{name} launches are not supported: train_spin.py runs DDP on any number of GPUs and nodes "
+                            "(accelerate launch --multi_gpu, or torchrun); for a model that does not fit, train a "
+                            "LoRA adapter (--lora_rank)")
+
+
+def check_shared_folders(accelerator, folders):
+    """Every process writes into --cache_dir (its pieces of the cache) and --output_dir (its RNG state in each
+    checkpoint) and reads what the others wrote there, so with several nodes each must be one shared folder. The main
+    process leaves a marker in each; a process that does not see it stops every process with one line."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else None])[0]
+    marks = {flag: Path(folder) / f".shared-check-{token}" for flag, folder in folders.items()}
+    if accelerator.is_main_process:
+        for mark in marks.values():
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text("")
+    accelerator.wait_for_everyone()
+    unseen = gather_object([[flag for flag, mark in marks.items() if not mark.is_file()]])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for mark in marks.values():
+            mark.unlink(missing_ok=True)
+    bad = sorted({flag for per_process in unseen for flag in per_process})
+    if bad:
+        ranks = [i for i, per_process in enumerate(unseen) if per_process]
+        raise UserError(f"{' and '.join(bad)} must be one folder shared by all {accelerator.num_processes} processes "
+                        f"(process(es) {ranks} do not see the main process's files there): on several nodes put "
+                        "them on a filesystem every node mounts at the same path")
+
+
+def is_norm(module):
+    return isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(module).__name__
+
+
+def cast_frozen(module, dtype):
+    """Hold a module's frozen weights in the compute dtype. Under autocast every matmul and convolution casts its
+    fp32 weight to that dtype on each call anyway, so the cast copy computes exactly the same, in half the memory;
+    normalisation layers compute in fp32 under autocast, so their weights stay fp32. Trainable weights stay fp32."""
+    if dtype == torch.float32:
+        return module
+    for m in module.modules():
+        if not is_norm(m):
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+    return module
+
+
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint-N/: the adapter's weights (peft names)
+
+
+def checkpoint_adapter_only(accelerator):
+    """A LoRA run's checkpoint-N/ holds the adapter, not the frozen UNet under it (its optimizer state holds only the
+    adapter's anyway): megabytes instead of gigabytes. Resuming puts the adapter back into the same frozen UNet."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, ADAPTER_FILE))
+        weights.clear()
+
+    def load(models, input_dir):
+        path = os.path.join(input_dir, ADAPTER_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {input_dir} has no {ADAPTER_FILE}: it was not written by a LoRA run "
+                            "(resume with the flags that made it, or use another --output_dir)")
+        result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), load_file(path))
+        if result.unexpected_keys:
+            raise UserError(f"checkpoint {input_dir}: its adapter does not fit this UNet (e.g. {result.unexpected_keys[0]}); "
+                            "resume with the --lora_* flags that made it")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 def add_lora(unet, rank, alpha, target_modules, seed=0):
     """Freeze the UNet and add a trainable LoRA adapter (peft) whose up-projection starts at zero: at step 0 the
     policy computes exactly what the UNet computes (x + 0), so the first SPIN loss is still exactly ln 2. The
@@ -934,6 +1051,15 @@ def save_lora_outputs(unet, output_dir):
     return unet
 
 
+def adapter_on_fp32_copy(unet, args, base):
+    """The trained adapter of `unet`, put on a fresh float32 load of the starting UNet (with the same LoRA config)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    copy = add_lora(load_unet(args.unet, base), args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
+    set_peft_model_state_dict(copy, {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(unet).items()})
+    return copy
+
+
 def save_unet_atomically(unet, output_dir):
     """Write output_dir/unet/ so that it exists only when complete (temp folder, then rename)."""
     out = Path(output_dir) / "unet"
@@ -962,6 +1088,7 @@ def main(argv=None):
     # it does not see would leave every process believing it is alone (each encoding the cache, each writing every
     # checkpoint and metric), so that is refused.
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    refuse_unsupported_engine(os.environ)
     accelerator = Accelerator(
         cpu=world > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -972,6 +1099,7 @@ def main(argv=None):
                         "launch with accelerate launch or torchrun, without overriding the process group")
     main_proc = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if main_proc else (lambda *a: None)
+    check_shared_folders(accelerator, {"--cache_dir": args.cache_dir, "--output_dir": args.output_dir})
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1016,7 +1144,15 @@ def main(argv=None):
     T = noise_scheduler.config.num_train_timesteps
 
     # --- data: the real rows, encoded once into the cache ------------------------------------------------
+    # The compute dtype: the encoders run in it, and frozen weights are held in it (cast_frozen).
     enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's VAE overflows in fp16: its config asks for fp32 (force_upcast), as the pipeline does; bf16's range is
+    # fp32's, so bf16 is kept.
+    try:
+        force_upcast = AutoencoderKL.load_config(base, subfolder="vae").get("force_upcast", False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the VAE config of {base!r}: {str(e).splitlines()[0]}") from None
+    vae_dtype = torch.float32 if force_upcast and enc_dtype == torch.float16 else enc_dtype
     vae = None
 
     def encode(imgs):
@@ -1024,11 +1160,9 @@ def main(argv=None):
         nonlocal vae
         if vae is None:
             try:
-                vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=enc_dtype)
+                vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype)
             except (OSError, ValueError) as e:
                 raise UserError(f"could not load the VAE of {base!r}: {str(e).splitlines()[0]}") from None
-            if vae.config.get("force_upcast", False) and enc_dtype == torch.float16:
-                vae = vae.float()  # SDXL's VAE overflows in fp16: its config asks for fp32, as the pipeline does
             vae = vae.to(accelerator.device)
             vae.requires_grad_(False)
         x = torch.stack([preprocess_image(im, args.resolution) for im in imgs])
@@ -1039,7 +1173,7 @@ def main(argv=None):
     lat_dir = Path(args.cache_dir) / ("latents-" + cache_key(
         dataset=ds_id, split=args.split, image_column=args.image_column, caption_column=args.caption_column,
         max_train_samples=args.max_train_samples, resolution=args.resolution, with_loser=with_loser,
-        vae=weights_identity(base, "vae")))
+        vae=weights_identity(base, "vae"), vae_dtype=str(vae_dtype)))
     if not cache_complete(lat_dir):
         log(f"encoding the real images once into {lat_dir} ...")
         pieces = dataset_pieces(open_dataset(args.dataset, args.split, args.streaming))
@@ -1064,7 +1198,7 @@ def main(argv=None):
     caption_ids = [pos[c] for c in captions]
     txt_dir = Path(args.cache_dir) / ("text-" + cache_key(
         captions=cache_key(c=unique), tokenizer=weights_identity(base, "tokenizer"),
-        text_encoder=weights_identity(base, "text_encoder"),
+        text_encoder=weights_identity(base, "text_encoder"), text_encoder_dtype=str(enc_dtype),
         **({"tokenizer_2": weights_identity(base, "tokenizer_2"), "text_encoder_2": weights_identity(base, "text_encoder_2")} if sdxl else {})))
     if not cache_complete(txt_dir):
         log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
@@ -1123,7 +1257,7 @@ def main(argv=None):
                                     "generate and train at the same resolution")
             syn_dir = Path(args.cache_dir) / ("synthetic-" + cache_key(
                 files=[(r["path"], os.stat(r["path"]).st_size, os.stat(r["path"]).st_mtime_ns) for r in synthetic],
-                resolution=args.resolution, vae=weights_identity(base, "vae")))
+                resolution=args.resolution, vae=weights_identity(base, "vae"), vae_dtype=str(vae_dtype)))
             if not cache_complete(syn_dir):
                 log(f"encoding {len(synthetic)} synthetic images like real ones into {syn_dir} ...")
 
@@ -1167,7 +1301,9 @@ def main(argv=None):
         else:
             reference, ref_fingerprint = copy.deepcopy(unet), fingerprint
         if reference is not None:
-            reference = reference.requires_grad_(False).eval().to(accelerator.device)
+            reference = cast_frozen(reference.requires_grad_(False).eval(), enc_dtype).to(accelerator.device)
+    if args.lora_rank:
+        cast_frozen(unet, enc_dtype)  # the frozen base under the adapter (policy and, adapter off, reference)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1190,8 +1326,10 @@ def main(argv=None):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    if args.lora_rank and args.loss != "sft" and reference is None:
-        reference = WithoutAdapter(accelerator.unwrap_model(unet))
+    if args.lora_rank:
+        checkpoint_adapter_only(accelerator)
+        if args.loss != "sft" and reference is None:
+            reference = WithoutAdapter(accelerator.unwrap_model(unet))
 
     # --- resume ----------------------------------------------------------------------------------------------
     global_step = 0
@@ -1206,6 +1344,11 @@ def main(argv=None):
         else:
             state = json.loads((ckpt / "train_state.json").read_text())
             check_same_run(state["identity"], identity(args), f"checkpoint {ckpt}")
+            # The global batch, each process's rows and its slice of the draws depend on the process count.
+            if state.get("num_processes", 1) != world:
+                raise UserError(f"checkpoint {ckpt} was written by a run of {state.get('num_processes', 1)} process(es), "
+                                f"this one has {world}: an exact continuation needs the same count; resume with "
+                                f"{state.get('num_processes', 1)} processes or start another --output_dir")
             if state["unet_fingerprint"] != fingerprint:
                 raise UserError(f"checkpoint {ckpt} continues another starting UNet; use the same --unet or another --output_dir")
             accelerator.load_state(str(ckpt))
@@ -1218,6 +1361,8 @@ def main(argv=None):
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         write_json_atomic(out / "run_config.json", run_config(
             "train", args, identity=identity(args), finished=False, num_processes=world, global_batch=global_batch * args.gradient_accumulation_steps,
+            precision={"compute": str(enc_dtype), "vae": str(vae_dtype), "frozen_weights": str(enc_dtype),
+                       "trainable_weights": "torch.float32"},
             model={"pretrained_model_name_or_path": base, "unet": args.unet or "base", "unet_fingerprint": fingerprint,
                    "conditioning": "sdxl" if sdxl else "sd", "prediction_type": noise_scheduler.config.prediction_type},
             reference={"unet": args.reference_unet or args.unet or "base", "unet_fingerprint": ref_fingerprint},
@@ -1229,57 +1374,64 @@ def main(argv=None):
         accelerator.init_trackers("spin-diffusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     accum = args.gradient_accumulation_steps
+    dev = accelerator.device
+    # Item m of `steps` is micro-step m's batch with its draws (StepBatches); workers prefetch it into pinned memory.
+    steps = StepBatches(dataset, args.seed, global_batch, accelerator.process_index, per_device, latent_shape, T,
+                        args.pair_noise, args.caption_dropout)
     loader = torch.utils.data.DataLoader(
-        dataset, num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-        batch_sampler=StepSampler(len(dataset), args.seed, global_batch, accelerator.process_index, per_device,
-                                  global_step * accum, args.max_train_steps * accum))
-    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
+        steps, batch_size=None, sampler=range(global_step * accum, args.max_train_steps * accum),
+        num_workers=args.dataloader_num_workers, pin_memory=dev.type == "cuda",
+        persistent_workers=args.dataloader_num_workers > 0)
+    alphas = noise_scheduler.alphas_cumprod.to(dev)
     noise_scheduler.alphas_cumprod = alphas  # add_noise/get_velocity index it on the device, without a copy per step
+
+    def to_dev(x):
+        return x.to(dev, non_blocking=True)
 
     log(f"training {args.loss}: {len(dataset)} pairs, {args.max_train_steps} steps of "
         f"{per_device} x {world} x {accum} = {global_batch * accum} pairs")
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not main_proc, desc=f"train {args.loss}")
-    sums, t0 = None, time.time()
+    sums, pairs_seen, t0 = None, 0, time.time()
     with progress as bar:  # closed before any error message, so the message is the last line
-        for micro, batch in enumerate(loader, start=global_step * accum):
-            b = batch["real"].shape[0]
-            first = accelerator.process_index * per_device  # this process's place in the global batch
-            t, noise, t2, noise2, drop = draw_step(args.seed, micro, global_batch, first, first + b, latent_shape, T,
-                                                   args.independent_pair_noise, args.caption_dropout)
-            dev = accelerator.device
-            text = batch["text"].to(dev, non_blocking=True)
+        for batch in loader:
+            pairs_seen += batch["real"].shape[0]  # counted on the host: no device sync
+            t, noise = to_dev(batch["t"]), to_dev(batch["noise"])
+            t2, noise2 = (to_dev(batch["t2"]), to_dev(batch["noise2"])) if "t2" in batch else (t, noise)
+            text = to_dev(batch["text"])
             if args.caption_dropout > 0:
-                text = torch.where(drop.to(dev)[:, None, None], empty_text, text)
+                drop = to_dev(batch["drop"])
+                text = torch.where(drop[:, None, None], empty_text, text)
             added = None
             if sdxl:  # pooled prompt embedding (dropped like the prompt) and each image's micro-conditioning
-                pooled = batch["pooled"].to(dev, non_blocking=True)
+                pooled = to_dev(batch["pooled"])
                 if args.caption_dropout > 0:
-                    pooled = torch.where(drop.to(dev)[:, None], empty_pooled, pooled)
-                ids = batch["time_ids"].to(dev, non_blocking=True)
+                    pooled = torch.where(drop[:, None], empty_pooled, pooled)
+                ids = to_dev(batch["time_ids"])
                 if args.loss != "sft":
-                    pooled, ids = torch.cat([pooled, pooled]), torch.cat([ids, batch["time_ids_other"].to(dev, non_blocking=True)])
+                    pooled, ids = torch.cat([pooled, pooled]), torch.cat([ids, to_dev(batch["time_ids_other"])])
                 added = {"text_embeds": pooled, "time_ids": ids}
-            real, t, noise = batch["real"].to(dev, non_blocking=True), t.to(dev), noise.to(dev)
+            real = to_dev(batch["real"])
             with accelerator.accumulate(unet):
                 if args.loss == "sft":
                     loss, stats = sft_loss(unet, noise_scheduler, real, text, t, noise, added)
                 else:
-                    other, t2, noise2 = batch["other"].to(dev, non_blocking=True), t2.to(dev), noise2.to(dev)
-                    loss, stats = pair_loss(unet, reference, noise_scheduler, real, other, text, t, noise, t2, noise2,
-                                            args.beta, accelerator.autocast, added)
+                    loss, stats = pair_loss(unet, reference, noise_scheduler, real, to_dev(batch["other"]), text, t,
+                                            noise, t2, noise2, args.beta, accelerator.autocast, added)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if accelerator.sync_gradients else None
-                # A non-finite loss would poison the weights: stop before the optimizer applies it. One host sync per
-                # optimizer step (the metrics need it anyway), none per micro-step.
-                batch_sums = torch.stack([loss.detach() * b] + [v.detach().sum() for v in stats.values()] + [torch.tensor(float(b), device=dev)])
+                # Metric sums stay on the device until the optimizer step: one host sync per step (the metrics and
+                # the non-finite guard need it), none per micro-step.
+                batch_sums = torch.stack([loss.detach() * real.shape[0]] + [v.detach().sum() for v in stats.values()])
                 sums = batch_sums if sums is None else sums + batch_sums
                 if accelerator.sync_gradients:
-                    sums = accelerator.reduce(sums, "sum")
-                    vals = sums.tolist()
+                    total = accelerator.reduce(torch.cat([sums, torch.tensor([float(pairs_seen)], device=dev)]), "sum")
+                    vals, n = total[:-1].tolist(), total[-1].item()
                     gn = float(grad_norm) if grad_norm is not None else float("nan")
+                    # A non-finite loss would poison the weights: stop before the optimizer applies it (fp16's grad
+                    # scaler skips non-finite gradients itself).
                     if not math.isfinite(vals[0]) or (not math.isfinite(gn) and accelerator.mixed_precision != "fp16"):
                         last = list_checkpoints(out)
-                        raise UserError(f"non-finite loss at step {global_step + 1} (loss {vals[0] / vals[-1]}, grad norm {gn}): "
+                        raise UserError(f"non-finite loss at step {global_step + 1} (loss {vals[0] / n}, grad norm {gn}): "
                                         "lower --learning_rate or --beta, prefer bf16 to fp16, check the data"
                                         + (f"; the last good checkpoint is {last[-1]}" if last else "") + "; no unet/ was written")
                 optimizer.step()
@@ -1287,12 +1439,13 @@ def main(argv=None):
             if not accelerator.sync_gradients:
                 continue
             step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-            lr_scheduler.step()
+            skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf/nan gradients
+            if not skipped:  # a skipped step changed no weight, so it does not advance the schedule either
+                lr_scheduler.step()
             global_step += 1
-            n = vals[-1]
-            row = {"step": global_step, "loss": vals[0] / n, **{k: v / n for k, v in zip(stats, vals[1:-1])},
-                   "lr": step_lr, "grad_norm": gn, "pairs_per_s": n / (time.time() - t0)}
-            sums, t0 = None, time.time()
+            row = {"step": global_step, "loss": vals[0] / n, **{k: v / n for k, v in zip(stats, vals[1:])},
+                   "lr": step_lr, "grad_norm": gn, "pairs_per_s": n / (time.time() - t0), **({"skipped": True} if skipped else {})}
+            sums, pairs_seen, t0 = None, 0, time.time()
             if main_proc:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -1306,8 +1459,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if main_proc:
         final = accelerator.unwrap_model(unet)
-        if args.lora_rank:
-            final = save_lora_outputs(final, out)
+        if args.lora_rank:  # fused into an fp32 copy of the starting UNet: its frozen weights were held cast
+            final = save_lora_outputs(adapter_on_fp32_copy(final, args, base), out)
         save_unet_atomically(final, out)
         cfg = json.loads((out / "run_config.json").read_text())
         write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": global_step})
@@ -1324,8 +1477,10 @@ def save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerpri
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         write_json_atomic(tmp / "train_state.json", {"global_step": global_step, "identity": identity(args),
+                                                     "num_processes": accelerator.num_processes,
                                                      "unet_fingerprint": fingerprint, "lr_scheduler": lr_scheduler.state_dict()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -145,19 +145,19 @@ def test_batches_cover_epochs_and_split_processes():
         assert len(set(seen)) == len(seen) == steps_per_epoch * per_device * world
     assert ts.batch_indices(n, 0, 4, 0, 0, 2) != ts.batch_indices(n, 0, 4, steps_per_epoch, 0, 2)  # reshuffled
     # noise: a pure function of (seed, step, place in the global batch), not of the process holding the pair
-    a = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, False)
-    b = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, False)
-    c = ts.draw_noise(ts.step_generator(0, 6), 2, (4, 2, 2), 1000, False)
+    a = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "shared")
+    b = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "shared")
+    c = ts.draw_noise(ts.step_generator(0, 6), 2, (4, 2, 2), 1000, "shared")
     assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
     assert a[1] is a[3]  # shared by the pair unless asked otherwise
-    d = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, True)
+    d = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "independent")
     assert not torch.equal(d[1], d[3])
     # a single process draws exactly what earlier versions drew (seeded by process 0), so recorded runs reproduce
     old = torch.Generator().manual_seed(ts.image_seed(0, 0, 5))
-    assert torch.equal(ts.draw_noise(old, 2, (4, 2, 2), 1000, False)[1], a[1])
+    assert torch.equal(ts.draw_noise(old, 2, (4, 2, 2), 1000, "shared")[1], a[1])
     # 2 processes x 2 pairs hold the two halves of 1 process x 4 pairs, dropout mask included
-    whole = ts.draw_step(0, 5, 4, 0, 4, (4, 2, 2), 1000, True, 0.5)
-    halves = [ts.draw_step(0, 5, 4, r * 2, r * 2 + 2, (4, 2, 2), 1000, True, 0.5) for r in range(2)]
+    whole = ts.draw_step(0, 5, 4, 0, 4, (4, 2, 2), 1000, "independent", 0.5)
+    halves = [ts.draw_step(0, 5, 4, r * 2, r * 2 + 2, (4, 2, 2), 1000, "independent", 0.5) for r in range(2)]
     for k in range(5):
         assert torch.equal(whole[k], torch.cat([halves[0][k], halves[1][k]]))
     assert not torch.equal(halves[0][1], halves[1][1])  # the processes draw different noise
@@ -231,7 +231,7 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     syn_cache = ts.ShardedTensors(Path(cfg["cache"]["synthetic"]), "latents")  # the PNGs, encoded like real images
     syn = torch.stack([syn_cache[2 * i] for i in range(4)])  # image 0 of each caption (2 images per caption)
     text = torch.cat([ts.ShardedTensors(Path(cfg["cache"]["text"]), "text")[i][None] for i in (1, 2, 3, 4)])
-    t, noise, _, _ = ts.draw_noise(torch.Generator().manual_seed(123), 4, tuple(real.shape[1:]), 1000, False)
+    t, noise, _, _ = ts.draw_noise(torch.Generator().manual_seed(123), 4, tuple(real.shape[1:]), 1000, "shared")
     with torch.no_grad():
         def mse(unet, x):
             return ts.per_sample_mse(unet(sched.add_noise(x, noise, t), t, encoder_hidden_states=text).sample, noise)
@@ -389,11 +389,15 @@ def test_bf16_autocast_first_loss_is_ln2(tiny_pipeline, pickapic_parquet, synth,
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert rows[-1]["loss"] != rows[0]["loss"]
-    assert json.loads((out / "run_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["args"]["mixed_precision"] == "bf16" and cfg["precision"]["frozen_weights"] == "torch.bfloat16"
     # ... and autocast really ran: the same first batch in fp32 gives other errors
     train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "fp32", cache, "--synthetic_dir", synth,
                       "--mixed_precision", "no", steps=1))
     fp32 = metrics(tmp_path / "fp32")[0]
+    # the latents and prompt embeddings of fp32 encoders are not those of bf16 ones: their own cache entries
+    fp32_cache = json.loads((tmp_path / "fp32" / "run_config.json").read_text())["cache"]
+    assert fp32_cache["latents"] != cfg["cache"]["latents"] and fp32_cache["text"] != cfg["cache"]["text"]
     assert fp32["model_mse_real"] != rows[0]["model_mse_real"] and abs(fp32["model_mse_real"] - rows[0]["model_mse_real"]) < 1e-2
 
 
@@ -459,6 +463,11 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     w3 = weights(resumed)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(two)][2:]
+    # ... but not on another number of processes: the global batch, each process's rows and its draws would differ
+    assert json.loads((two / "checkpoint-2" / "train_state.json").read_text())["num_processes"] == 2
+    p = train("train_spin.py", *map(str, common), "--output_dir", tmp_path / "one_more", "--cache_dir", tmp_path / "c2",
+              "--train_batch_size", "1", "--resume_from_checkpoint", two / "checkpoint-2", check=False)
+    assert "written by a run of 2 process(es), this one has 1" in error_line(p)
 
     # LoRA with bf16 autocast and gradient checkpointing under the same launch: one run, first loss ln 2
     p = launch(2, tmp_path / "lora", tmp_path / "c2", 1, "--lora_rank", "4", "--mixed_precision", "bf16",
@@ -500,6 +509,14 @@ def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(tiny_pipeli
         a = pipe.unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
         b = unet_m(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
     assert torch.allclose(a, b, atol=1e-5)
+
+    # the checkpoint holds the adapter and its optimizer state, not the frozen UNet under it
+    ckpt = straight / "checkpoint-2"
+    assert (ckpt / ts.ADAPTER_FILE).is_file() and not list(ckpt.glob("model*.safetensors"))
+    adapter = load_file(str(ckpt / ts.ADAPTER_FILE))
+    assert adapter and all("lora_" in k for k in adapter)
+    unet_bytes = (Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in ckpt.iterdir()) < unet_bytes / 2
 
     # interrupted after the checkpoint at step 2, resumed: bit-identical
     train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, steps=4))
@@ -592,7 +609,7 @@ def test_sdxl_conditioning_is_the_pipelines(dropout, sdxl_pipeline, tmp_path):
     rows = ts.batch_indices(6, 0, 2, 0, 0, 2)  # first batch (6 usable rows, batch 2, seed 0)
     lat = ts.ShardedTensors(Path(cfg["cache"]["latents"]), "latents")
     z = torch.stack([lat[r] for r in rows])
-    t, noise, _, _, _ = ts.draw_step(0, 0, 2, 0, 2, tuple(z.shape[1:]), 1000, False, dropout)
+    t, noise, _, _, _ = ts.draw_step(0, 0, 2, 0, 2, tuple(z.shape[1:]), 1000, "shared", dropout)
     prompts = [CAPTIONS[r % 4] for r in rows]
     with torch.no_grad():
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
@@ -634,3 +651,151 @@ def test_sdxl_generate_then_train(sdxl_pipeline, pickapic_parquet, tmp_path):
     out = tmp_path / "iter_1"
     train(*train_args(pipe_dir, pickapic_parquet, out, tmp_path / "cache", "--synthetic_dir", synth, steps=2))
     assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_pair_noise_modes_and_step_batches():
+    g = lambda: ts.step_generator(0, 3)  # noqa: E731
+    shared, paper, indep = (ts.draw_noise(g(), 3, (4, 2, 2), 1000, m) for m in ts.PAIR_NOISE)
+    for mode in (paper, indep):  # the first member's draws do not depend on the mode
+        assert torch.equal(mode[0], shared[0]) and torch.equal(mode[1], shared[1])
+    assert paper[0] is paper[2] and not torch.equal(paper[1], paper[3])  # the paper's C.6: one t, two noises
+    assert not torch.equal(indep[0], indep[2]) and not torch.equal(indep[1], indep[3])
+    # StepBatches item m = the rows batch_indices gives and the draws draw_step gives, for this process's slice
+    pairs = [{"real": torch.full((4, 2, 2), float(i))} for i in range(10)]
+    for mode in ts.PAIR_NOISE:
+        for process in (0, 1):
+            steps = ts.StepBatches(pairs, 7, 4, process, 2, (4, 2, 2), 1000, mode, 0.5)
+            for m in (0, 1, 2, 5):  # 2 steps per epoch: 5 is in the third epoch (the kept permutation is replaced)
+                item = steps[m]
+                rows = ts.batch_indices(10, 7, 4, m, process, 2)
+                assert item["real"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
+                t, noise, t2, noise2, drop = ts.draw_step(7, m, 4, 2 * process, 2 * process + 2, (4, 2, 2), 1000, mode, 0.5)
+                assert torch.equal(item["t"], t) and torch.equal(item["noise"], noise) and torch.equal(item["drop"], drop)
+                if mode == "shared":
+                    assert "t2" not in item and "noise2" not in item  # the loop reuses t and noise
+                else:
+                    assert torch.equal(item["t2"], t2) and torch.equal(item["noise2"], noise2)
+
+
+def test_frozen_weights_in_the_compute_dtype_compute_the_same(tiny_pipeline, sdxl_pipeline):
+    """cast_frozen: under autocast a bf16-held frozen UNet (norms fp32) predicts bit-identically what the fp32 one
+    predicts, for the SD and SDXL layouts and under a LoRA adapter; trainable weights stay fp32."""
+    import copy
+
+    for pipe in (tiny_pipeline, sdxl_pipeline):
+        unet = ts.load_unet(None, str(pipe))
+        cfg = unet.config
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+        text = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+        added = None
+        if cfg.addition_embed_type == "text_time":
+            pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(2, pooled_dim, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * 2)}
+        lora = ts.add_lora(copy.deepcopy(unet), 4, None, "to_q,to_v")
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.05)
+        for model in (unet.requires_grad_(False), lora):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                before = model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+                ts.cast_frozen(model, torch.bfloat16)
+                after = model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+            assert torch.equal(before, after)
+            dtypes = {n: p.dtype for n, p in model.named_parameters()}
+            assert dtypes["conv_in.weight"] == torch.bfloat16 and dtypes["conv_norm_out.weight"] == torch.float32
+            assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+
+
+def test_fp16_steps_skipped_by_the_grad_scaler_do_not_advance_the_schedule(tiny_pipeline, pickapic_parquet, cache,
+                                                                          tmp_path, monkeypatch):
+    """fp16's grad scaler skips a step whose gradients overflowed: that step changed no weight, so the learning-rate
+    schedule does not advance and metrics.jsonl marks it. (CPU has no fp16 grad scaler: the skip is simulated.)"""
+    from accelerate import Accelerator
+
+    calls = []
+
+    def skipped(self):
+        calls.append(1)
+        return len(calls) == 2  # the second optimizer step overflowed
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
+    out = tmp_path / "skip"
+    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--lr_scheduler", "linear", steps=4))
+    rows = metrics(out)
+    assert [r.get("skipped", False) for r in rows] == [False, True, False, False]
+    lrs = [r["lr"] for r in rows]
+    assert lrs[1] == lrs[2] and lrs[0] > lrs[1] > lrs[3]  # step 3 uses the rate step 2 would have, had it applied
+
+
+def test_deepspeed_and_fsdp_launches_are_refused(tiny_pipeline, pickapic_parquet, cache, tmp_path, monkeypatch):
+    """They would take over accumulation, clipping, autocast and saving: refused in one line naming what works.
+    FSDP through the launcher users type; DeepSpeed (whose launcher needs deepspeed installed) by its variable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "1",
+                        str(ROOT / "train_spin.py"), *map(str, train_args(tiny_pipeline, pickapic_parquet, tmp_path / "f",
+                                                                         cache, "--loss", "sft")[1:])],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode != 0 and "error: FSDP launches are not supported: train_spin.py runs DDP" in p.stderr, p.stderr[-2000:]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "d", cache, "--loss", "sft"), check=False)
+    assert "DeepSpeed launches are not supported" in error_line(p) and "--lora_rank" in error_line(p)
+    assert not (tmp_path / "d").exists()
+
+
+CHECKPOINT_RACE = """
+import sys, time, types
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+import train_spin as ts
+from accelerate import Accelerator
+
+acc = Accelerator(cpu=True)
+model, opt = acc.prepare(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+save = acc.save_state
+
+
+def slow_save(*a, **k):  # the other process is still writing its part when the main one has finished
+    if acc.process_index == 1:
+        time.sleep(3)
+    return save(*a, **k)
+
+
+acc.save_state = slow_save
+args = types.SimpleNamespace(**{k: None for k in ts.RUN_IDENTITY}, checkpoints_total_limit=None)
+ts.save_checkpoint(acc, Path(sys.argv[2]), 1, sched, args, "sha256:x")
+"""
+
+
+def test_checkpoint_is_renamed_after_every_process_wrote_into_it(tmp_path):
+    script = tmp_path / "race.py"
+    script.write_text(CHECKPOINT_RACE)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(ROOT), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "train_state.json"} <= {f.name for f in ckpt.iterdir()}
+    assert not (tmp_path / "out" / "checkpoint-1.partial").exists()
+    assert json.loads((ckpt / "train_state.json").read_text())["num_processes"] == 2
+
+
+def test_two_nodes_with_node_local_cache_folders_stop_in_one_line(tiny_pipeline, pickapic_parquet, tmp_path):
+    """Two simulated nodes (torchrun --nnodes 2, one process each) whose --cache_dir are different folders, as
+    node-local scratch would be: every process stops with one line naming the folder that must be shared."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29547",
+               str(ROOT / "train_spin.py"), *map(str, train_args(tiny_pipeline, pickapic_parquet, tmp_path / "out",
+                                                                tmp_path / f"cache_node{node}", "--loss", "sft")[1:])]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode != 0
+        assert "error: --cache_dir must be one folder shared by all 2 processes (process(es) [1] do not see" in err, err[-2000:]
+    assert not list((tmp_path / "cache_node0").glob("latents-*"))  # stopped before any work
