@@ -396,7 +396,7 @@ def test_hps_tokenizer_files_are_checked(w, tmp_path):
 def test_precision_default_is_fp32(monkeypatch):
     args = ev.parse_args(["x"])
     assert ev.pick_device(args)[1:] == ("no", torch.float32)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too: the official scorers run fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too (hpsv2 alone autocasts; README)
     device, mp, dtype = ev.pick_device(ev.parse_args(["x"]))
     assert (device.type, mp, dtype) == ("cuda", "no", torch.float32)
     assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp32"]))[1:] == ("no", torch.float32)
