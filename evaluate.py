@@ -2,15 +2,18 @@
 """Score folders of generated images with PickScore, HPS v2/v2.1, ImageReward and the LAION aesthetic predictor.
 
     python evaluate.py runs/exp/samples --output_dir runs/exp/eval            # every model folder under samples/
-    python evaluate.py samples/base samples/iter_1 --metrics hps,pickscore --hps_version 2.0
+    python evaluate.py samples/base samples/iter_1 --metrics hps,pickscore --hps_version v2.1
 
 Each image folder holds metadata.jsonl (one line per image: file_name, prompt, prompt_index, image_index, seed) as
 generate.py and sample.py write it; the model name is the folder name. All four scorers run with `transformers`
 alone: HPS and ImageReward checkpoints are converted key by key from their original layouts (open_clip, BLIP) and
-loaded strictly; HPS prompts are tokenised exactly as open_clip's tokenize(). The towers run in fp32, as the
-official scorers do, unless --mixed_precision asks for fp16/bf16. Writes scores.jsonl (one line per image),
-summary.json, summary.md (the model card's table, one column group per model, and win rates against the first
-model) and run_config.json to --output_dir.
+loaded strictly; HPS prompts are tokenised exactly as open_clip's tokenize(). The towers run in fp32 (as the
+official PickScore, ImageReward and aesthetic code do; the official hpsv2.score runs under CUDA autocast) unless
+--mixed_precision asks for fp16/bf16. HPS is v2.0 unless --hps_version v2.1. Writes scores.jsonl (one line per
+image), summary.json, summary.md (the model card's table: per model the paper's best of N, i.e. per prompt the
+image with the highest raw mean of the metrics, then mean and median, plus the average over the metrics; the
+per-metric max of N apart; win rates against the first model on per-prompt means and on the best-of-N images) and
+run_config.json to --output_dir.
 """
 import argparse
 import html
@@ -813,6 +816,9 @@ def load_scorers(args, metrics, device, dtype):
 
 
 # ---- aggregation ----
+AVERAGE = "average"  # the pseudo-metric of the tables' "average score" (the raw mean of the metrics shown)
+
+
 def stats(values):
     """mean, median, std (population, ddof=0) of a list; None when empty."""
     if not values:
@@ -830,31 +836,103 @@ def per_prompt(rows, metric):
     return groups
 
 
-def aggregate(rows, metric):
-    """Per prompt over its N images: mean and best-of-N (max); then over prompts: mean, median, std of each."""
+def image_average(row, metrics):
+    """The plain mean of one image's raw scores on `metrics`; None when one of them is missing or not finite.
+    Raw, as the paper averages them, although the scales differ (PickScore ~21, aesthetic ~5, ImageReward ~0-1,
+    HPS ~0.27): PickScore and aesthetic dominate the mean."""
+    values = [row.get(m) for m in metrics]
+    if not values or any(v is None or not math.isfinite(float(v)) for v in values):
+        return None
+    return sum(float(v) for v in values) / len(values)
+
+
+def select_best_of_n(rows, metrics):
+    """The paper's best of N (its §6.1, the model card's "Best of Five"): per prompt, the one image with the highest
+    raw mean of `metrics` (the four, or those that were run). Ties: the lowest image_index wins.
+    Returns {(prompt_index, prompt): row}."""
+    best = {}
+    for r in sorted(rows, key=lambda r: r["image_index"]):
+        a = image_average(r, metrics)
+        key = (r["prompt_index"], r["prompt"])
+        if a is not None and (key not in best or a > best[key][0]):  # strict: an equal later image does not win
+            best[key] = (a, r)
+    return {k: r for k, (_, r) in best.items()}
+
+
+def aggregate(rows, metric, selection_metrics):
+    """Per prompt over its N images: the mean, the best-of-N image's score (picked by the raw mean of
+    `selection_metrics`) and the per-metric max (each metric's own maximum, possibly of different images: another,
+    higher number than the model card's best of N); then over prompts: mean, median, std of each."""
     groups = per_prompt(rows, metric)
     means = [float(np.mean(v)) for v in groups.values()]
-    bests = [max(v) for v in groups.values()]
+    maxes = [max(v) for v in groups.values()]
+    picked = [float(r[metric]) for r in select_best_of_n(rows, selection_metrics).values()]
     sizes = [len(v) for v in groups.values()]
-    return {"best_of_n": stats(bests), "mean": stats(means), "n_prompts": len(groups), "n_images": sum(sizes),
+    return {"best_of_n": stats(picked), "per_metric_max_of_n": stats(maxes), "mean": stats(means),
+            "n_prompts": len(groups), "n_images": sum(sizes),
             "images_per_prompt": [min(sizes), max(sizes)] if sizes else [0, 0]}
 
 
-def win_rates(rows_by_model, baseline, metrics):
-    """Per metric, per model: fraction of the prompts both it and `baseline` have where its per-prompt mean is
-    higher than the baseline's (ties count half)."""
+def average_label(metrics):
+    """'avg (4 metrics)' for the paper's four; otherwise the count and the names ('avg (3: HPS, ImageReward, ...)')."""
+    if set(metrics) == set(METRICS):
+        return f"avg ({len(METRICS)} metrics)"
+    return f"avg ({len(metrics)}: {', '.join(METRIC_NAMES[m] for m in metrics)})"
+
+
+def average_scores(model_summary, metrics):
+    """The tables' "average score": for each figure (best of N and its median, mean, median, per-metric max), the
+    plain mean of that figure over `metrics` (a row of the paper's tables averaged across its metric columns; for
+    the medians, the mean of the medians); None if a metric has no value."""
+    figures = {"best_of_n": ("best_of_n", "mean"), "best_of_n_median": ("best_of_n", "median"),
+               "mean": ("mean", "mean"), "median": ("mean", "median"),
+               "per_metric_max_of_n": ("per_metric_max_of_n", "mean")}
+    out = {"metrics": list(metrics), "label": average_label(metrics)}
+    for key, (group, stat) in figures.items():
+        values = [model_summary[m][group][stat] for m in metrics]
+        out[key] = None if not values or any(v is None for v in values) else sum(values) / len(values)
+    return out
+
+
+def prompt_values(rows, metrics, on):
+    """{metric or AVERAGE: {(prompt_index, prompt): value}} for one model. on="mean": the mean over the prompt's
+    images (AVERAGE: of each image's raw mean of `metrics`); on="best_of_n": the scores of the image that
+    select_best_of_n picked (AVERAGE: its raw mean of `metrics`, the selection criterion itself)."""
+    if on == "best_of_n":
+        picked = select_best_of_n(rows, metrics)
+        out = {m: {k: float(r[m]) for k, r in picked.items()} for m in metrics}
+        out[AVERAGE] = {k: image_average(r, metrics) for k, r in picked.items()}
+        return out
+    out = {m: {k: float(np.mean(v)) for k, v in per_prompt(rows, m).items()} for m in metrics}
+    averages = [{**r, AVERAGE: image_average(r, metrics)} for r in rows]
+    out[AVERAGE] = {k: float(np.mean(v)) for k, v in per_prompt(averages, AVERAGE).items()}
+    return out
+
+
+def win_rates(rows_by_model, baseline, metrics, on="mean"):
+    """Per metric (and AVERAGE), per model: the fraction of the prompts both it and `baseline` have where its value is
+    higher than the baseline's (ties count half); the values are per-prompt means (on="mean") or the best-of-N
+    images' scores (on="best_of_n"), see prompt_values."""
+    values = {model: prompt_values(rows, metrics, on) for model, rows in rows_by_model.items()}
     out = {}
-    for metric in metrics:
-        base = {k: np.mean(v) for k, v in per_prompt(rows_by_model[baseline], metric).items()}
+    for metric in list(metrics) + [AVERAGE]:
+        base = values[baseline][metric]
         out[metric] = {}
-        for model, rows in rows_by_model.items():
+        for model in rows_by_model:
             if model == baseline:
                 continue
-            other = {k: np.mean(v) for k, v in per_prompt(rows, metric).items()}
+            other = values[model][metric]
             common = sorted(base.keys() & other.keys())
             wins = sum(1.0 if other[k] > base[k] else 0.5 if other[k] == base[k] else 0.0 for k in common)
             out[metric][model] = {"win_rate": wins / len(common) if common else None, "n_prompts": len(common)}
     return out
+
+
+def selection_label(metrics, n):
+    """What picked the best-of-N image, as summary.md and summary.json name it."""
+    if set(metrics) == set(METRICS):
+        return f"best of {n}"
+    return f"best of {n} by the mean of {len(metrics)} metrics ({', '.join(METRIC_NAMES[m] for m in metrics)})"
 
 
 def same_seeds(rows_a, rows_b):
@@ -869,32 +947,69 @@ def fmt(x, decimals):
     return "n/a" if x is None else f"{x:.{decimals}f}"
 
 
-def markdown_summary(summary, models, metrics, baseline, wins, hps_version):
-    """The model card's table (rows: metrics; columns: best of N / mean / median per model) and win rates."""
+def markdown_summary(summary, models, metrics, baseline, wins, hps_version, averages, wins_best):
+    """The model card's table (rows: metrics and the average; columns: best of N / mean / median per model), the
+    per-metric maxima apart, and the win rates on per-prompt means and on the best-of-N images."""
     name = {m: METRIC_NAMES[m] + (f" v{hps_version}" if m == "hps" else "") for m in metrics}
+    name[AVERAGE] = average_label(metrics)
+    n = max((summary[model][m]["images_per_prompt"][1] for model in models for m in metrics), default=0)
+    subset = set(metrics) != set(METRICS)
     head, rule = ["Metric"], ["---"]
     for model in models:
-        n = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
-        head += [f"{model} best of {n}", f"{model} mean", f"{model} median"]
+        k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
+        head += [f"{model} best of {k}" + (f" (by mean of {len(metrics)})" if subset else ""), f"{model} mean",
+                 f"{model} median"]
         rule += ["---:"] * 3
+    avg_decimals = max(METRIC_DECIMALS[m] for m in metrics)
     lines = ["# Evaluation", "",
-             "Per prompt: the mean and the best (max) of its N images; then over prompts: the mean of the best "
-             "(best of N), the mean and the median of the per-prompt means.", "",
+             f"{selection_label(metrics, n)}: per prompt, the one image with the highest plain mean of its raw "
+             f"{', '.join(METRIC_NAMES[m] for m in metrics)} scores ("
+             + ("not the paper's selection, which averages all four metrics" if subset else
+                "the paper's selection, the model card's \"Best of Five\"")
+             + "; raw scales, so the largest, PickScore ~21 and aesthetic ~5, weigh most; ties: the lowest image "
+             "index), that image's score of each metric, then the mean over prompts. Mean and median: of the "
+             f"per-prompt means over the N images. {name[AVERAGE]}: the mean of the column's metric values.", "",
              "| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
-    for m in metrics:
+    for m in list(metrics) + [AVERAGE]:
         cells = [name[m]]
         for model in models:
-            s = summary[model][m]
-            d = METRIC_DECIMALS[m]
-            cells += [fmt(s["best_of_n"]["mean"], d), fmt(s["mean"]["mean"], d), fmt(s["mean"]["median"], d)]
+            if m == AVERAGE:
+                a, d = averages[model], avg_decimals
+                cells += [fmt(a["best_of_n"], d), fmt(a["mean"], d), fmt(a["median"], d)]
+            else:
+                s, d = summary[model][m], METRIC_DECIMALS[m]
+                cells += [fmt(s["best_of_n"]["mean"], d), fmt(s["mean"]["mean"], d), fmt(s["mean"]["median"], d)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Best of {n} median: the median over prompts of the selected images' scores. Per-metric max of "
+              f"{n}: each metric's own maximum over the prompt's images (possibly of different images, so higher; not "
+              f"the model card's best of {n}), mean over prompts.", ""]
+    head, rule = ["Metric"], ["---"]
+    for model in models:
+        k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
+        head += [f"{model} best of {k} median", f"{model} per-metric max of {k}"]
+        rule += ["---:"] * 2
+    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
+    for m in list(metrics) + [AVERAGE]:
+        cells = [name[m]]
+        for model in models:
+            if m == AVERAGE:
+                a, d = averages[model], avg_decimals
+                cells += [fmt(a["best_of_n_median"], d), fmt(a["per_metric_max_of_n"], d)]
+            else:
+                s, d = summary[model][m], METRIC_DECIMALS[m]
+                cells += [fmt(s["best_of_n"]["median"], d), fmt(s["per_metric_max_of_n"]["mean"], d)]
         lines.append("| " + " | ".join(cells) + " |")
     others = [m for m in models if m != baseline]
-    if others:
-        lines += ["", f"Win rate against {baseline}: the fraction of shared prompts where the model's per-prompt "
-                  "mean is higher (ties count half).", "",
+    for table, what in ((wins, f"per-prompt means (each prompt: the mean over its {n} images)"),
+                        (wins_best, f"the best-of-{n} images (each prompt: the image the selection above picked, "
+                                    "for each model)")):
+        if not others:
+            break
+        lines += ["", f"Win rate against {baseline} on {what}: the fraction of shared prompts where the model's "
+                  f"value is higher (ties count half); {name[AVERAGE]}: of the raw mean of the metrics.", "",
                   "| Metric | " + " | ".join(others) + " |", "| --- |" + " ---: |" * len(others)]
-        for m in metrics:
-            lines.append(f"| {name[m]} | " + " | ".join(fmt(wins[m][o]["win_rate"], 3) for o in others) + " |")
+        for m in list(metrics) + [AVERAGE]:
+            lines.append(f"| {name[m]} | " + " | ".join(fmt(table[m][o]["win_rate"], 3) for o in others) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -912,10 +1027,12 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="eval")
     p.add_argument("--metrics", action="append", default=None,
                    help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
-    p.add_argument("--hps_version", default="2.1", help="2.0 or 2.1 (not comparable: recorded in every output)")
+    p.add_argument("--hps_version", default="2.0",
+                   help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--mixed_precision", default="no",
-                   help="no (fp32, as the official scorers run), fp16 or bf16 for the towers: reduced precision "
+                   help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
+                        "autocast), fp16 or bf16 for the towers: reduced precision "
                         "is faster but moves scores; normalisation, dot products and heads stay fp32")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
@@ -925,8 +1042,8 @@ def parse_args(argv=None):
     p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
     p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
     p.add_argument("--hps_checkpoint", default=None,
-                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.1']} or "
-                        f"{HPS_FILES['2.0']} by --hps_version)")
+                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
+                        f"{HPS_FILES['2.1']} by --hps_version)")
     p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
     p.add_argument("--imagereward_checkpoint", default=IMAGEREWARD_REPO,
                    help="ImageReward.pt file, a folder holding it, or a hub repo")
@@ -954,7 +1071,8 @@ def parse_metrics(values):
 
 def pick_device(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # fp32 unless asked: the official PickScore, HPS, ImageReward and aesthetic code run their towers in fp32
+    # fp32 unless asked: the official PickScore, ImageReward and aesthetic code run their towers in fp32 (hpsv2's
+    # score() under CUDA autocast: fp32 HPS may differ from it slightly on a GPU)
     mp = str(args.mixed_precision).lower()
     mp = "no" if mp == "fp32" else mp  # recorded as "no", the other scripts' word for it
     dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -994,7 +1112,7 @@ def main(argv=None):
     metrics = parse_metrics(args.metrics)
     args.hps_version = str(args.hps_version).lower().lstrip("v")
     if args.hps_version not in HPS_FILES:
-        raise UserError(f"--hps_version {args.hps_version}: choose 2.0 or 2.1")
+        raise UserError(f"--hps_version {args.hps_version}: choose v2.0 or v2.1")
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
 
@@ -1077,19 +1195,41 @@ def main(argv=None):
 
     # 5. Aggregate, compare with the baseline, write the tables.
     rows_by_model = {m: [r for r in kept if r["model"] == m] for m in models}
-    summary = {m: {metric: aggregate(rows_by_model[m], metric) for metric in metrics} for m in models}
-    wins = win_rates(rows_by_model, baseline, metrics)
+    summary = {m: {metric: aggregate(rows_by_model[m], metric, metrics) for metric in metrics} for m in models}
+    averages = {m: average_scores(summary[m], metrics) for m in models}
+    wins = win_rates(rows_by_model, baseline, metrics, on="mean")
+    wins_best = win_rates(rows_by_model, baseline, metrics, on="best_of_n")
+    n = max((summary[m][metric]["images_per_prompt"][1] for m in models for metric in metrics), default=0)
+    selected = {}  # which image the best of N took, per model and prompt_index (to look at it, or to check it)
+    for m in models:
+        picked = sorted(select_best_of_n(rows_by_model[m], metrics).items(), key=lambda kv: kv[0][0])
+        selected[m] = {str(key[0]): r["image_index"] for key, r in picked}
     counts = {m: {"images_listed": len(metadata[m]), "images_scored": len(rows_by_model[m]),
                   "images_skipped": len(skipped[m]), "skipped": skipped[m]} for m in models}
     weights = {m: s.weights for m, s in scorers.items()}
     write_json_atomic(out / "summary.json", {
         "models": models, "metrics": metrics, "hps_version": args.hps_version, "baseline": baseline,
-        "summary": summary, "win_rates": wins, "counts": counts, "weights": weights, "mixed_precision": mp,
+        "summary": summary, "average": averages, "win_rates": wins, "win_rates_best_of_n": wins_best,
+        "best_of_n_selection": {"label": selection_label(metrics, n), "metrics": metrics,
+                                "image_index_by_prompt_index": selected},
+        "counts": counts, "weights": weights, "mixed_precision": mp,
         "same_seeds_as_baseline": {m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models
                                    if m != baseline},
-        "aggregation": "per prompt over its images: mean and best_of_n (max); then over prompts: mean, median, "
-                       "std (ddof=0) of each; win rate: per-prompt means vs the baseline's, ties count half"})
-    (out / "summary.md").write_text(markdown_summary(summary, models, metrics, baseline, wins, args.hps_version))
+        "aggregation": {
+            "best_of_n": f"{selection_label(metrics, n)} (the paper's and the model card's): per prompt, the image "
+                         f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
+                         "image_index); that image's score of each metric; then over prompts: mean, median, std",
+            "per_metric_max_of_n": "per prompt, each metric's own maximum over its images (possibly of different "
+                                   "images; not the model card's best of N); then over prompts: mean, median, std",
+            "mean": "per prompt, the mean over its images; then over prompts: mean, median, std (ddof=0)",
+            "average": f"{average_label(metrics)}: for each figure (best_of_n, best_of_n_median, mean, median, "
+                       "per_metric_max_of_n), the plain mean of that figure over the metrics",
+            "win_rates": "per metric: the fraction of prompts shared with the baseline where the model's per-prompt "
+                         "mean over its images is higher, ties count half; 'average': of the raw mean of the "
+                         "metrics",
+            "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt"}})
+    (out / "summary.md").write_text(markdown_summary(summary, models, metrics, baseline, wins, args.hps_version,
+                                                     averages, wins_best))
     write_json_atomic(config_path, run_config("evaluate", args, models=models, baseline=baseline, scoring=scoring,
                                               device=str(device), weights=weights, counts={
                                                   m: {k: v for k, v in c.items() if k != "skipped"}

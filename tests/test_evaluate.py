@@ -354,7 +354,7 @@ def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
 
 
 def hps_scorer(w, clip):
-    return ev.HPS(str(w["dir"] / "HPS_v2.1_compressed.pt"), "2.1", str(clip), torch.device("cpu"), torch.float32)
+    return ev.HPS(str(w["dir"] / "HPS_v2_compressed.pt"), "2.0", str(clip), torch.device("cpu"), torch.float32)
 
 
 def test_hps_score_is_open_clip_path_and_pools_at_end_token(w, scorers, images, tmp_path):
@@ -396,7 +396,7 @@ def test_hps_tokenizer_files_are_checked(w, tmp_path):
 def test_precision_default_is_fp32(monkeypatch):
     args = ev.parse_args(["x"])
     assert ev.pick_device(args)[1:] == ("no", torch.float32)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too: the official scorers run fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too (hpsv2 alone autocasts; README)
     device, mp, dtype = ev.pick_device(ev.parse_args(["x"]))
     assert (device.type, mp, dtype) == ("cuda", "no", torch.float32)
     assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp32"]))[1:] == ("no", torch.float32)
@@ -423,14 +423,15 @@ def rows(model, table):
 
 
 def test_aggregate_per_prompt_then_over_prompts():
-    a = ev.aggregate(rows("m", {0: [1.0, 3.0], 1: [2.0, 2.0, 5.0], 2: [0.0]}), "hps")
-    # per-prompt means 2, 3, 0; bests 3, 5, 0
+    a = ev.aggregate(rows("m", {0: [1.0, 3.0], 1: [2.0, 2.0, 5.0], 2: [0.0]}), "hps", ["hps"])
+    # per-prompt means 2, 3, 0; maxima 3, 5, 0 (one metric: the best-of-N image is the max)
     assert a["mean"]["mean"] == pytest.approx(5 / 3) and a["mean"]["median"] == pytest.approx(2.0)
     assert a["mean"]["std"] == pytest.approx(np.std([2, 3, 0]))
-    assert a["best_of_n"]["mean"] == pytest.approx(8 / 3) and a["best_of_n"]["median"] == pytest.approx(3.0)
+    for key in ("best_of_n", "per_metric_max_of_n"):
+        assert a[key]["mean"] == pytest.approx(8 / 3) and a[key]["median"] == pytest.approx(3.0)
     assert (a["n_prompts"], a["n_images"], a["images_per_prompt"]) == (3, 6, [1, 3])
-    empty = ev.aggregate([], "hps")
-    assert empty["mean"]["mean"] is None and empty["n_prompts"] == 0
+    empty = ev.aggregate([], "hps", ["hps"])
+    assert empty["mean"]["mean"] is None and empty["best_of_n"]["mean"] is None and empty["n_prompts"] == 0
 
 
 def test_win_rates_ties_half_and_common_prompts_only():
@@ -440,22 +441,150 @@ def test_win_rates_ties_half_and_common_prompts_only():
     out = ev.win_rates(by_model, "base", ["hps"])
     assert out["hps"]["new"] == {"win_rate": pytest.approx(0.5), "n_prompts": 3}
     assert "base" not in out["hps"]
+    # on the best-of-N images (one metric: each prompt's max): prompt 0: 3 > 1 win; 1: tie; 2: loss
+    assert ev.win_rates(by_model, "base", ["hps"], on="best_of_n")["hps"]["new"]["win_rate"] == pytest.approx(0.5)
     by_model["new"] = rows("new", {7: [1.0]})
     assert ev.win_rates(by_model, "base", ["hps"])["hps"]["new"] == {"win_rate": None, "n_prompts": 0}
+
+
+# Four-metric tables where the paper's best of N (one image per prompt, by the raw mean of its four scores) and the
+# per-metric maxima differ. Scores (hps, aesthetic, imagereward, pickscore) per image; dyadic values, so that sums and
+# ties are exact. Per image, the raw mean of the four (of HPS, ImageReward, PickScore in brackets):
+#   base p0: i0 25.5/4 [20.5/3]   i1 28.25/4 [22.25/3]  -> i1 [i1]
+#        p1: i0 27.75/4 [20.75/3] i1 26.5/4 [22/3]      -> i0 [i1]
+#        p2: i0 27.5/4 [21.5/3]   i1 27.5/4 [21.75/3]   -> i0 (a tie: the first image) [i1]
+#   new  p0: i0 27.125/4          i1 27.625/4           -> i1
+#        p1: i0 28.625/4          i1 26.125/4           -> i0
+#        p2: i0 26.75/4           i1 29.5/4             -> i1 (the same with three metrics)
+BASE = {0: [(0.5, 5.0, 0.0, 20.0), (0.25, 6.0, 1.0, 21.0)],
+        1: [(0.25, 7.0, 0.5, 20.0), (0.5, 4.5, 1.5, 20.0)],
+        2: [(0.25, 6.0, 0.25, 21.0), (0.5, 5.75, 0.25, 21.0)]}
+NEW = {0: [(0.375, 5.5, 0.75, 20.5), (0.375, 5.5, 0.25, 21.5)],
+       1: [(0.125, 6.5, 2.0, 20.0), (0.625, 5.5, 0.0, 20.0)],
+       2: [(0.25, 6.0, 0.5, 20.0), (0.5, 6.5, 0.5, 22.0)]}
+THREE = ["hps", "imagereward", "pickscore"]
+
+
+def rows4(model, table):
+    return [{"model": model, "prompt_index": p, "prompt": f"prompt {p}", "image_index": i, "seed": i,
+             "file_name": f"p{p}_i{i}.png", **dict(zip(ev.METRICS, s))}
+            for p, images in table.items() for i, s in enumerate(images)]
+
+
+def test_best_of_n_picks_one_image_by_the_raw_mean():
+    def picked(rs, metrics):
+        return {k[0]: r["image_index"] for k, r in ev.select_best_of_n(rs, metrics).items()}
+
+    base = rows4("base", BASE)
+    assert picked(base, list(ev.METRICS)) == {0: 1, 1: 0, 2: 0}
+    assert picked(base[::-1], list(ev.METRICS)) == {0: 1, 1: 0, 2: 0}  # the tie goes to image 0 in any row order
+    assert picked(base, THREE) == {0: 1, 1: 1, 2: 1}  # only the metrics that were run pick
+    assert picked(rows4("new", NEW), list(ev.METRICS)) == {0: 1, 1: 0, 2: 1}
+    assert ev.image_average(base[0], list(ev.METRICS)) == 25.5 / 4  # raw scores, not standardised
+    no_score = [dict(r, pickscore=None) if (r["prompt_index"], r["image_index"]) == (0, 1) else r for r in base]
+    assert picked(no_score, list(ev.METRICS))[0] == 0  # an image missing a score is no candidate
+
+
+def test_aggregates_by_hand():
+    summary = {m: ev.aggregate(rows4("base", BASE), m, list(ev.METRICS)) for m in ev.METRICS}
+    # best of 2: the images picked above (p0 i1, p1 i0, p2 i0); mean and median over the three prompts
+    want_best = {"hps": ((0.25 + 0.25 + 0.25) / 3, 0.25), "aesthetic": ((6.0 + 7.0 + 6.0) / 3, 6.0),
+                 "imagereward": ((1.0 + 0.5 + 0.25) / 3, 0.5), "pickscore": ((21.0 + 20.0 + 21.0) / 3, 21.0)}
+    # per-metric max of 2: each metric's own maximum per prompt
+    want_max = {"hps": (0.5 + 0.5 + 0.5) / 3, "aesthetic": (6.0 + 7.0 + 6.0) / 3,
+                "imagereward": (1.0 + 1.5 + 0.25) / 3, "pickscore": (21.0 + 20.0 + 21.0) / 3}
+    # per-prompt means, then their mean and median
+    want_mean = {"hps": (0.375, 0.375), "aesthetic": ((5.5 + 5.75 + 5.875) / 3, 5.75),
+                 "imagereward": ((0.5 + 1.0 + 0.25) / 3, 0.5), "pickscore": ((20.5 + 20.0 + 21.0) / 3, 20.5)}
+    for m in ev.METRICS:
+        s = summary[m]
+        assert (s["best_of_n"]["mean"], s["best_of_n"]["median"]) == pytest.approx(want_best[m]), m
+        assert s["per_metric_max_of_n"]["mean"] == pytest.approx(want_max[m]), m
+        assert (s["mean"]["mean"], s["mean"]["median"]) == pytest.approx(want_mean[m]), m
+    assert summary["hps"]["best_of_n"]["mean"] != pytest.approx(summary["hps"]["per_metric_max_of_n"]["mean"])
+    # with three metrics, p1 and p2 pick image 1: HPS (0.25 + 0.5 + 0.5) / 3, ImageReward (1 + 1.5 + 0.25) / 3
+    three = {m: ev.aggregate(rows4("base", BASE), m, THREE) for m in THREE}
+    assert three["hps"]["best_of_n"]["mean"] == pytest.approx(1.25 / 3)
+    assert three["imagereward"]["best_of_n"]["mean"] == pytest.approx(2.75 / 3)
+
+
+def test_average_column_by_hand():
+    summary = {m: ev.aggregate(rows4("base", BASE), m, list(ev.METRICS)) for m in ev.METRICS}
+    avg = ev.average_scores(summary, list(ev.METRICS))
+    assert avg["label"] == "avg (4 metrics)" and avg["metrics"] == list(ev.METRICS)
+    # the mean over the four metrics of each figure in test_aggregates_by_hand
+    assert avg["best_of_n"] == pytest.approx((0.25 + 19 / 3 + 1.75 / 3 + 62 / 3) / 4)  # = (28.25+27.75+27.5)/12
+    assert avg["best_of_n_median"] == pytest.approx((0.25 + 6.0 + 0.5 + 21.0) / 4)
+    assert avg["mean"] == pytest.approx((0.375 + 17.125 / 3 + 1.75 / 3 + 61.5 / 3) / 4)
+    assert avg["median"] == pytest.approx((0.375 + 5.75 + 0.5 + 20.5) / 4)
+    assert avg["per_metric_max_of_n"] == pytest.approx((0.5 + 19 / 3 + 2.75 / 3 + 62 / 3) / 4)
+    three = {m: ev.aggregate(rows4("base", BASE), m, THREE) for m in THREE}
+    avg3 = ev.average_scores(three, THREE)
+    assert avg3["label"] == "avg (3: HPS, ImageReward, PickScore)"
+    assert avg3["best_of_n"] == pytest.approx((1.25 / 3 + 2.75 / 3 + 62 / 3) / 3)  # p0-p2 all image 1
+    assert avg3["mean"] == pytest.approx((0.375 + 1.75 / 3 + 61.5 / 3) / 3)
+
+
+def test_win_rates_on_means_and_on_best_of_n_by_hand():
+    by_model = {"base": rows4("base", BASE), "new": rows4("new", NEW)}
+    on_means = ev.win_rates(by_model, "base", list(ev.METRICS), on="mean")
+    on_best = ev.win_rates(by_model, "base", list(ev.METRICS), on="best_of_n")
+    # per-prompt means, new vs base (W win, T tie, L loss), per prompt p0 p1 p2:
+    #   HPS all 0.375: T T T; aesthetic 5.5=5.5, 6>5.75, 6.25>5.875: T W W; ImageReward 0.5=0.5, 1=1, 0.5>0.25: T T W;
+    #   PickScore 21>20.5, 20=20, 21=21: W T T; raw mean of the four (x8): 54.75>53.75, 54.75>54.25, 56.25>55: W W W
+    want_means = {"hps": 1.5 / 3, "aesthetic": 2.5 / 3, "imagereward": 2 / 3, "pickscore": 2 / 3, ev.AVERAGE: 1.0}
+    # the selected images, new (p0 i1, p1 i0, p2 i1) vs base (p0 i1, p1 i0, p2 i0):
+    #   HPS .375>.25, .125<.25, .5>.25: W L W; aesthetic 5.5<6, 6.5<7, 6.5>6: L L W; ImageReward .25<1, 2>.5, .5>.25:
+    #   L W W; PickScore 21.5>21, 20=20, 22>21: W T W; raw mean (x4) 27.625<28.25, 28.625>27.75, 29.5>27.5: L W W
+    want_best = {"hps": 2 / 3, "aesthetic": 1 / 3, "imagereward": 2 / 3, "pickscore": 2.5 / 3, ev.AVERAGE: 2 / 3}
+    for m, want in want_means.items():
+        assert on_means[m]["new"] == {"win_rate": pytest.approx(want), "n_prompts": 3}, m
+    for m, want in want_best.items():
+        assert on_best[m]["new"] == {"win_rate": pytest.approx(want), "n_prompts": 3}, m
+
+
+def summarise(by_model, metrics, hps_version="2.0"):
+    summary = {m: {x: ev.aggregate(r, x, metrics) for x in metrics} for m, r in by_model.items()}
+    averages = {m: ev.average_scores(summary[m], metrics) for m in by_model}
+    return ev.markdown_summary(summary, list(by_model), metrics, "base", ev.win_rates(by_model, "base", metrics),
+                               hps_version, averages, ev.win_rates(by_model, "base", metrics, on="best_of_n"))
 
 
 def test_markdown_table_has_the_model_card_shape():
     by_model = {"base": rows("base", {0: [0.2, 0.3], 1: [0.25, 0.27]}),
                 "iter_1": rows("iter_1", {0: [0.3, 0.3], 1: [0.2, 0.2]})}
-    summary = {m: {"hps": ev.aggregate(r, "hps")} for m, r in by_model.items()}
-    wins = ev.win_rates(by_model, "base", ["hps"])
-    md = ev.markdown_summary(summary, ["base", "iter_1"], ["hps"], "base", wins, "2.1")
-    lines = md.splitlines()
+    lines = summarise(by_model, ["hps"], "2.1").splitlines()
     header = next(ln for ln in lines if ln.startswith("| Metric"))
-    assert header == ("| Metric | base best of 2 | base mean | base median | iter_1 best of 2 | iter_1 mean "
-                      "| iter_1 median |")
+    assert header == ("| Metric | base best of 2 (by mean of 1) | base mean | base median | iter_1 best of 2 (by mean "
+                      "of 1) | iter_1 mean | iter_1 median |")
     assert "| HPS v2.1 | 0.2850 | 0.2550 | 0.2550 | 0.2500 | 0.2500 | 0.2500 |" in lines
     assert "| HPS v2.1 | 0.500 |" in lines  # win rate: one win, one loss
+
+
+def test_markdown_tables_by_hand():
+    md = summarise({"base": rows4("base", BASE), "new": rows4("new", NEW)}, list(ev.METRICS))
+    lines = md.splitlines()
+    assert "| Metric | base best of 2 | base mean | base median | new best of 2 | new mean | new median |" in lines
+    # base: the numbers of test_aggregates_by_hand; new: best of 2 = p0 i1, p1 i0, p2 i1
+    assert "| HPS v2.0 | 0.2500 | 0.3750 | 0.3750 | 0.3333 | 0.3750 | 0.3750 |" in lines
+    assert "| PickScore | 20.667 | 20.500 | 20.500 | 21.167 | 20.667 | 21.000 |" in lines
+    assert "| avg (4 metrics) | 6.9583 | 6.7917 | 6.7812 | 7.1458 | 6.9062 | 6.9688 |" in lines
+    assert "| Metric | base best of 2 median | base per-metric max of 2 | new best of 2 median | new per-metric max " \
+           "of 2 |" in lines
+    assert "| ImageReward | 0.500 | 0.917 | 0.500 | 1.083 |" in lines
+    assert md.count("| HPS v2.0 | 0.500 |") == 1 and md.count("| HPS v2.0 | 0.667 |") == 1  # the two win rates
+    assert md.index("on per-prompt means") < md.index("| HPS v2.0 | 0.500 |") < md.index("on the best-of-2 images") \
+           < md.index("| HPS v2.0 | 0.667 |")
+    assert "| avg (4 metrics) | 1.000 |" in lines and "| Aesthetic | 0.333 |" in lines
+    three = summarise({"base": rows4("base", BASE), "new": rows4("new", NEW)}, THREE)
+    assert "best of 2 by the mean of 3 metrics (HPS, ImageReward, PickScore)" in three
+    assert "| base best of 2 (by mean of 3) |" in three and "| avg (3: HPS, ImageReward, PickScore) |" in three
+    assert "| HPS v2.0 | 0.4167 |" in three  # p0-p2 all image 1
+
+
+def test_hps_version_default_is_v2_0():
+    assert ev.parse_args(["x"]).hps_version == "2.0"  # as the official hpsv2.score
+    assert ev.HPS_FILES["2.0"] == "HPS_v2_compressed.pt"
 
 
 # ---- the CLI end to end ----
@@ -488,21 +617,39 @@ def test_cli_outputs(cli_run, scorers, samples):
             s = scorers[m]
             assert r[m] == pytest.approx(float(s(s.prepare(img)[None], [r["prompt"]])[0]), abs=1e-5)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["models"] == ["base", "iter_1"] and summary["hps_version"] == "2.1"
+    assert summary["models"] == ["base", "iter_1"] and summary["hps_version"] == "2.0"  # the default
     assert summary["counts"]["iter_1"]["images_skipped"] == 1
     assert summary["counts"]["iter_1"]["skipped"][0]["file_name"] == "images/p0000001_i000.png"
     assert summary["counts"]["base"]["images_scored"] == 8
-    assert summary["weights"]["hps"]["version"] == "2.1"
+    assert summary["weights"]["hps"]["version"] == "2.0"
     assert summary["win_rates"]["pickscore"]["iter_1"]["n_prompts"] == 3
     assert summary["same_seeds_as_baseline"]["iter_1"] is True
     base = [r for r in scores if r["model"] == "base"]
     assert summary["summary"]["base"]["aesthetic"]["mean"]["mean"] == pytest.approx(
         np.mean([np.mean([r["aesthetic"] for r in base if r["prompt_index"] == p]) for p in range(4)]))
+    # best of 2: per prompt the image with the larger sum of its four raw scores, then its scores
+    chosen = [max((r for r in base if r["prompt_index"] == p), key=lambda r: sum(r[m] for m in ev.METRICS))
+              for p in range(4)]
+    assert [r["image_index"] for r in chosen] == [summary["best_of_n_selection"]["image_index_by_prompt_index"]
+                                                  ["base"][str(p)] for p in range(4)]
+    for m in ev.METRICS:
+        s = summary["summary"]["base"][m]
+        assert s["best_of_n"]["mean"] == pytest.approx(np.mean([r[m] for r in chosen]))
+        assert s["per_metric_max_of_n"]["mean"] == pytest.approx(
+            np.mean([max(r[m] for r in base if r["prompt_index"] == p) for p in range(4)]))
+    assert summary["average"]["base"]["best_of_n"] == pytest.approx(
+        np.mean([sum(r[m] for m in ev.METRICS) / 4 for r in chosen]))
+    assert summary["average"]["base"]["label"] == "avg (4 metrics)"
+    assert summary["best_of_n_selection"]["label"] == "best of 2"
+    assert summary["win_rates_best_of_n"]["average"]["iter_1"]["n_prompts"] == 3
+    assert set(summary["aggregation"]) == {"best_of_n", "per_metric_max_of_n", "mean", "average", "win_rates",
+                                           "win_rates_best_of_n"}
     md = (out / "summary.md").read_text()
-    for name in ("HPS v2.1", "Aesthetic", "ImageReward", "PickScore", "base best of 2", "iter_1 median"):
+    for name in ("HPS v2.0", "Aesthetic", "ImageReward", "PickScore", "base best of 2", "iter_1 median",
+                 "avg (4 metrics)", "base per-metric max of 2", "on per-prompt means", "on the best-of-2 images"):
         assert name in md
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["stage"] == "evaluate" and cfg["scoring"]["hps_version"] == "2.1"
+    assert cfg["stage"] == "evaluate" and cfg["scoring"]["hps_version"] == "2.0"
     assert summary["mixed_precision"] == "no" and cfg["scoring"]["mixed_precision"] == "no"  # fp32 by default
     assert cfg["scoring"]["hps_tokenization"] == "open_clip tokenize()"
     assert "p0000001_i000.png" in res.stderr and "error" not in res.stderr
@@ -527,6 +674,10 @@ def test_cli_single_folder_subset_of_metrics(w, samples, tmp_path):
     assert summary["metrics"] == ["aesthetic", "imagereward"] and summary["models"] == ["iter_1"]
     row = json.loads((tmp_path / "scores.jsonl").read_text().splitlines()[0])
     assert "aesthetic" in row and "hps" not in row
+    # the best of N is picked by the mean of the two metrics that ran, and says so
+    label = "best of 2 by the mean of 2 metrics (Aesthetic, ImageReward)"
+    assert summary["best_of_n_selection"]["label"] == label and label in (tmp_path / "summary.md").read_text()
+    assert summary["average"]["iter_1"]["label"] == "avg (2: Aesthetic, ImageReward)"
 
 
 # ---- bad input: one line on stderr, non-zero exit ----
@@ -563,8 +714,8 @@ def test_cli_imagereward_unexpected_key(samples, w, tmp_path):
 
 
 def test_cli_hps_version_mismatch(samples, w, tmp_path):
-    res = run_cli(samples, "--metrics", "hps", "--hps_version", "2.0", "--output_dir", tmp_path, *w["flags"])
-    assert_one_line_error(res, "HPS v2.1", "--hps_version is 2.0")
+    res = run_cli(samples, "--metrics", "hps", "--hps_version", "v2.1", "--output_dir", tmp_path, *w["flags"])
+    assert_one_line_error(res, "HPS v2.0", "--hps_version is 2.1")
 
 
 def test_loaders_use_weights_only(monkeypatch, tmp_path):

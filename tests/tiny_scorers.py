@@ -358,12 +358,12 @@ def build_all(d):
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(hps_clip)))
-    hps_sd = build_tiny_hps(d / "HPS_v2.1_compressed.pt", seed=4, vocab_size=vocab, prefix="module.")
+    hps_sd = build_tiny_hps(d / "HPS_v2_compressed.pt", seed=4, vocab_size=vocab, prefix="module.")
     bert = build_bert_tokenizer(d / "bert")
     ir_sd, med = build_tiny_imagereward(d / "imagereward", vocab_size=len(bert) + 2, seed=5)
     head_sd = build_aesthetic_head(d / "aesthetic.pth", in_dim=CLIP_TINY["embed"], seed=6)
     flags = ["--pickscore_model", pick, "--pickscore_processor", pick, "--hps_checkpoint",
-             d / "HPS_v2.1_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
+             d / "HPS_v2_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
              "--imagereward_tokenizer", d / "bert", "--aesthetic_clip", aes_clip, "--aesthetic_head",
              d / "aesthetic.pth"]
     return dict(dir=d, pick=pick, aes_clip=aes_clip, hps_clip=hps_clip, hps_sd=hps_sd, ir_sd=ir_sd, med=med,
