@@ -70,19 +70,83 @@ def test_fd_per_caption_on_samples():
 
 
 def test_sizes_and_flags():
-    """--quick and per-size flags build the Sizes the run uses."""
+    """--quick and per-size flags build the Sizes the run uses; lists of arms and schedules are checked."""
     import argparse
 
     ap = argparse.ArgumentParser()
     tw.add_common(ap)
-    s = tw.sizes_from(ap.parse_args(["--quick", "--beta", "500", "--iterations", "2", "--arm", "dpo",
-                                     "--synthetic_latent", "image", "--independent_pair_noise"]))
-    assert s.beta == 500.0 and s.iterations == 2 and s.theta0_steps == tw.QUICK.theta0_steps
-    assert s.arm == "dpo" and s.synthetic_latent == "image" and s.independent_pair_noise
-    with pytest.raises(SystemExit):
-        ap.parse_args(["--arm", "nonsense"])
+    s = tw.sizes_from(ap.parse_args(["--quick", "--beta", "500", "--iterations", "3", "--methods", "spin,sft",
+                                     "--schedules", "paper", "--pretrain", "target", "--synthetic_latent", "image",
+                                     "--independent_pair_noise"]))
+    assert s.beta == 500.0 and s.iterations == 3 and s.theta0_steps == tw.QUICK.theta0_steps
+    assert tw.method_list(s) == ["spin", "sft"] and tw.schedule_list(s) == ["paper"] and s.pretrain == "target"
+    assert s.synthetic_latent == "image" and s.independent_pair_noise
+    for bad in (["--methods", "spin,nonsense"], ["--schedules", "fast"], ["--pretrain", "laion"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(bad)
     assert tw.sizes_from(ap.parse_args([])) == tw.FULL
+    assert tw.FULL.pretrain == "shifted" and tw.method_list(tw.FULL) == ["sft", "dpo", "spin"]
     assert len(tw.CAPTIONS) == 12 and tw.CAPTIONS[0] == "a red circle"
+
+
+def test_paper_schedule_is_more_conservative_in_later_iterations():
+    """The paper's per-iteration recipe (lr 2e-5 / 2e-5 / 5e-8, beta 2000 / 5000 / 5000), scaled: iteration 1 as
+    --lr/--beta/--steps, later ones with a smaller lr, a larger beta and fewer steps; constant keeps all three."""
+    s = tw.FULL
+    first = tw.iteration_settings(s, "paper", 1)
+    assert first == tw.iteration_settings(s, "constant", 1) == (s.lr, s.beta, s.steps)
+    prev = first
+    for k in (2, 3):
+        lr, beta, steps = tw.iteration_settings(s, "paper", k)
+        assert lr < prev[0] and beta >= prev[1] and steps < prev[2] and beta == 2.5 * s.beta
+        prev = (lr, beta, steps)
+        assert tw.iteration_settings(s, "constant", k) == first
+
+
+def test_shifted_world_data(tmp_path):
+    """The target training file is Pick-a-Pic pairs whose loser is a shifted-distribution picture of the same caption
+    (dark background, muted colours, smaller off-centre shape); the pre-training file holds only shifted pictures."""
+    import pyarrow.parquet as pq
+
+    from train_spin import decode_image
+
+    tw.write_pickapic(tmp_path / "train.parquet", 2, 0, 0)
+    tw.write_pickapic(tmp_path / "pre.parquet", 2, 0, 4, shifted=True)
+
+    def corner_and_centre(png):
+        a = np.asarray(decode_image(png).convert("RGB")).astype(float)
+        return a[:2, :2].mean(), a[12:20, 12:20].mean()
+
+    t = pq.read_table(str(tmp_path / "train.parquet")).to_pydict()
+    assert len(t["caption"]) == 24 and t["caption"][:12] == tw.CAPTIONS
+    for j0, j1, l0 in zip(t["jpg_0"], t["jpg_1"], t["label_0"]):
+        win, lose = (j0, j1) if l0 == 1.0 else (j1, j0)
+        assert corner_and_centre(win)[0] > 200 and corner_and_centre(lose)[0] < 80  # light vs dark background
+    pre = [img for _, img in tw.real_images(tmp_path / "pre.parquet")]
+    assert all(np.asarray(img)[:2, :2].mean() < 80 for img in pre)
+
+
+def test_judge_reads_caption_and_distribution(tmp_path):
+    """The judge, trained on its own draws, names the caption of fresh real pictures and tells the target data from
+    the shifted distribution; its features are scaled to unit spread on its training pictures."""
+    import dataclasses
+
+    sizes = dataclasses.replace(tw.FULL, judge_per_caption=24)
+    tw.train_judge(tmp_path / "judge.safetensors", sizes, seed=0, steps=300)
+    net = tw.load_judge(tmp_path / "judge.safetensors")
+    rng = np.random.default_rng(99)
+    real = {c: [tw.draw(c, rng) for _ in range(8)] for c in tw.CAPTIONS}
+    shifted = {c: [tw.draw_shifted(c, rng) for _ in range(8)] for c in tw.CAPTIONS}
+    feats, acc, target = tw.judge_scores(net, real)
+    _, acc_s, target_s = tw.judge_scores(net, shifted)
+    assert acc >= 0.9 and target >= 0.9 and target_s <= 0.1, (acc, target, target_s)
+    assert feats["a red circle"].shape == (8, tw.JUDGE_FEATURES)
+    # the judge FD sees the shift: shifted pictures of each caption are far from real ones, real ones are near
+    more = {c: [tw.draw(c, rng) for _ in range(40)] for c in tw.CAPTIONS}
+    ref = tw.judge_scores(net, more)[0]
+    many = {c: [tw.draw(c, rng) for _ in range(40)] for c in tw.CAPTIONS}
+    many_s = {c: [tw.draw_shifted(c, rng) for _ in range(40)] for c in tw.CAPTIONS}
+    assert tw.judge_fd(tw.judge_scores(net, many_s)[0], ref) > 5 * tw.judge_fd(tw.judge_scores(net, many)[0], ref)
 
 
 def toy_selected(config):
@@ -168,17 +232,21 @@ def test_image_space_latents_are_real_image_latents(tmp_path):
 
 
 def test_arm_folders_are_named_after_their_settings():
-    """A run with other settings must not pick up an arm trained with different ones (a stale, silent result)."""
+    """A run with other settings must not pick up an arm trained with different ones (a stale, silent result);
+    iteration 1 is shared by the schedules (it is the same run), later iterations are not."""
     import dataclasses
 
     base = tw.arm_names(tw.FULL)
-    for change in ({"lr": 1e-4}, {"beta": 500.0}, {"guidance": 3.0}, {"opponent_images": 16}, {"sample_steps": 50},
-                   {"steps": 50}, {"batch": 16}, {"arm": "dpo"}, {"arm": "spin_ref0"}, {"independent_pair_noise": True},
-                   {"synthetic_latent": "image" if tw.FULL.synthetic_latent == "sampler" else "sampler"}):
-        spin, sft = tw.arm_names(dataclasses.replace(tw.FULL, **change))
-        assert spin != base[0], change
-        assert (sft != base[1]) == bool({"lr", "steps", "batch"} & set(change)), change
-    assert tw.arm_names(dataclasses.replace(tw.FULL, iterations=2)) == base  # iter_k folders are shared
-    # the Diffusion-DPO arm is one run of iterations x steps: its folder depends on the number of iterations
-    dpo = dataclasses.replace(tw.FULL, arm="dpo")
-    assert tw.arm_names(dataclasses.replace(dpo, iterations=2))[0] != tw.arm_names(dpo)[0]
+    assert set(base) == {"sft", "dpo", "spin"}
+    for change, affected in (({"lr": 1e-3}, "sft dpo spin"), ({"steps": 50}, "sft dpo spin"), ({"batch": 16}, "sft dpo spin"),
+                             ({"beta": 500.0}, "dpo spin"), ({"independent_pair_noise": True}, "dpo spin"),
+                             ({"guidance": 3.0}, "spin"), ({"opponent_images": 16}, "spin"), ({"sample_steps": 50}, "spin"),
+                             ({"synthetic_latent": "image"}, "spin"), ({"iterations": 2}, ""), ({"schedules": "paper"}, "")):
+        names = tw.arm_names(dataclasses.replace(tw.FULL, **change))
+        for m in base:
+            assert (names[m] != base[m]) == (m in affected.split()), (change, m)
+    p = tw.world_paths("/w")
+    for m in base:
+        assert tw.iteration_dir(p, tw.FULL, m, "constant", 1) == tw.iteration_dir(p, tw.FULL, m, "paper", 1)
+        assert tw.iteration_dir(p, tw.FULL, m, "constant", 2) != tw.iteration_dir(p, tw.FULL, m, "paper", 2)
+    assert tw.results_tag(tw.QUICK) != tw.results_tag(tw.FULL)
