@@ -1197,8 +1197,25 @@ def claims(r, metric, schedule="constant"):
     return out
 
 
+# What CI asserts about the arms (constant schedule, iteration 1, the judge's metrics): only what held on every seed
+# run, with margins well inside the thinnest one seen (docs/toy_world.md, "What CI checks"). Factors on the judge FD
+# (lower is better) and differences of the judged-target rate (higher is better), each against theta_0.
+CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (0.95, 0.05)}
+
+
 def claim_checks(r):
-    return []
+    """Fine-tuning on the target data moves theta_0's pictures toward it, as the judge sees them: for each arm's
+    first iteration, judge FD <= factor x theta_0's and judged-target rate >= theta_0's + delta (CLAIM_MARGINS).
+    Nothing about SPIN against SFT or Diffusion-DPO: no such order held on every seed (docs/toy_world.md)."""
+    out = []
+    fd, tr = r["fd_judge"], r["target_rate"]
+    for m, (factor, delta) in CLAIM_MARGINS.items():
+        n = model_key(m, "constant", 1)
+        if n not in fd:
+            continue
+        out += [(f"{n}: judge FD {fd[n]:.2f} <= {factor} x theta_0's {fd['theta_0']:.2f}", fd[n] <= factor * fd["theta_0"]),
+                (f"{n}: judged target {tr[n]:.3f} >= theta_0's {tr['theta_0']:.3f} + {delta}", tr[n] >= tr["theta_0"] + delta)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
