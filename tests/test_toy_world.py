@@ -250,3 +250,35 @@ def test_arm_folders_are_named_after_their_settings():
         assert tw.iteration_dir(p, tw.FULL, m, "constant", 1) == tw.iteration_dir(p, tw.FULL, m, "paper", 1)
         assert tw.iteration_dir(p, tw.FULL, m, "constant", 2) != tw.iteration_dir(p, tw.FULL, m, "paper", 2)
     assert tw.results_tag(tw.QUICK) != tw.results_tag(tw.FULL)
+
+
+def fake_results(K=2):
+    """A results dict in run_experiment's layout (constant schedule), for the checks and claims."""
+    names = ["theta_0"] + [tw.model_key(m, "constant", k) for m in ("sft", "dpo", "spin") for k in range(1, K + 1)]
+    fd = {"theta_0": 10.0, "sft_constant_1": 5.0, "sft_constant_2": 4.9, "dpo_constant_1": 4.0, "dpo_constant_2": 4.5,
+          "spin_constant_1": 6.0, "spin_constant_2": 7.0}
+    target = {n: 0.3 if n == "theta_0" else 0.7 for n in names}
+    metrics = {"fd_judge": fd, "target_rate": target, "accuracy": {n: 0.5 for n in names},
+               "fd": {n: 4.0 for n in names}, "fd_sampler": {n: 5.0 for n in names}}
+    first = {"first": {"loss": math.log(2)}, "last": {"loss": 0.5}}
+    return {"sizes": {**tw.dataclasses.asdict(tw.QUICK), "iterations": K}, **metrics,
+            "floor": {"real": 1.0, "decoder": 3.0, "judge_real": 0.5, "judge_decoder": 0.3, "acc_real": 1.0,
+                      "acc_decoder": 0.8, "target_real": 1.0, "target_decoder": 0.98},
+            "train_metrics": {n: first for n in names if n != "theta_0"}}
+
+
+def test_checks_and_claims():
+    """checks(): every arm's first iteration must move the judge's metrics past the margins; claims(): the paper's
+    claims read off a results dict, on the metric's own direction (FD lower, rates higher)."""
+    r = fake_results()
+    assert all(ok for _, ok in tw.checks(r))
+    r["fd_judge"]["spin_constant_1"] = 9.9  # SPIN 1 barely below theta_0: inside the margin, so it fails
+    failed = [what for what, ok in tw.checks(r) if not ok]
+    assert len(failed) == 1 and failed[0].startswith("spin_constant_1: judge FD"), failed
+    r = fake_results()
+    r["target_rate"]["sft_constant_1"] = 0.35
+    assert [what for what, ok in tw.checks(r) if not ok][0].startswith("sft_constant_1: judged target")
+    c = tw.claims(fake_results(), "fd_judge")
+    assert c["SFT 1 improves on theta_0"] and c["SFT plateaus (SFT 2 within 25% of SFT 1's gain)"]
+    assert not c["SPIN 1 > SFT 1"] and not c["SPIN 2 > Diffusion-DPO 2"] and c["SPIN 1 > theta_0"] and not c["SPIN 2 > SPIN 1"]
+    assert tw.claims(fake_results(), "target_rate")["SPIN 1 > theta_0"]  # higher is better there
