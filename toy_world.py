@@ -1200,7 +1200,7 @@ def claims(r, metric, schedule="constant"):
 # What CI asserts about the arms (constant schedule, iteration 1, the judge's metrics): only what held on every seed
 # run, with margins well inside the thinnest one seen (docs/toy_world.md, "What CI checks"). Factors on the judge FD
 # (lower is better) and differences of the judged-target rate (higher is better), each against theta_0.
-CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (0.95, 0.05)}
+CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (0.9, 0.1)}
 
 
 def claim_checks(r):
@@ -1352,10 +1352,11 @@ def plot_fd_models(table, path):
     ax.axhline(fl["decoder"], color="C0", ls="--", lw=1, label="image FD floor: real through the decoder")
     if "fd_judge" in table:
         ax.plot(x, [table["fd_judge"][n] for n in names], "s-", color="C3", label="judge FD")
-        ax.axhline(fl["judge_real"], color="C3", ls=":", lw=1, label="judge FD floor: real vs real")
+        ax.axhline(fl["judge_decoder"], color="C3", ls=":", lw=1, label="judge FD floor: real through the decoder")
         for m, colour, what in (("accuracy", "C2", "caption accuracy"), ("target_rate", "C4", "judged target")):
             bx.plot(x, [table[m][n] for n in names], "o-", color=colour, label=what)
-            bx.axhline(fl["acc_real" if m == "accuracy" else "target_real"], color=colour, ls=":", lw=1, label=f"{what}: real")
+            bx.axhline(fl["acc_decoder" if m == "accuracy" else "target_decoder"], color=colour, ls=":", lw=1,
+                       label=f"{what}: real through the decoder")
         bx.set_ylim(0, 1.02)
         bx.set_xticks(x, names, fontsize=7)
         bx.legend(fontsize=6)
