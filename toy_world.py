@@ -1061,6 +1061,8 @@ def print_table(r):
         for k in range(K + 1):
             cells = [r[m]["theta_0"] if k == 0 else r[m][model_key(a, s, k)] for a, s in cols]
             log(f"{k:>10} " + " ".join(f"{v:>16.3f}" for v in cells) + ("   (theta_0)" if k == 0 else ""))
+    for sch in r["iteration_settings"]:  # the paper's claims on the judge FD (docs/toy_world.md counts them over seeds)
+        log(f"claims, judge FD, {sch}: " + "; ".join(f"{c}: {'yes' if ok else 'no'}" for c, ok in claims(r, "fd_judge", sch).items()))
     log("first loss of iteration 1: " + ", ".join(
         f"{n} {t['first']['loss']:.6f}" for n, t in r["train_metrics"].items() if n.endswith("_1") and "sft" not in n)
         + f" (ln 2 = {math.log(2):.6f})")
