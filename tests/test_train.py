@@ -260,7 +260,9 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     import shutil
 
     shutil.rmtree(resumed / "unet")
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest", steps=4))
+    # resumed with DataLoader workers making the batches and draws (StepBatches): the same pairs, timesteps and noise
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest",
+                          "--dataloader_num_workers", "2", steps=4))
     assert "resumed from" in p.stdout and "checkpoint-2" in p.stdout
     a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
