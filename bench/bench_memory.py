@@ -110,15 +110,16 @@ def bytes_table():
              (r, "8-bit AdamW state", xl["adam8"], "--use_8bit_adam"),
              (r, "text encoders (CLIP-L + OpenCLIP bigG) + VAE, bf16", xl["cache"], "cache build only, freed before training")]
 
-    totals = []  # what is held through a training step, before activations
+    # (recipe, setting, held for the whole run, + autocast's bf16 weight copies held through a step without checkpointing)
+    totals = []
     for opt in ("adamw", "adam8"):
         for ref in ("ref32", "ref16"):
             totals.append(("SD-1.5 full fine-tune", f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if ref == 'ref32' else 'bf16'} reference",
-                           sd["weights"] + sd["grads"] + sd[opt] + sd[ref] + sd["cast"]))
+                           sd["weights"] + sd["grads"] + sd[opt] + sd[ref], sd["cast"]))
     for opt in ("adamw", "adam8"):
         for base in ("base32", "base16"):
             totals.append(("SDXL LoRA rank 8", f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if base == 'base32' else 'bf16'} base",
-                           xl[base] + xl["lora"] + xl["grads"] + xl[opt] + (xl["cast"] if base == "base32" else 0)))
+                           xl[base] + xl["lora"] + xl["grads"] + xl[opt], xl["cast"] if base == "base32" else 0.0))
     return rows, totals
 
 
@@ -126,10 +127,11 @@ def print_bytes(rows, totals):
     print("| recipe | component | GiB | when |\n|---|---|---|---|")
     for r, c, g, note in rows:
         print(f"| {r} | {c} | {g:.2f} | {note or 'whole run'} |")
-    print("\nHeld through a training step, before activations (activations: bench/gpu.sh measures the totals):\n")
-    print("| recipe | optimizer, frozen copy | GiB | left of 24 GiB | left of 80 GiB |\n|---|---|---|---|---|")
-    for r, c, g in totals:
-        print(f"| {r} | {c} | {g:.2f} | {24 - g:.1f} | {80 - g:.1f} |")
+    print("\nBefore activations (they depend on batch, resolution and checkpointing: bench/gpu.sh measures totals):\n")
+    print("| recipe | optimizer, frozen copy | held for the run, GiB | + autocast copies in a step without checkpointing "
+          "| left of 24 GiB | left of 80 GiB |\n|---|---|---|---|---|---|")
+    for r, c, g, cast in totals:
+        print(f"| {r} | {c} | {g:.2f} | {cast:.2f} | {24 - g - cast:.1f} | {80 - g - cast:.1f} |")
 
 
 # ------------------------------------------------------------------------------------------------------ rss
@@ -151,8 +153,13 @@ def status(pid):
     return {k: int(v) * 1024 for k, v in re.findall(r"(VmHWM|VmRSS|RssAnon):\s+(\d+) kB", text)}
 
 
-def measure(cmd, out, env):
-    """Run cmd; peak RSS per phase (setup, step, save) from VmHWM, reset between phases; plus the whole run's."""
+def available():
+    return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+
+
+def measure(cmd, out, env, min_available):
+    """Run cmd; peak RSS per phase (setup, step, save) from VmHWM, reset between phases; plus the whole run's.
+    The child is killed if the machine's available memory falls under `min_available` bytes (other jobs share it)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
@@ -161,6 +168,11 @@ def measure(cmd, out, env):
     markers = {"setup": lambda: (out / "run_config.json").is_file(),
                "step": lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0}
     while proc.poll() is None:
+        if available() < min_available:
+            proc.kill()
+            log.append(f"\nkilled by bench_memory.py: the machine's available memory fell under {min_available / GiB:.1f} GiB "
+                       f"during the {phase} phase (peak RSS so far {max(phases.values(), default=0) / GiB:.2f} GiB)")
+            break
         s = status(proc.pid)
         if s:
             phases[phase] = max(phases.get(phase, 0), s["VmHWM"])
@@ -175,6 +187,7 @@ def measure(cmd, out, env):
                 pass
             phase = {"setup": "step", "step": "save"}[phase]
         time.sleep(0.05)
+    proc.wait()
     reader.join()
     times[phase] = time.time() - t0
     whole = max(phases.values(), default=0)  # the phases cover the run, so the largest is the run's peak
@@ -196,7 +209,7 @@ def rss(args):
            *args.extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     print("$ " + " ".join(cmd), flush=True)
-    rc, log, phases, whole, times, anon = measure(cmd, out, env)
+    rc, log, phases, whole, times, anon = measure(cmd, out, env, args.min_available_gib * GiB)
     if rc:
         sys.exit(log[-4000:] + f"\nerror: train_spin.py exited with {rc}")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -227,6 +240,7 @@ def main():
     r.add_argument("--work", required=True, help="folder for the SDXL pipeline, data and caches (reused across runs)")
     r.add_argument("--resolution", type=int, default=512)
     r.add_argument("--json", default=None, help="also write the result here")
+    r.add_argument("--min_available_gib", type=float, default=1.5, help="kill the run if the machine's available memory falls under this")
     r.add_argument("--keep_output", action="store_true", help="keep the output_dir (its merged unet/ is ~10 GiB)")
     r.add_argument("extra", nargs="*", help="more train_spin.py flags, after --")
     args = ap.parse_args()

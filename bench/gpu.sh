@@ -8,7 +8,7 @@
 #   3. generation at 512², 50 steps, guidance 7.5: generate.py's batched path vs one pipeline call per prompt
 #   4. if time is left: SDXL LoRA without checkpointing; bench_train.py (ours vs the straightforward step, MFU)
 # Output: $OUT/gpu_bench.json and $OUT/gpu_bench.md (rewritten after each part, so a cut-off run still reports),
-# $OUT/log.txt. Runs not started before BUDGET_S seconds (default 540) are listed as skipped.
+# $OUT/log.txt. Runs not started before BUDGET_S seconds (default 510) are listed as skipped.
 #   Here first:  bash ../shared/gpu/wheels.sh      (fills .whl/ with diffusers, datasets, bitsandbytes, peft)
 #                bash bench/gpu.sh --cpu-smoke     (the same script on tiny models on CPU: a few minutes)
 #   On the GPU:  bash bench/gpu.sh
@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/spin_bench_out}
 WORK=${WORK:-/tmp/spin_bench}
 mkdir -p "$OUT" "$WORK"
-deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
+deadline=$(( $(date +%s) + ${BUDGET_S:-510} ))
 left() { echo $(( deadline - $(date +%s) )); }
 log() { tee -a "$OUT/log.txt"; }
 report() { python3 bench/gpu_report.py "$OUT" > /dev/null; }
