@@ -66,6 +66,15 @@ def build_data(work, pipe, n_rows, resolution):
     return data, synth
 
 
+def scratch(work):
+    """Where each run's output_dir goes: RAM (/dev/shm) when it has room, since every run writes a whole UNet (3-10
+    GiB) that is deleted right after; else under --work."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 16 * GiB:
+        return shm / "spin_bench_out"
+    return work / "out"
+
+
 def load_train_spin(path):
     spec = importlib.util.spec_from_file_location("train_spin_measured", path)
     mod = importlib.util.module_from_spec(spec)
@@ -150,6 +159,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     data, synth = build_data(work, args.pipeline, max(batches), args.resolution)
+    out = scratch(work)
     ts = load_train_spin(args.train_spin)
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -164,11 +174,11 @@ def main():
                 row["error"] = "skipped (a smaller batch ran out of memory)" if oom else "skipped (out of time)"
             else:
                 argv = ["--pretrained_model_name_or_path", str(args.pipeline), "--dataset", str(data), "--synthetic_dir",
-                        str(synth), "--allow_opponent_mismatch", "--output_dir", str(work / "out"), "--cache_dir",
+                        str(synth), "--allow_opponent_mismatch", "--output_dir", str(out), "--cache_dir",
                         str(work / "cache"), "--resolution", str(args.resolution), "--train_batch_size", str(b),
                         "--max_train_steps", str(args.steps), "--lr_warmup_steps", "0", "--checkpointing_steps",
                         str(10**9), *args.common.split(), *flags.split()]
-                row.update(run_one(ts, argv, work / "out", args.steps, args.warmup))
+                row.update(run_one(ts, argv, out, args.steps, args.warmup))
                 oom = row.get("error") == "OOM"
                 if "s_per_step" in row:
                     row["pairs_per_s"] = b / row["s_per_step"]

@@ -4,7 +4,8 @@
 # the values), every training run through train_spin.py's command line (bench/bench_steps.py):
 #   1. SDXL LoRA rank 8 at 1024², batch 1/2/4/8, the sdxl recipe's flags (bf16, gradient checkpointing, 8-bit
 #      AdamW): pairs/s, peak allocated/reserved per batch, largest batch within 24 / 80 GiB; OOM is a table entry
-#   2. SD-1.5 full fine-tune at 512², bf16, cached latents: AdamW / 8-bit AdamW x with / without checkpointing
+#   2. SD-1.5 full fine-tune at 512², bf16, cached latents: 8-bit AdamW / AdamW x with / without checkpointing
+#      (the sd15 recipe's 8-bit + checkpointing first)
 #   3. generation at 512², 50 steps, guidance 7.5: generate.py's batched path vs one pipeline call per prompt
 #   4. if time is left: SDXL LoRA without checkpointing; bench_train.py (ours vs the straightforward step, MFU)
 # Output: $OUT/gpu_bench.json and $OUT/gpu_bench.md (rewritten after each part, so a cut-off run still reports),
@@ -54,7 +55,7 @@ steps --label sdxl_lora_gc_8bit --pipeline "$XL" --resolution "$RES_XL" --batch_
 echo "== 2. SD-1.5 full fine-tune ($(left) s left)" | log
 steps --label sd15_full --pipeline "$SD" --resolution "$RES_SD" --batch_sizes "$SD_BATCHES" \
   --common "--mixed_precision bf16 --allow_tf32" \
-  --variants "adamw=;adamw gc=--gradient_checkpointing;8bit=--use_8bit_adam;8bit gc=--gradient_checkpointing --use_8bit_adam"
+  --variants "8bit gc=--gradient_checkpointing --use_8bit_adam;adamw=;adamw gc=--gradient_checkpointing;8bit=--use_8bit_adam"
 echo "== 3. generation ($(left) s left)" | log
 python3 bench/bench_generate.py --pipeline "$SD" "${GEN[@]}" --images_per_prompt 1 --repeats 1 --json "$OUT/generate.json" 2>&1 | log
 report
