@@ -46,6 +46,8 @@ def main():
             fits = {cap: largest_within(rows, cap) for cap in caps}
             md.append(f"- {variant}: largest measured batch with step peak reserved within "
                       + ", ".join(f"{cap:g} GiB: {fits[cap] if fits[cap] else 'none measured'}" for cap in caps))
+        if measured:
+            md.append("- the CUDA context (a few hundred MiB, not counted by torch) comes on top of the reserved peak")
         md.append("")
     g = merged.get("generate")
     if g:
