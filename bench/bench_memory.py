@@ -164,7 +164,7 @@ def measure(cmd, out, env, min_available):
     log = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    phases, anon, phase, t0, times = {}, {}, "setup", time.time(), {}
+    phases, anon, phase, t0, times = {}, {}, "setup", time.time(), {"hwm_reset": True}
     markers = {"setup": lambda: (out / "run_config.json").is_file(),
                "step": lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0}
     while proc.poll() is None:
@@ -183,8 +183,8 @@ def measure(cmd, out, env, min_available):
             times[phase] = time.time() - t0
             try:  # start the next phase's high-water mark from the current RSS
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-            except OSError:
-                pass
+            except OSError:  # then each phase's peak includes the earlier phases'
+                times["hwm_reset"] = False
             phase = {"setup": "step", "step": "save"}[phase]
         time.sleep(0.05)
     proc.wait()
