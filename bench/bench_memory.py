@@ -164,7 +164,7 @@ def measure(cmd, out, env, min_available):
     log = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    phases, anon, phase, t0, times = {}, {}, "setup", time.time(), {"hwm_reset": True}
+    phases, anon, phase, t0, times, reset_ok = {}, {}, "setup", time.time(), {}, True
     markers = {"setup": lambda: (out / "run_config.json").is_file(),
                "step": lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0}
     while proc.poll() is None:
@@ -184,7 +184,7 @@ def measure(cmd, out, env, min_available):
             try:  # start the next phase's high-water mark from the current RSS
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
             except OSError:  # then each phase's peak includes the earlier phases'
-                times["hwm_reset"] = False
+                reset_ok = False
             phase = {"setup": "step", "step": "save"}[phase]
         time.sleep(0.05)
     proc.wait()
@@ -192,7 +192,7 @@ def measure(cmd, out, env, min_available):
     times[phase] = time.time() - t0
     whole = max(phases.values(), default=0)  # the phases cover the run, so the largest is the run's peak
     return (proc.returncode, "".join(log), {k: v / GiB for k, v in phases.items()}, whole / GiB, times,
-            {k: v / GiB for k, v in anon.items()})
+            {k: v / GiB for k, v in anon.items()}, reset_ok)
 
 
 def rss(args):
@@ -209,13 +209,13 @@ def rss(args):
            *args.extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     print("$ " + " ".join(cmd), flush=True)
-    rc, log, phases, whole, times, anon = measure(cmd, out, env, args.min_available_gib * GiB)
+    rc, log, phases, whole, times, anon, reset_ok = measure(cmd, out, env, args.min_available_gib * GiB)
     if rc:
         sys.exit(log[-4000:] + f"\nerror: train_spin.py exited with {rc}")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     result = {"train_spin": str(Path(args.train_spin).resolve()), "resolution": args.resolution, "batch": 1,
               "lora_rank": 8, "mixed_precision": "bf16", "extra": args.extra, "peak_rss_gib": whole,
-              "phase_peak_rss_gib": phases,
+              "phase_peak_rss_gib": phases, "phase_peaks_reset_between_phases": reset_ok,
               "phase_max_anon_rss_gib": anon, "phase_end_s": times, "first_loss": first["loss"],
               "step_s": 1 / first["pairs_per_s"], "torch_threads": os.environ.get("OMP_NUM_THREADS")}
     print(json.dumps(result, indent=1))
