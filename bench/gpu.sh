@@ -46,8 +46,9 @@ else
   SD=$WORK/sd15 XL=$WORK/sdxl RES_SD=512 RES_XL=1024 SD_BATCHES=1,8,16 XL_BATCHES=1,2,4,8 STEPS=6 WARMUP=2
   GEN=(--resolution 512 --steps 50 --num_prompts 16 --batch_size 16 --mixed_precision bf16)
 fi
+# A part that fails is logged and the next one runs: one call should bring back all it can.
 steps() { python3 bench/bench_steps.py --steps "$STEPS" --warmup "$WARMUP" --work "$WORK/steps" --deadline "$deadline" \
-  --json "$OUT/steps.json" "$@" 2>&1 | log; report; }
+  --json "$OUT/steps.json" "$@" 2>&1 | log || echo "bench_steps.py failed: $*" | log; report; }
 
 echo "== 1. SDXL LoRA rank 8 ($(left) s left)" | log
 steps --label sdxl_lora_gc_8bit --pipeline "$XL" --resolution "$RES_XL" --batch_sizes "$XL_BATCHES" \
@@ -57,7 +58,8 @@ steps --label sd15_full --pipeline "$SD" --resolution "$RES_SD" --batch_sizes "$
   --common "--mixed_precision bf16 --allow_tf32" \
   --variants "8bit gc=--gradient_checkpointing --use_8bit_adam;adamw=;adamw gc=--gradient_checkpointing;8bit=--use_8bit_adam"
 echo "== 3. generation ($(left) s left)" | log
-python3 bench/bench_generate.py --pipeline "$SD" "${GEN[@]}" --images_per_prompt 1 --repeats 1 --json "$OUT/generate.json" 2>&1 | log
+python3 bench/bench_generate.py --pipeline "$SD" "${GEN[@]}" --images_per_prompt 1 --repeats 1 --json "$OUT/generate.json" 2>&1 | log \
+  || echo "bench_generate.py failed" | log
 report
 if (( $(left) > 90 )); then
   echo "== 4. SDXL LoRA without gradient checkpointing ($(left) s left)" | log
