@@ -147,22 +147,73 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
-def load_unet(unet_path, base_path):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+def is_checkpoint(unet_path):
+    """A checkpoint-N/ folder written by train_spin.py (accelerate save_state + train_state.json)."""
+    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
+
+
+def unet_source(unet_path, base_path):
+    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
+    if unet_path in (None, "", "base"):
+        return base_path, "unet"
+    if Path(unet_path, "unet", "config.json").is_file():
+        return unet_path, "unet"
+    if Path(unet_path, "config.json").is_file():
+        return unet_path, None
+    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'")
+    return unet_path, "unet"
+
+
+def checkpoint_start(ckpt):
+    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
+    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    ckpt = Path(ckpt)
+    cfg_path = ckpt.parent / "run_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
+                        "(model.unet); pass a checkpoint inside a train_spin.py output folder") from None
+    if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
+        raise UserError(f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
+                        "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead")
+    return start, base
+
+
+def unet_config(unet_path, base_path):
+    """The diffusers config of a UNet given as load_unet() takes it (a checkpoint: its run's starting UNet's)."""
     from diffusers import UNet2DConditionModel
 
-    if unet_path in (None, "", "base"):
-        where, sub = base_path, "unet"
-    elif Path(unet_path, "unet", "config.json").is_file():
-        where, sub = unet_path, "unet"
-    elif Path(unet_path, "config.json").is_file():
-        where, sub = unet_path, None
-    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, a hub id, or 'base'")
-    else:
-        where, sub = unet_path, "unet"
+    if is_checkpoint(unet_path):
+        return unet_config(*checkpoint_start(unet_path))
+    where, sub = unet_source(unet_path, base_path)
+    try:
+        return UNet2DConditionModel.load_config(where, subfolder=sub)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the UNet config from {where!r}{'/' + sub if sub else ''}: "
+                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
+
+
+def load_unet(unet_path, base_path):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
+    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
+    of a full fine-tuning train_spin.py run (its starting UNet's config + the checkpoint's model.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    if is_checkpoint(unet_path):
+        from safetensors.torch import load_file
+
+        unet = UNet2DConditionModel.from_config(unet_config(unet_path, base_path))
+        try:
+            unet.load_state_dict(load_file(str(Path(unet_path, "model.safetensors"))), strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
+                            f"{str(e).splitlines()[0]}") from None
+        return unet.to(torch.float32)
+    where, sub = unet_source(unet_path, base_path)
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -298,14 +349,22 @@ WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator n
 
 
 def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
-                 max_prompts=None, max_train_samples=None, streaming=False):
+                 max_prompts=None, max_train_samples=None, streaming=False, per_row=False):
     """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
-    prompt_index, so the same source always gives the same indices."""
+    prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
+    of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
     given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
     if len(given) != 1:
         raise UserError(f"give the prompts with exactly one of --dataset, --prompts_file"
                         f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
-    if dataset:
+    if per_row and not dataset:
+        raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
+    if dataset and per_row:
+        import itertools
+
+        rows = iter_examples(open_dataset(dataset, split, streaming), caption_column, with_images=False)
+        out = [ex["caption"] for ex in itertools.islice(rows, min(filter(None, (max_train_samples, max_prompts)), default=None))]
+    elif dataset:
         # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
         out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples)
     else:
@@ -677,6 +736,10 @@ def parse_args(argv=None):
     p.add_argument("--max_train_samples", type=int, help="read only the first N usable rows of --dataset (after dropping "
                    "ties), as train_spin.py does: pass both scripts the same value")
     p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
+    p.add_argument("--per_row", action="store_true", help="one prompt per usable training row (duplicate captions "
+                   "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
+                   "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
+                   "times fewer images), each caption's rows sharing its images")
     p.add_argument("--num_images_per_prompt", type=int, default=1)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -703,7 +766,8 @@ def main():
     check_model_path(args.pretrained_model_name_or_path)
     class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
     prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column,
-                                                          args.max_prompts, args.max_train_samples, args.streaming))
+                                                          args.max_prompts, args.max_train_samples, args.streaming,
+                                                          per_row=args.per_row))
 
     # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
     # UNet it trains, so the opponent that made these images is known exactly.

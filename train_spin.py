@@ -154,22 +154,73 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
-def load_unet(unet_path, base_path):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+def is_checkpoint(unet_path):
+    """A checkpoint-N/ folder written by train_spin.py (accelerate save_state + train_state.json)."""
+    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
+
+
+def unet_source(unet_path, base_path):
+    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
+    if unet_path in (None, "", "base"):
+        return base_path, "unet"
+    if Path(unet_path, "unet", "config.json").is_file():
+        return unet_path, "unet"
+    if Path(unet_path, "config.json").is_file():
+        return unet_path, None
+    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'")
+    return unet_path, "unet"
+
+
+def checkpoint_start(ckpt):
+    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
+    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    ckpt = Path(ckpt)
+    cfg_path = ckpt.parent / "run_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
+                        "(model.unet); pass a checkpoint inside a train_spin.py output folder") from None
+    if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
+        raise UserError(f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
+                        "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead")
+    return start, base
+
+
+def unet_config(unet_path, base_path):
+    """The diffusers config of a UNet given as load_unet() takes it (a checkpoint: its run's starting UNet's)."""
     from diffusers import UNet2DConditionModel
 
-    if unet_path in (None, "", "base"):
-        where, sub = base_path, "unet"
-    elif Path(unet_path, "unet", "config.json").is_file():
-        where, sub = unet_path, "unet"
-    elif Path(unet_path, "config.json").is_file():
-        where, sub = unet_path, None
-    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, a hub id, or 'base'")
-    else:
-        where, sub = unet_path, "unet"
+    if is_checkpoint(unet_path):
+        return unet_config(*checkpoint_start(unet_path))
+    where, sub = unet_source(unet_path, base_path)
+    try:
+        return UNet2DConditionModel.load_config(where, subfolder=sub)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the UNet config from {where!r}{'/' + sub if sub else ''}: "
+                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
+
+
+def load_unet(unet_path, base_path):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
+    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
+    of a full fine-tuning train_spin.py run (its starting UNet's config + the checkpoint's model.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    if is_checkpoint(unet_path):
+        from safetensors.torch import load_file
+
+        unet = UNet2DConditionModel.from_config(unet_config(unet_path, base_path))
+        try:
+            unet.load_state_dict(load_file(str(Path(unet_path, "model.safetensors"))), strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
+                            f"{str(e).splitlines()[0]}") from None
+        return unet.to(torch.float32)
+    where, sub = unet_source(unet_path, base_path)
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -812,13 +863,24 @@ def load_latent(path):
 
 def pair_rows(captions, valid, synthetic):
     """Pair each valid real row with one synthetic image of its caption. The j-th row of a caption takes that
-    caption's synthetic image j mod (images per caption), so every synthetic image is used. Returns
-    [(row, index into `synthetic`)] and the captions that have no synthetic image."""
+    caption's synthetic image j mod (images per caption), so every synthetic image is used. A folder generated
+    with generate.py --per_row (records carry "row", see read_synthetic_dir) pairs row i with its own image
+    (the first of row i, of the same caption), as the paper's Algorithm 1 does. Returns [(row, index into
+    `synthetic`)] and the captions that have no synthetic image."""
     by_prompt, seen, pairs, missing = {}, {}, [], {}
+    per_row = bool(synthetic) and "row" in synthetic[0]
     for k, rec in enumerate(synthetic):
-        by_prompt.setdefault(rec["prompt"], []).append(k)
+        key = (rec["row"], rec["prompt"]) if per_row else rec["prompt"]
+        by_prompt.setdefault(key, []).append(k)
     for row, (cap, ok) in enumerate(zip(captions, valid)):
         if not ok:
+            continue
+        if per_row:
+            found = by_prompt.get((row, cap))
+            if found:
+                pairs.append((row, found[0]))
+            else:
+                missing[cap] = None
             continue
         found = by_prompt.get(cap)
         if not found:
@@ -840,10 +902,12 @@ def read_synthetic_dir(path, kind="image"):
         raise UserError(f"--synthetic_dir {path}: no run_config.json/metadata.jsonl; it must be a folder written by generate.py")
     config = json.loads((path / "run_config.json").read_text())
     field = "file_name" if kind == "image" else "latent_file"
+    # generate.py --per_row: prompt i is usable training row i (duplicates kept), so each record names its row
+    per_row = bool((config.get("args") or {}).get("per_row"))
     rows = []
     for rec in read_jsonl(path / "metadata.jsonl"):
         if rec.get(field) and (path / rec[field]).is_file():
-            rows.append({**rec, "path": str(path / rec[field])})
+            rows.append({**rec, "path": str(path / rec[field]), **({"row": rec["prompt_index"]} if per_row else {})})
     if not rows:
         raise UserError(f"--synthetic_dir {path}: no finished images with {'PNG files' if kind == 'image' else 'latents'}; "
                         "rerun generate.py to complete it" + (" (or pass --synthetic_latent image)" if kind != "image" else ""))
