@@ -32,6 +32,7 @@ RECIPE=${RECIPE:-demo}
 ITERATIONS=${ITERATIONS:-3}
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}          # e.g. LAUNCH="accelerate launch --num_processes 8" for many GPUs
+DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}   # real recipes: train_spin.py's batches and noise draws made ahead in workers
 EXTRA_GENERATE_ARGS=${EXTRA_GENERATE_ARGS:-}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
 EXTRA_SAMPLE_ARGS=${EXTRA_SAMPLE_ARGS:-}
@@ -118,7 +119,7 @@ elif [[ "$RECIPE" == sd15 || "$RECIPE" == sd21 ]]; then
   SCORER_FLAGS=()
   DATA_FLAGS=(--streaming)
   [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
-  TRAIN_FLAGS=(--allow_tf32); SPIN_CKPT_FLAGS=(--checkpointing_steps 50 --checkpoints_total_limit 2)
+  TRAIN_FLAGS=(--allow_tf32 --dataloader_num_workers "$DATALOADER_WORKERS"); SPIN_CKPT_FLAGS=(--checkpointing_steps 50 --checkpoints_total_limit 2)
 elif [[ "$RECIPE" == sdxl ]]; then
   # SDXL base at 1024x1024 on one GPU with LoRA. Training settings from diffusers' Diffusion-DPO SDXL LoRA example
   # (examples/research_projects/diffusion_dpo: rank 8, lr 1e-5 constant, no warmup, batch 8 x accumulation 2,
@@ -142,7 +143,7 @@ elif [[ "$RECIPE" == sdxl ]]; then
   SCORER_FLAGS=()
   DATA_FLAGS=(--streaming)
   [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
-  TRAIN_FLAGS=(--lora_rank "$LORA_RANK" --allow_tf32); SPIN_CKPT_FLAGS=(--checkpointing_steps 250 --checkpoints_total_limit 2)
+  TRAIN_FLAGS=(--lora_rank "$LORA_RANK" --allow_tf32 --dataloader_num_workers "$DATALOADER_WORKERS"); SPIN_CKPT_FLAGS=(--checkpointing_steps 250 --checkpoints_total_limit 2)
 else
   die "--recipe must be demo, sd15, sd21 or sdxl, not '$RECIPE'"
 fi

@@ -1025,10 +1025,10 @@ def cast_frozen(module, dtype):
     if dtype == torch.float32:
         return module
     for m in module.modules():
-        if not is_norm(m):
-            for p in m.parameters(recurse=False):
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad:
+                # the norms' fp32 weights are copied too, so that no tensor keeps the loaded file's mapping alive
+                p.data = p.data.clone() if is_norm(m) else p.data.to(dtype)
     return module
 
 
@@ -1115,12 +1115,13 @@ def save_lora_outputs(unet, output_dir):
     return unet
 
 
-def adapter_on_fp32_copy(unet, args, base):
-    """The trained adapter of `unet`, put on a fresh float32 load of the starting UNet (with the same LoRA config)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def adapter_on_fp32_copy(adapter, args, base):
+    """The trained adapter's weights (peft names), put on a fresh float32 load of the starting UNet (the same LoRA
+    config)."""
+    from peft.utils import set_peft_model_state_dict
 
     copy = add_lora(load_unet(args.unet, base), args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
-    set_peft_model_state_dict(copy, {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(unet).items()})
+    set_peft_model_state_dict(copy, adapter)
     return copy
 
 
@@ -1524,7 +1525,12 @@ def main(argv=None):
     if main_proc:
         final = accelerator.unwrap_model(unet)
         if args.lora_rank:  # fused into an fp32 copy of the starting UNet: its frozen weights were held cast
-            final = save_lora_outputs(adapter_on_fp32_copy(final, args, base), out)
+            from peft.utils import get_peft_model_state_dict
+
+            adapter = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(final).items()}
+            final = unet = reference = optimizer = None
+            accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
+            final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, base), out)
         save_unet_atomically(final, out)
         cfg = json.loads((out / "run_config.json").read_text())
         write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": global_step})
