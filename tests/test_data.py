@@ -131,21 +131,11 @@ def test_image_column_on_pickapic_is_refused(tiny_pipeline, pickapic_webdataset,
     assert "drop --image_column" in error_line(p) and not (tmp_path / "out" / "unet").exists()
 
 
-def test_generate_and_sample_take_prompts_from_webdataset_shards(tiny_pipeline, pickapic_parquet, pickapic_webdataset,
-                                                                  tmp_path):
-    """generate.py's prompts from the tars (streamed) are the parquet's, with the same --max_train_samples cut as
-    training; sample.py reads a split of the tars."""
-    common = ["--pretrained_model_name_or_path", tiny_pipeline, "--resolution", "32", "--num_inference_steps", "2",
-              "--num_images_per_prompt", "1", "--batch_size", "4"]
-    p = cli("generate.py", *common, "--dataset", pickapic_webdataset, "--streaming", "--max_train_samples", "3",
-            "--output_dir", tmp_path / "synth")
-    assert p.returncode == 0, p.stderr[-2000:]
-    prompts = [r["prompt"] for r in ts.read_jsonl(tmp_path / "synth" / "metadata.jsonl")]
-    assert prompts == ts.unique_prompts(ts.open_dataset(str(pickapic_parquet), "train"), max_rows=3) == \
-        ["a red circle", "a blue square", "a green triangle"]
-
-    p = cli("sample.py", *common, "--dataset", pickapic_webdataset, "--split", "train", "--max_prompts", "2",
-            "--grid_prompts", "0", "--output_dir", tmp_path / "samples")
+def test_sample_takes_prompts_from_webdataset_shards(tiny_pipeline, pickapic_webdataset, tmp_path):
+    """sample.py's evaluation prompts from a split of the tars, streamed (generate.py: test_from_a_hub_id...)."""
+    p = cli("sample.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_webdataset, "--split",
+            "train", "--streaming", "--max_prompts", "2", "--resolution", "32", "--num_inference_steps", "1",
+            "--num_images_per_prompt", "1", "--grid_prompts", "0", "--output_dir", tmp_path / "samples")
     assert p.returncode == 0, p.stderr[-2000:]
     assert [r["prompt"] for r in ts.read_jsonl(tmp_path / "samples" / "base" / "metadata.jsonl")] == \
         ["a red circle", "a blue square"]
@@ -167,27 +157,103 @@ def test_a_split_is_the_files_named_by_it(tmp_path, layout):
         ts.open_dataset(str(root), "validation")
 
 
-def not_found_hub():
-    """A local stand-in for the Hub answering every request as it answers for a removed repository."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def answer(self):
-            body = b'{"error": "Repository not found"}'
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+class LocalHub:
+    """A local stand-in for the Hugging Face Hub serving folders as dataset repos (HF_ENDPOINT points the scripts at
+    it): the repository info, file tree and file downloads (with byte ranges, for streaming) that `datasets` asks
+    for, and for any other repository the Hub's answer for a missing one (404, RepoNotFound)."""
 
-        do_GET = do_HEAD = do_POST = answer
+    SHA = "0" * 39 + "1"
 
-        def log_message(self, *args):
-            pass
+    def __init__(self, repos):
+        import hashlib
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def reply(self, code, body=b"", headers=None, ctype="application/json"):
+                self.send_response(code)
+                for k, v in {**(headers or {}), "Content-Type": ctype, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def missing(self, code="RepoNotFound"):
+                self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": code, "X-Repo-Commit": hub.SHA})
+
+            def do_GET(self):
+                from urllib.parse import parse_qs, unquote, urlparse
+
+                url = urlparse(self.path)
+                parts = unquote(url.path).strip("/").split("/")
+                api = parts[:2] == ["api", "datasets"]
+                repo = "/".join(parts[2:4] if api else parts[1:3])
+                root = Path(repos[repo]) if repo in repos else None
+                if root is None:
+                    return self.missing()
+                if api and parts[4:5] in ([], ["revision"]):
+                    files = [{"rfilename": str(f.relative_to(root))} for f in sorted(root.rglob("*")) if f.is_file()]
+                    return self.reply(200, json.dumps({"id": repo, "sha": hub.SHA, "siblings": files, "cardData": {},
+                                                       "tags": [], "private": False}).encode())
+                if api and parts[4:5] == ["tree"]:
+                    where = root.joinpath(*parts[6:])
+                    if not where.is_dir():
+                        return self.missing("EntryNotFound")
+                    deep = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
+                    tree = [{"type": "directory", "path": str(f.relative_to(root)), "oid": "0" * 40} if f.is_dir() else
+                            {"type": "file", "path": str(f.relative_to(root)), "size": f.stat().st_size,
+                             "oid": hashlib.sha1(f.read_bytes()).hexdigest()}
+                            for f in sorted(where.rglob("*") if deep else where.iterdir())]
+                    return self.reply(200, json.dumps(tree).encode())
+                if not api and parts[3:4] == ["resolve"] and root.joinpath(*parts[5:]).is_file():
+                    data = root.joinpath(*parts[5:]).read_bytes()
+                    headers = {"X-Repo-Commit": hub.SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+                    ranged = self.headers.get("Range", "")
+                    if ranged.startswith("bytes="):
+                        start, end = ranged[6:].split("-")
+                        start, end = int(start), min(int(end) if end else len(data) - 1, len(data) - 1)
+                        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                        return self.reply(206, data[start:end + 1], headers, "application/octet-stream")
+                    return self.reply(200, data, headers, "application/octet-stream")
+                return self.missing("EntryNotFound")
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, home):
+        return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}", "HF_HOME": str(home)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_from_a_hub_id_streamed_and_not(tiny_pipeline, pickapic_parquet, pickapic_webdataset, tmp_path):
+    """The tars as a hub repository: train_spin.py streams it cut by shard file, generate.py downloads it (with
+    --max_train_samples, the same cut as training); both read the Pick-a-Pic rows the parquet gives."""
+    with LocalHub({"someone/pickapic_v2_webdataset": pickapic_webdataset}) as hub:
+        p = cli("train_spin.py", *train_args(tiny_pipeline, "someone/pickapic_v2_webdataset", tmp_path / "iter_1",
+                                             tmp_path / "cache", "--loss", "dpo", "--streaming")[1:], env=hub.env(tmp_path / "hf"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "10 usable rows of 12 read (1 ties dropped, 1 undecodable images skipped)" in p.stdout
+        assert "2 piece(s) of the dataset" in p.stdout and metrics(tmp_path / "iter_1")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        p = cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", "someone/pickapic_v2_webdataset",
+                "--max_train_samples", "3", "--resolution", "32", "--num_inference_steps", "1",
+                "--num_images_per_prompt", "1", "--output_dir", tmp_path / "synth", env=hub.env(tmp_path / "hf"))
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["prompt"] for r in ts.read_jsonl(tmp_path / "synth" / "metadata.jsonl")] == \
+        ts.unique_prompts(ts.open_dataset(str(pickapic_parquet), "train"), max_rows=3) == \
+        ["a red circle", "a blue square", "a green triangle"]
 
 
 def test_a_dataset_id_that_does_not_resolve_is_one_line(tiny_pipeline, tmp_path):
@@ -205,11 +271,7 @@ def test_a_dataset_id_that_does_not_resolve_is_one_line(tiny_pipeline, tmp_path)
     assert "nobody/no_such_dataset does not resolve" in line and REMOVED not in line
     assert not (tmp_path / "out" / "unet").exists()
 
-    server = not_found_hub()
-    try:
-        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf")}
-        p = cli("generate.py", *base, "--dataset", "yuvalkirstain/pickapic_v2", "--streaming", env=env)
-    finally:
-        server.shutdown()
+    with LocalHub({}) as hub:  # online: the Hub's own answer for a removed repository
+        p = cli("generate.py", *base, "--dataset", "yuvalkirstain/pickapic_v2", "--streaming", env=hub.env(tmp_path / "hf"))
     line = error_line(p)
     assert "doesn't exist on the Hub" in line and REMOVED in line and all(layout in line for layout in LAYOUTS), line
