@@ -212,10 +212,13 @@ def unresolved_hint(name):
 def split_files(folder, split):
     """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
     `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet` and the like (`datasets`' own inference files
-    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, or both kinds: []
-    and `datasets` decides, as for any other folder."""
+    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, both kinds, or a
+    dataset card that lists the files: [] and `datasets` decides, as for any other folder."""
     import re
 
+    readme = folder / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
+        return []  # the folder's dataset card names the files of each split (a downloaded hub copy): `datasets` reads it
     named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
     files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file()
                    and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)))

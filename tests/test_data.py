@@ -151,10 +151,25 @@ def test_a_split_is_the_files_named_by_it(tmp_path, layout):
         where, prefix = (root, f"{split}_") if layout == "prefix" else (root / split, "")
         tiny.build_pickapic_webdataset(where, n_rows=4, seed=seed, tie_rows=(), corrupt_rows=(), shards=1, prefix=prefix)
     for split, seed in (("test_unique", 2), ("test", 1), ("train", 0)):
-        twin = tiny.build_pickapic_parquet(tmp_path / f"{split}.parquet", n_rows=4, seed=seed, tie_rows=(), corrupt_rows=())
-        assert rows(ts.open_dataset(str(root), split, streaming=True))[0] == rows(ts.open_dataset(str(twin), "train"))[0]
+        assert rows(ts.open_dataset(str(root), split, streaming=True))[0] == twin_rows(tmp_path, seed), split
     with pytest.raises(ts.UserError, match="Unknown split"):
         ts.open_dataset(str(root), "validation")
+
+
+def test_a_dataset_card_that_lists_the_files_wins(tmp_path):
+    """A downloaded hub copy whose README.md names each split's files is read as its card says, not by file names."""
+    root = tmp_path / "copy"
+    tiny.build_pickapic_webdataset(root, n_rows=4, seed=0, tie_rows=(), corrupt_rows=(), shards=1, prefix="train_")
+    tiny.build_pickapic_webdataset(root / "other", n_rows=4, seed=2, tie_rows=(), corrupt_rows=(), shards=1)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: other/*.tar\n---\n# a copy\n")
+    assert rows(ts.open_dataset(str(root), "train"))[0] == twin_rows(tmp_path, 2)
+
+
+def twin_rows(tmp_path, seed):
+    """The rows build_pickapic_webdataset(n_rows=4, seed=seed, no ties or corrupt images) writes, from a parquet twin."""
+    twin = tiny.build_pickapic_parquet(tmp_path / f"twin_{seed}.parquet", n_rows=4, seed=seed, tie_rows=(), corrupt_rows=())
+    return rows(ts.open_dataset(str(twin), "train"))[0]
 
 
 class LocalHub:
