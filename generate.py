@@ -222,7 +222,8 @@ def load_unet(unet_path, base_path):
 
 
 def open_dataset(name, split, streaming=False):
-    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
+    """Load `name` (hub id, local folder in any `datasets` format, e.g. parquet files or webdataset .tar shards, or one
+    parquet/json/jsonl/csv/tar file)."""
     import datasets
 
     p = Path(name).expanduser()
@@ -231,59 +232,124 @@ def open_dataset(name, split, streaming=False):
         raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
     try:
         if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(p.suffix)
             if kind is None:
-                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
+                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
             return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+        files = split_files(p, split) if p.is_dir() else []
+        if files:
+            kind = {".tar": "webdataset", ".parquet": "parquet"}[files[0].suffix]
+            return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming)
         return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not looks_local and (isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")):
+            raise UserError(f"--dataset {name} does not resolve ({msg.rstrip('.')}){unresolved_hint(name)}") from None
         raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
 
 
+def unresolved_hint(name):
+    """What to say after a dataset id that does not resolve: the original Pick-a-Pic is gone, its copies work."""
+    if name.strip("/").lower() not in ("yuvalkirstain/pickapic_v2", "yuvalkirstain/pickapic_v1"):
+        return ": check the hub id (and HF_HUB_OFFLINE: offline, only cached datasets load) or pass a local folder"
+    return (": the original Pick-a-Pic was removed from the Hugging Face Hub in 2025; copies work in either layout, "
+            "parquet (caption, jpg_0, jpg_1, label_0, label_1) or webdataset tar shards (original_prompt.txt, jpg_0.jpg, "
+            "jpg_1.jpg, label_0.txt, label_1.txt; e.g. sayakpaul/pickapic_v2_webdataset): pass one with --dataset "
+            "(a hub id or a local folder)")
+
+
+def split_files(folder, split):
+    """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
+    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet` and the like (`datasets`' own inference files
+    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, both kinds, or a
+    dataset card that lists the files: [] and `datasets` decides, as for any other folder."""
+    import re
+
+    readme = folder / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
+        return []  # the folder's dataset card names the files of each split (a downloaded hub copy): `datasets` reads it
+    named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file()
+                   and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)))
+    return files if len({f.suffix for f in files}) == 1 else []
+
+
+# Pick-a-Pic's fields, and where its copies keep each one: the original parquet columns, or, in webdataset tar shards
+# (e.g. sayakpaul/pickapic_v2_webdataset), a file per field in each sample, which `datasets` names with its extension.
+PICKAPIC_CAPTIONS = ("caption", "caption.txt", "original_prompt.txt")
+
+
+def pickapic_columns(column_names, caption_column="caption"):
+    """{field: column} for caption, jpg_0, jpg_1, label_0, label_1 when the dataset is Pick-a-Pic (either layout),
+    else None. A --caption_column other than the default is taken as given."""
+    names = list(column_names)
+
+    def column(field):  # the original name, else the name with one extension (jpg_0.jpg, label_0.txt)
+        return field if field in names else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
+
+    cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
+    if None in cols.values():
+        return None
+    if caption_column == "caption":
+        caption_column = next((c for c in PICKAPIC_CAPTIONS if c in names), caption_column)
+    return {"caption": caption_column, **cols}
+
+
 def is_pickapic(column_names):
-    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
+    return pickapic_columns(column_names) is not None
 
 
 def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
-    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
-    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
-    stats["ties_dropped"] (stats["rows_read"] counts every row read, ties included; usable rows are what is
-    yielded). Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1, as
+    parquet columns or webdataset files: see pickapic_columns) give the image labelled 1 as "image" and the other as
+    "image_lose"; ties are dropped and counted in stats["ties_dropped"] (stats["rows_read"] counts every row read,
+    ties included; usable rows are what is yielded). Images are returned undecoded (bytes, path dict or PIL): see
+    decode_image()."""
     import datasets
 
     stats = {} if stats is None else stats
     stats.setdefault("rows_read", 0)
     stats.setdefault("ties_dropped", 0)
     names = list(ds.column_names or ds.features or [])
-    pickapic = is_pickapic(names) and image_column is None
+    cols = pickapic_columns(names, caption_column)
+    if cols and image_column in ("jpg_0", "jpg_1", cols["jpg_0"], cols["jpg_1"]):
+        raise UserError(f"--image_column {image_column}: in Pick-a-Pic the real image is jpg_0 or jpg_1 by each row's "
+                        "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped")
+    pickapic = cols is not None and image_column is None
+    if pickapic:
+        caption_column = cols["caption"]
     if image_column is None and not pickapic:
         image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
-    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
-    if with_images:
-        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
-    missing = [c for c in need if c not in names]
+    need = [caption_column] + ([cols["label_0"], cols["label_1"]] if pickapic else [])
+    images = ([cols["jpg_0"], cols["jpg_1"]] if pickapic else [image_column]) if with_images else []
+    missing = [c for c in need + images if c not in names]
     if missing:
         raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
                         "set --caption_column / --image_column to the right names")
-    ds = ds.select_columns(need)
-    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    ds = ds.select_columns(need + images)
+    for c in images:
+        if isinstance((ds.features or {}).get(c), datasets.Image):
+            ds = ds.cast_column(c, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
     for row in ds:
         stats["rows_read"] += 1
-        ex = {"caption": row[caption_column]}
+        caption = row[caption_column]
+        ex = {"caption": caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption}
         if pickapic:
-            l0, l1 = float(row["label_0"]), float(row["label_1"])
+            try:  # the parquet layout holds floats, the webdataset one text ("1.0", "0", "0.5")
+                l0, l1 = float(row[cols["label_0"]]), float(row[cols["label_1"]])
+            except (TypeError, ValueError):
+                raise UserError(f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
+                                f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset") from None
             if l0 == l1:
                 stats["ties_dropped"] += 1
                 continue
             win = 0 if l0 > l1 else 1
             if with_images:
-                ex["image"] = row[f"jpg_{win}"]
+                ex["image"] = row[cols[f"jpg_{win}"]]
                 if with_loser:
-                    ex["image_lose"] = row[f"jpg_{1 - win}"]
+                    ex["image_lose"] = row[cols[f"jpg_{1 - win}"]]
         elif with_images:
             ex["image"] = row[image_column]
         if with_loser and "image_lose" not in ex:

@@ -95,7 +95,7 @@ elif [[ "$RECIPE" == sd15 || "$RECIPE" == sd21 ]]; then
   UNET0=${UNET0:-base}
   DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
   MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-}     # e.g. 100000 for a first run; empty: the whole split
-  TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
+  TEST_DATASET=${TEST_DATASET:-$DATASET}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
   GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-7.5}; SCHEDULER=${SCHEDULER:-}
   # SCHEDULE=paper: A.1's per-iteration lr / beta / steps, reproduced as written (iteration 1's 50 steps end inside
   # the 200-step warm-up, at a quarter of its lr); SCHEDULE=card: the model card's one recipe for every iteration.
@@ -130,7 +130,7 @@ elif [[ "$RECIPE" == sdxl ]]; then
   UNET0=${UNET0:-base}
   DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
   MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-32000}   # 2000 steps x 16 pairs: each real row seen once per iteration
-  TEST_DATASET=${TEST_DATASET:-yuvalkirstain/pickapic_v2}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
+  TEST_DATASET=${TEST_DATASET:-$DATASET}; TEST_SPLIT=${TEST_SPLIT:-test_unique}
   RESOLUTION=${RESOLUTION:-1024}
   GEN_IMAGES=${GEN_IMAGES:-1}; GEN_STEPS=${GEN_STEPS:-50}; GUIDANCE=${GUIDANCE:-5.0}; SCHEDULER=${SCHEDULER:-}
   GEN_BATCH=${GEN_BATCH:-4}
@@ -169,7 +169,7 @@ DPO_LR=${DPO_LR:-${LR%%,*}}; DPO_BETA=${DPO_BETA:-${BETA%%,*}}; DPO_STEPS=${DPO_
 DPO_LR_SCHEDULER=${DPO_LR_SCHEDULER:-${LR_SCHEDULER%%,*}}; DPO_WARMUP=${DPO_WARMUP:-${WARMUP%%,*}}
 # Validation: every model (iterations, baselines, SFT checkpoints) on held-out prompts, at other seeds than the test
 # samples; the best per family by VAL_METRIC's mean over prompts is recorded (and the chosen SFT is the test's).
-VAL_DATASET=${VAL_DATASET:-yuvalkirstain/pickapic_v2}; VAL_SPLIT=${VAL_SPLIT:-validation_unique}
+VAL_DATASET=${VAL_DATASET:-$DATASET}; VAL_SPLIT=${VAL_SPLIT:-validation_unique}
 VAL_PROMPTS=${VAL_PROMPTS:-500}; VAL_IMAGES=${VAL_IMAGES:-1}; VAL_SEED=${VAL_SEED:-4321}; VAL_METRIC=${VAL_METRIC:-pickscore}
 [[ "$VAL_PROMPTS" =~ ^[0-9]+$ ]] || die "--val_prompts must be a number (0: no validation), not '$VAL_PROMPTS'"
 [[ "$SFT_CHECKPOINT_STEPS" =~ ^[0-9]+$ ]] || die "--sft_checkpoint_steps must be a number (0: the final SFT only), not '$SFT_CHECKPOINT_STEPS'"
