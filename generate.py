@@ -208,7 +208,10 @@ def load_unet(unet_path, base_path):
 
         unet = UNet2DConditionModel.from_config(unet_config(unet_path, base_path))
         try:
-            unet.load_state_dict(load_file(str(Path(unet_path, "model.safetensors"))), strict=True)
+            state = load_file(str(Path(unet_path, "model.safetensors")))
+            # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+            unet.load_state_dict(state, strict=True)
         except (OSError, RuntimeError) as e:
             raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
                             f"{str(e).splitlines()[0]}") from None

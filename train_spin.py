@@ -215,7 +215,10 @@ def load_unet(unet_path, base_path):
 
         unet = UNet2DConditionModel.from_config(unet_config(unet_path, base_path))
         try:
-            unet.load_state_dict(load_file(str(Path(unet_path, "model.safetensors"))), strict=True)
+            state = load_file(str(Path(unet_path, "model.safetensors")))
+            # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+            unet.load_state_dict(state, strict=True)
         except (OSError, RuntimeError) as e:
             raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
                             f"{str(e).splitlines()[0]}") from None
@@ -1028,6 +1031,8 @@ def identity(args):
 
 
 def check_same_run(saved, current, where):
+    if "pair_noise" not in saved and "independent_pair_noise" in saved:  # a run recorded before --pair_noise
+        saved = {**saved, "pair_noise": "independent" if saved["independent_pair_noise"] else "shared"}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         k, (old, new) = next(iter(diff.items()))

@@ -85,3 +85,14 @@ def test_per_row_generation_is_one_setting(tmp_path):
     gen = commands(loop(tmp_path, "--gen_per_row", "1"), "generate.py")
     assert all(c.get("per_row") is True for c in gen)
     assert not any("per_row" in c for c in commands(loop(tmp_path), "generate.py"))
+
+
+def test_recipes_use_dataloader_workers_and_refuse_lora_sft_checkpoints(tmp_path):
+    train = commands(loop(tmp_path, "--recipe", "sd15"), "train_spin.py")
+    assert all(c["dataloader_num_workers"] == "4" for c in train)
+    # a LoRA run's checkpoints hold only the adapter: SFT candidates from them would fail at validation, hours later
+    for flags, env in ((["--recipe", "sdxl", "--baselines", "sft", "--sft_checkpoint_steps", "500"], {}),
+                       (["--recipe", "sd15", "--baselines", "sft"], {"EXTRA_TRAIN_ARGS": "--lora_rank 4"})):
+        p = loop(tmp_path, *flags, **env)
+        assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, p.stderr
+    assert loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft").returncode == 0  # its default: the final SFT only

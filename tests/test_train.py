@@ -258,6 +258,13 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     assert "other settings" in error_line(p)
 
 
+def test_a_run_recorded_before_pair_noise_is_the_same_run():
+    old = {"independent_pair_noise": False, "beta": 5000.0}
+    ts.check_same_run(old, {"pair_noise": "shared", "beta": 5000.0}, "x")
+    with pytest.raises(ts.UserError, match="pair_noise"):
+        ts.check_same_run(old, {"pair_noise": "independent", "beta": 5000.0}, "x")
+
+
 def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     from safetensors.torch import load_file
 
@@ -528,6 +535,9 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     w3 = weights(resumed)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(two)][2:]
+    # the 2-process checkpoint (the DDP wrapper's state) loads as a UNet, the weights of that step
+    at_step_2 = ts.load_unet(str(two / "checkpoint-2"), str(tiny_pipeline)).state_dict()
+    assert at_step_2.keys() == w0.keys() and any(not torch.equal(at_step_2[k], w0[k]) for k in w0)
     # ... but not on another number of processes: the global batch, each process's rows and its draws would differ
     assert json.loads((two / "checkpoint-2" / "train_state.json").read_text())["num_processes"] == 2
     p = train("train_spin.py", *map(str, common), "--output_dir", tmp_path / "one_more", "--cache_dir", tmp_path / "c2",
