@@ -183,20 +183,6 @@ def checkpoint_start(ckpt):
     return start, base
 
 
-def unet_config(unet_path, base_path):
-    """The diffusers config of a UNet given as load_unet() takes it (a checkpoint: its run's starting UNet's)."""
-    from diffusers import UNet2DConditionModel
-
-    if is_checkpoint(unet_path):
-        return unet_config(*checkpoint_start(unet_path))
-    where, sub = unet_source(unet_path, base_path)
-    try:
-        return UNet2DConditionModel.load_config(where, subfolder=sub)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the UNet config from {where!r}{'/' + sub if sub else ''}: "
-                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
-
-
 def load_unet(unet_path, base_path):
     """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
     unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
@@ -206,7 +192,9 @@ def load_unet(unet_path, base_path):
     if is_checkpoint(unet_path):
         from safetensors.torch import load_file
 
-        unet = UNet2DConditionModel.from_config(unet_config(unet_path, base_path))
+        # the run's starting UNet gives the architecture (loaded, not built from its config: diffusers' loading in
+        # another thread can leave a model built meanwhile on the meta device), the checkpoint its weights
+        unet = load_unet(*checkpoint_start(unet_path))
         try:
             state = load_file(str(Path(unet_path, "model.safetensors")))
             # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
