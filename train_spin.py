@@ -589,7 +589,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, pairs, seed, global_batch, process_index, per_device, latent_shape, num_train_timesteps,
                  pair_noise, caption_dropout):
         self.pairs, self.seed, self.global_batch = pairs, seed, global_batch
-        self.first, self.per_device = process_index * per_device, per_device
+        self.process_index, self.per_device, self.first = process_index, per_device, process_index * per_device
         self.latent_shape, self.T, self.pair_noise, self.caption_dropout = latent_shape, num_train_timesteps, pair_noise, caption_dropout
         self.perm = (None, None)  # (epoch, permutation): each worker keeps the current epoch's
 
@@ -598,7 +598,7 @@ class StepBatches(torch.utils.data.Dataset):
         epoch = micro // (n // self.global_batch)
         if self.perm[0] != epoch:
             self.perm = (epoch, epoch_permutation(n, self.seed, epoch))
-        rows = batch_indices(n, self.seed, self.global_batch, micro, self.first // self.per_device, self.per_device,
+        rows = batch_indices(n, self.seed, self.global_batch, micro, self.process_index, self.per_device,
                              self.perm[1])
         batch = torch.utils.data.default_collate([self.pairs[i] for i in rows])
         t, noise, t2, noise2, drop = draw_step(self.seed, micro, self.global_batch, self.first, self.first + len(rows),
@@ -1253,8 +1253,11 @@ def main(argv=None):
             force_zeros = bool(DiffusionPipeline.load_config(base).get("force_zeros_for_empty_prompt", True))
         except (OSError, ValueError) as e:
             raise UserError(f"could not load the SDXL pipeline {base!r}: {str(e).splitlines()[0]}") from None
-    if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
+    try:
         vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the VAE config of {base!r}: {str(e).splitlines()[0]}") from None
+    if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
         args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     # A finished output_dir with the same settings is a no-op (shell loops re-run stages freely).
@@ -1272,11 +1275,7 @@ def main(argv=None):
     enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16: its config asks for fp32 (force_upcast), as the pipeline does; bf16's range is
     # fp32's, so bf16 is kept.
-    try:
-        force_upcast = AutoencoderKL.load_config(base, subfolder="vae").get("force_upcast", False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the VAE config of {base!r}: {str(e).splitlines()[0]}") from None
-    vae_dtype = torch.float32 if force_upcast and enc_dtype == torch.float16 else enc_dtype
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) and enc_dtype == torch.float16 else enc_dtype
     vae = None
 
     def encode(imgs):
