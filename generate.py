@@ -147,22 +147,64 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
+def is_checkpoint(unet_path):
+    """A checkpoint-N/ folder written by train_spin.py (accelerate save_state + train_state.json)."""
+    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
+
+
+def unet_source(unet_path, base_path):
+    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
+    if unet_path in (None, "", "base"):
+        return base_path, "unet"
+    if Path(unet_path, "unet", "config.json").is_file():
+        return unet_path, "unet"
+    if Path(unet_path, "config.json").is_file():
+        return unet_path, None
+    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'")
+    return unet_path, "unet"
+
+
+def checkpoint_start(ckpt):
+    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
+    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    ckpt = Path(ckpt)
+    cfg_path = ckpt.parent / "run_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
+                        "(model.unet); pass a checkpoint inside a train_spin.py output folder") from None
+    if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
+        raise UserError(f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
+                        "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead")
+    return start, base
+
+
 def load_unet(unet_path, base_path):
     """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
+    of a full fine-tuning train_spin.py run (its starting UNet's config + the checkpoint's model.safetensors)."""
     from diffusers import UNet2DConditionModel
 
-    if unet_path in (None, "", "base"):
-        where, sub = base_path, "unet"
-    elif Path(unet_path, "unet", "config.json").is_file():
-        where, sub = unet_path, "unet"
-    elif Path(unet_path, "config.json").is_file():
-        where, sub = unet_path, None
-    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, a hub id, or 'base'")
-    else:
-        where, sub = unet_path, "unet"
+    if is_checkpoint(unet_path):
+        from safetensors.torch import load_file
+
+        # the run's starting UNet gives the architecture (loaded, not built from its config: diffusers' loading in
+        # another thread can leave a model built meanwhile on the meta device), the checkpoint its weights
+        unet = load_unet(*checkpoint_start(unet_path))
+        try:
+            state = load_file(str(Path(unet_path, "model.safetensors")))
+            # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+            unet.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
+                            f"{str(e).splitlines()[0]}") from None
+        return unet.to(torch.float32)
+    where, sub = unet_source(unet_path, base_path)
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -171,7 +213,8 @@ def load_unet(unet_path, base_path):
 
 
 def open_dataset(name, split, streaming=False):
-    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
+    """Load `name` (hub id, local folder in any `datasets` format, e.g. parquet files or webdataset .tar shards, or one
+    parquet/json/jsonl/csv/tar file)."""
     import datasets
 
     p = Path(name).expanduser()
@@ -180,59 +223,124 @@ def open_dataset(name, split, streaming=False):
         raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
     try:
         if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(p.suffix)
             if kind is None:
-                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
+                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
             return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+        files = split_files(p, split) if p.is_dir() else []
+        if files:
+            kind = {".tar": "webdataset", ".parquet": "parquet"}[files[0].suffix]
+            return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming)
         return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not looks_local and (isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")):
+            raise UserError(f"--dataset {name} does not resolve ({msg.rstrip('.')}){unresolved_hint(name)}") from None
         raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
 
 
+def unresolved_hint(name):
+    """What to say after a dataset id that does not resolve: the original Pick-a-Pic is gone, its copies work."""
+    if name.strip("/").lower() not in ("yuvalkirstain/pickapic_v2", "yuvalkirstain/pickapic_v1"):
+        return ": check the hub id (and HF_HUB_OFFLINE: offline, only cached datasets load) or pass a local folder"
+    return (": the original Pick-a-Pic was removed from the Hugging Face Hub in 2025; copies work in either layout, "
+            "parquet (caption, jpg_0, jpg_1, label_0, label_1) or webdataset tar shards (original_prompt.txt, jpg_0.jpg, "
+            "jpg_1.jpg, label_0.txt, label_1.txt; e.g. sayakpaul/pickapic_v2_webdataset): pass one with --dataset "
+            "(a hub id or a local folder)")
+
+
+def split_files(folder, split):
+    """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
+    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet` and the like (`datasets`' own inference files
+    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, both kinds, or a
+    dataset card that lists the files: [] and `datasets` decides, as for any other folder."""
+    import re
+
+    readme = folder / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
+        return []  # the folder's dataset card names the files of each split (a downloaded hub copy): `datasets` reads it
+    named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file()
+                   and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)))
+    return files if len({f.suffix for f in files}) == 1 else []
+
+
+# Pick-a-Pic's fields, and where its copies keep each one: the original parquet columns, or, in webdataset tar shards
+# (e.g. sayakpaul/pickapic_v2_webdataset), a file per field in each sample, which `datasets` names with its extension.
+PICKAPIC_CAPTIONS = ("caption", "caption.txt", "original_prompt.txt")
+
+
+def pickapic_columns(column_names, caption_column="caption"):
+    """{field: column} for caption, jpg_0, jpg_1, label_0, label_1 when the dataset is Pick-a-Pic (either layout),
+    else None. A --caption_column other than the default is taken as given."""
+    names = list(column_names)
+
+    def column(field):  # the original name, else the name with one extension (jpg_0.jpg, label_0.txt)
+        return field if field in names else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
+
+    cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
+    if None in cols.values():
+        return None
+    if caption_column == "caption":
+        caption_column = next((c for c in PICKAPIC_CAPTIONS if c in names), caption_column)
+    return {"caption": caption_column, **cols}
+
+
 def is_pickapic(column_names):
-    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
+    return pickapic_columns(column_names) is not None
 
 
 def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
-    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
-    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
-    stats["ties_dropped"] (stats["rows_read"] counts every row read, ties included; usable rows are what is
-    yielded). Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1, as
+    parquet columns or webdataset files: see pickapic_columns) give the image labelled 1 as "image" and the other as
+    "image_lose"; ties are dropped and counted in stats["ties_dropped"] (stats["rows_read"] counts every row read,
+    ties included; usable rows are what is yielded). Images are returned undecoded (bytes, path dict or PIL): see
+    decode_image()."""
     import datasets
 
     stats = {} if stats is None else stats
     stats.setdefault("rows_read", 0)
     stats.setdefault("ties_dropped", 0)
     names = list(ds.column_names or ds.features or [])
-    pickapic = is_pickapic(names) and image_column is None
+    cols = pickapic_columns(names, caption_column)
+    if cols and image_column in ("jpg_0", "jpg_1", cols["jpg_0"], cols["jpg_1"]):
+        raise UserError(f"--image_column {image_column}: in Pick-a-Pic the real image is jpg_0 or jpg_1 by each row's "
+                        "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped")
+    pickapic = cols is not None and image_column is None
+    if pickapic:
+        caption_column = cols["caption"]
     if image_column is None and not pickapic:
         image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
-    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
-    if with_images:
-        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
-    missing = [c for c in need if c not in names]
+    need = [caption_column] + ([cols["label_0"], cols["label_1"]] if pickapic else [])
+    images = ([cols["jpg_0"], cols["jpg_1"]] if pickapic else [image_column]) if with_images else []
+    missing = [c for c in need + images if c not in names]
     if missing:
         raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
                         "set --caption_column / --image_column to the right names")
-    ds = ds.select_columns(need)
-    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    ds = ds.select_columns(need + images)
+    for c in images:
+        if isinstance((ds.features or {}).get(c), datasets.Image):
+            ds = ds.cast_column(c, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
     for row in ds:
         stats["rows_read"] += 1
-        ex = {"caption": row[caption_column]}
+        caption = row[caption_column]
+        ex = {"caption": caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption}
         if pickapic:
-            l0, l1 = float(row["label_0"]), float(row["label_1"])
+            try:  # the parquet layout holds floats, the webdataset one text ("1.0", "0", "0.5")
+                l0, l1 = float(row[cols["label_0"]]), float(row[cols["label_1"]])
+            except (TypeError, ValueError):
+                raise UserError(f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
+                                f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset") from None
             if l0 == l1:
                 stats["ties_dropped"] += 1
                 continue
             win = 0 if l0 > l1 else 1
             if with_images:
-                ex["image"] = row[f"jpg_{win}"]
+                ex["image"] = row[cols[f"jpg_{win}"]]
                 if with_loser:
-                    ex["image_lose"] = row[f"jpg_{1 - win}"]
+                    ex["image_lose"] = row[cols[f"jpg_{1 - win}"]]
         elif with_images:
             ex["image"] = row[image_column]
         if with_loser and "image_lose" not in ex:
@@ -298,14 +406,22 @@ WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator n
 
 
 def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
-                 max_prompts=None, max_train_samples=None, streaming=False):
+                 max_prompts=None, max_train_samples=None, streaming=False, per_row=False):
     """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
-    prompt_index, so the same source always gives the same indices."""
+    prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
+    of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
     given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
     if len(given) != 1:
         raise UserError(f"give the prompts with exactly one of --dataset, --prompts_file"
                         f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
-    if dataset:
+    if per_row and not dataset:
+        raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
+    if dataset and per_row:
+        import itertools
+
+        rows = iter_examples(open_dataset(dataset, split, streaming), caption_column, with_images=False)
+        out = [ex["caption"] for ex in itertools.islice(rows, min(filter(None, (max_train_samples, max_prompts)), default=None))]
+    elif dataset:
         # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
         out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples)
     else:
@@ -677,6 +793,10 @@ def parse_args(argv=None):
     p.add_argument("--max_train_samples", type=int, help="read only the first N usable rows of --dataset (after dropping "
                    "ties), as train_spin.py does: pass both scripts the same value")
     p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
+    p.add_argument("--per_row", action="store_true", help="one prompt per usable training row (duplicate captions "
+                   "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
+                   "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
+                   "times fewer images), each caption's rows sharing its images")
     p.add_argument("--num_images_per_prompt", type=int, default=1)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -703,7 +823,8 @@ def main():
     check_model_path(args.pretrained_model_name_or_path)
     class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
     prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column,
-                                                          args.max_prompts, args.max_train_samples, args.streaming))
+                                                          args.max_prompts, args.max_train_samples, args.streaming,
+                                                          per_row=args.per_row))
 
     # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
     # UNet it trains, so the opponent that made these images is known exactly.

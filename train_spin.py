@@ -154,22 +154,64 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
+def is_checkpoint(unet_path):
+    """A checkpoint-N/ folder written by train_spin.py (accelerate save_state + train_state.json)."""
+    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
+
+
+def unet_source(unet_path, base_path):
+    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
+    if unet_path in (None, "", "base"):
+        return base_path, "unet"
+    if Path(unet_path, "unet", "config.json").is_file():
+        return unet_path, "unet"
+    if Path(unet_path, "config.json").is_file():
+        return unet_path, None
+    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                        "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'")
+    return unet_path, "unet"
+
+
+def checkpoint_start(ckpt):
+    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
+    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    ckpt = Path(ckpt)
+    cfg_path = ckpt.parent / "run_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
+                        "(model.unet); pass a checkpoint inside a train_spin.py output folder") from None
+    if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
+        raise UserError(f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
+                        "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead")
+    return start, base
+
+
 def load_unet(unet_path, base_path):
     """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, or a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*)."""
+    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
+    of a full fine-tuning train_spin.py run (its starting UNet's config + the checkpoint's model.safetensors)."""
     from diffusers import UNet2DConditionModel
 
-    if unet_path in (None, "", "base"):
-        where, sub = base_path, "unet"
-    elif Path(unet_path, "unet", "config.json").is_file():
-        where, sub = unet_path, "unet"
-    elif Path(unet_path, "config.json").is_file():
-        where, sub = unet_path, None
-    elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, a hub id, or 'base'")
-    else:
-        where, sub = unet_path, "unet"
+    if is_checkpoint(unet_path):
+        from safetensors.torch import load_file
+
+        # the run's starting UNet gives the architecture (loaded, not built from its config: diffusers' loading in
+        # another thread can leave a model built meanwhile on the meta device), the checkpoint its weights
+        unet = load_unet(*checkpoint_start(unet_path))
+        try:
+            state = load_file(str(Path(unet_path, "model.safetensors")))
+            # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+            unet.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
+                            f"{str(e).splitlines()[0]}") from None
+        return unet.to(torch.float32)
+    where, sub = unet_source(unet_path, base_path)
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -178,7 +220,8 @@ def load_unet(unet_path, base_path):
 
 
 def open_dataset(name, split, streaming=False):
-    """Load `name` (hub id, local folder in any `datasets` format, or one parquet/json/jsonl/csv file)."""
+    """Load `name` (hub id, local folder in any `datasets` format, e.g. parquet files or webdataset .tar shards, or one
+    parquet/json/jsonl/csv/tar file)."""
     import datasets
 
     p = Path(name).expanduser()
@@ -187,59 +230,124 @@ def open_dataset(name, split, streaming=False):
         raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
     try:
         if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(p.suffix)
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(p.suffix)
             if kind is None:
-                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l) or csv")
+                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
             return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+        files = split_files(p, split) if p.is_dir() else []
+        if files:
+            kind = {".tar": "webdataset", ".parquet": "parquet"}[files[0].suffix]
+            return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming)
         return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not looks_local and (isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")):
+            raise UserError(f"--dataset {name} does not resolve ({msg.rstrip('.')}){unresolved_hint(name)}") from None
         raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
 
 
+def unresolved_hint(name):
+    """What to say after a dataset id that does not resolve: the original Pick-a-Pic is gone, its copies work."""
+    if name.strip("/").lower() not in ("yuvalkirstain/pickapic_v2", "yuvalkirstain/pickapic_v1"):
+        return ": check the hub id (and HF_HUB_OFFLINE: offline, only cached datasets load) or pass a local folder"
+    return (": the original Pick-a-Pic was removed from the Hugging Face Hub in 2025; copies work in either layout, "
+            "parquet (caption, jpg_0, jpg_1, label_0, label_1) or webdataset tar shards (original_prompt.txt, jpg_0.jpg, "
+            "jpg_1.jpg, label_0.txt, label_1.txt; e.g. sayakpaul/pickapic_v2_webdataset): pass one with --dataset "
+            "(a hub id or a local folder)")
+
+
+def split_files(folder, split):
+    """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
+    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet` and the like (`datasets`' own inference files
+    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, both kinds, or a
+    dataset card that lists the files: [] and `datasets` decides, as for any other folder."""
+    import re
+
+    readme = folder / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
+        return []  # the folder's dataset card names the files of each split (a downloaded hub copy): `datasets` reads it
+    named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file()
+                   and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)))
+    return files if len({f.suffix for f in files}) == 1 else []
+
+
+# Pick-a-Pic's fields, and where its copies keep each one: the original parquet columns, or, in webdataset tar shards
+# (e.g. sayakpaul/pickapic_v2_webdataset), a file per field in each sample, which `datasets` names with its extension.
+PICKAPIC_CAPTIONS = ("caption", "caption.txt", "original_prompt.txt")
+
+
+def pickapic_columns(column_names, caption_column="caption"):
+    """{field: column} for caption, jpg_0, jpg_1, label_0, label_1 when the dataset is Pick-a-Pic (either layout),
+    else None. A --caption_column other than the default is taken as given."""
+    names = list(column_names)
+
+    def column(field):  # the original name, else the name with one extension (jpg_0.jpg, label_0.txt)
+        return field if field in names else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
+
+    cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
+    if None in cols.values():
+        return None
+    if caption_column == "caption":
+        caption_column = next((c for c in PICKAPIC_CAPTIONS if c in names), caption_column)
+    return {"caption": caption_column, **cols}
+
+
 def is_pickapic(column_names):
-    return {"jpg_0", "jpg_1", "label_0", "label_1"} <= set(column_names)
+    return pickapic_columns(column_names) is not None
 
 
 def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
-    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1)
-    give the image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted in
-    stats["ties_dropped"] (stats["rows_read"] counts every row read, ties included; usable rows are what is
-    yielded). Images are returned undecoded (bytes, path dict or PIL): see decode_image()."""
+    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1, as
+    parquet columns or webdataset files: see pickapic_columns) give the image labelled 1 as "image" and the other as
+    "image_lose"; ties are dropped and counted in stats["ties_dropped"] (stats["rows_read"] counts every row read,
+    ties included; usable rows are what is yielded). Images are returned undecoded (bytes, path dict or PIL): see
+    decode_image()."""
     import datasets
 
     stats = {} if stats is None else stats
     stats.setdefault("rows_read", 0)
     stats.setdefault("ties_dropped", 0)
     names = list(ds.column_names or ds.features or [])
-    pickapic = is_pickapic(names) and image_column is None
+    cols = pickapic_columns(names, caption_column)
+    if cols and image_column in ("jpg_0", "jpg_1", cols["jpg_0"], cols["jpg_1"]):
+        raise UserError(f"--image_column {image_column}: in Pick-a-Pic the real image is jpg_0 or jpg_1 by each row's "
+                        "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped")
+    pickapic = cols is not None and image_column is None
+    if pickapic:
+        caption_column = cols["caption"]
     if image_column is None and not pickapic:
         image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
-    need = [caption_column] + (["label_0", "label_1"] if pickapic else [])
-    if with_images:
-        need += ["jpg_0", "jpg_1"] if pickapic else [image_column]
-    missing = [c for c in need if c not in names]
+    need = [caption_column] + ([cols["label_0"], cols["label_1"]] if pickapic else [])
+    images = ([cols["jpg_0"], cols["jpg_1"]] if pickapic else [image_column]) if with_images else []
+    missing = [c for c in need + images if c not in names]
     if missing:
         raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
                         "set --caption_column / --image_column to the right names")
-    ds = ds.select_columns(need)
-    if with_images and not pickapic and isinstance((ds.features or {}).get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+    ds = ds.select_columns(need + images)
+    for c in images:
+        if isinstance((ds.features or {}).get(c), datasets.Image):
+            ds = ds.cast_column(c, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
     for row in ds:
         stats["rows_read"] += 1
-        ex = {"caption": row[caption_column]}
+        caption = row[caption_column]
+        ex = {"caption": caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption}
         if pickapic:
-            l0, l1 = float(row["label_0"]), float(row["label_1"])
+            try:  # the parquet layout holds floats, the webdataset one text ("1.0", "0", "0.5")
+                l0, l1 = float(row[cols["label_0"]]), float(row[cols["label_1"]])
+            except (TypeError, ValueError):
+                raise UserError(f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
+                                f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset") from None
             if l0 == l1:
                 stats["ties_dropped"] += 1
                 continue
             win = 0 if l0 > l1 else 1
             if with_images:
-                ex["image"] = row[f"jpg_{win}"]
+                ex["image"] = row[cols[f"jpg_{win}"]]
                 if with_loser:
-                    ex["image_lose"] = row[f"jpg_{1 - win}"]
+                    ex["image_lose"] = row[cols[f"jpg_{1 - win}"]]
         elif with_images:
             ex["image"] = row[image_column]
         if with_loser and "image_lose" not in ex:
@@ -481,7 +589,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, pairs, seed, global_batch, process_index, per_device, latent_shape, num_train_timesteps,
                  pair_noise, caption_dropout):
         self.pairs, self.seed, self.global_batch = pairs, seed, global_batch
-        self.first, self.per_device = process_index * per_device, per_device
+        self.process_index, self.per_device, self.first = process_index, per_device, process_index * per_device
         self.latent_shape, self.T, self.pair_noise, self.caption_dropout = latent_shape, num_train_timesteps, pair_noise, caption_dropout
         self.perm = (None, None)  # (epoch, permutation): each worker keeps the current epoch's
 
@@ -490,7 +598,7 @@ class StepBatches(torch.utils.data.Dataset):
         epoch = micro // (n // self.global_batch)
         if self.perm[0] != epoch:
             self.perm = (epoch, epoch_permutation(n, self.seed, epoch))
-        rows = batch_indices(n, self.seed, self.global_batch, micro, self.first // self.per_device, self.per_device,
+        rows = batch_indices(n, self.seed, self.global_batch, micro, self.process_index, self.per_device,
                              self.perm[1])
         batch = torch.utils.data.default_collate([self.pairs[i] for i in rows])
         t, noise, t2, noise2, drop = draw_step(self.seed, micro, self.global_batch, self.first, self.first + len(rows),
@@ -812,13 +920,24 @@ def load_latent(path):
 
 def pair_rows(captions, valid, synthetic):
     """Pair each valid real row with one synthetic image of its caption. The j-th row of a caption takes that
-    caption's synthetic image j mod (images per caption), so every synthetic image is used. Returns
-    [(row, index into `synthetic`)] and the captions that have no synthetic image."""
+    caption's synthetic image j mod (images per caption), so every synthetic image is used. A folder generated
+    with generate.py --per_row (records carry "row", see read_synthetic_dir) pairs row i with its own image
+    (the first of row i, of the same caption), as the paper's Algorithm 1 does. Returns [(row, index into
+    `synthetic`)] and the captions that have no synthetic image."""
     by_prompt, seen, pairs, missing = {}, {}, [], {}
+    per_row = bool(synthetic) and "row" in synthetic[0]
     for k, rec in enumerate(synthetic):
-        by_prompt.setdefault(rec["prompt"], []).append(k)
+        key = (rec["row"], rec["prompt"]) if per_row else rec["prompt"]
+        by_prompt.setdefault(key, []).append(k)
     for row, (cap, ok) in enumerate(zip(captions, valid)):
         if not ok:
+            continue
+        if per_row:
+            found = by_prompt.get((row, cap))
+            if found:
+                pairs.append((row, found[0]))
+            else:
+                missing[cap] = None
             continue
         found = by_prompt.get(cap)
         if not found:
@@ -840,10 +959,12 @@ def read_synthetic_dir(path, kind="image"):
         raise UserError(f"--synthetic_dir {path}: no run_config.json/metadata.jsonl; it must be a folder written by generate.py")
     config = json.loads((path / "run_config.json").read_text())
     field = "file_name" if kind == "image" else "latent_file"
+    # generate.py --per_row: prompt i is usable training row i (duplicates kept), so each record names its row
+    per_row = bool((config.get("args") or {}).get("per_row"))
     rows = []
     for rec in read_jsonl(path / "metadata.jsonl"):
         if rec.get(field) and (path / rec[field]).is_file():
-            rows.append({**rec, "path": str(path / rec[field])})
+            rows.append({**rec, "path": str(path / rec[field]), **({"row": rec["prompt_index"]} if per_row else {})})
     if not rows:
         raise UserError(f"--synthetic_dir {path}: no finished images with {'PNG files' if kind == 'image' else 'latents'}; "
                         "rerun generate.py to complete it" + (" (or pass --synthetic_latent image)" if kind != "image" else ""))
@@ -898,6 +1019,8 @@ def identity(args):
 
 
 def check_same_run(saved, current, where):
+    if "pair_noise" not in saved and "independent_pair_noise" in saved:  # a run recorded before --pair_noise
+        saved = {**saved, "pair_noise": "independent" if saved["independent_pair_noise"] else "shared"}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         k, (old, new) = next(iter(diff.items()))
@@ -961,10 +1084,10 @@ def cast_frozen(module, dtype):
     if dtype == torch.float32:
         return module
     for m in module.modules():
-        if not is_norm(m):
-            for p in m.parameters(recurse=False):
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad:
+                # the norms' fp32 weights are copied too, so that no tensor keeps the loaded file's mapping alive
+                p.data = p.data.clone() if is_norm(m) else p.data.to(dtype)
     return module
 
 
@@ -1051,12 +1174,13 @@ def save_lora_outputs(unet, output_dir):
     return unet
 
 
-def adapter_on_fp32_copy(unet, args, base):
-    """The trained adapter of `unet`, put on a fresh float32 load of the starting UNet (with the same LoRA config)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def adapter_on_fp32_copy(adapter, args, base):
+    """The trained adapter's weights (peft names), put on a fresh float32 load of the starting UNet (the same LoRA
+    config)."""
+    from peft.utils import set_peft_model_state_dict
 
     copy = add_lora(load_unet(args.unet, base), args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
-    set_peft_model_state_dict(copy, {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(unet).items()})
+    set_peft_model_state_dict(copy, adapter)
     return copy
 
 
@@ -1129,8 +1253,11 @@ def main(argv=None):
             force_zeros = bool(DiffusionPipeline.load_config(base).get("force_zeros_for_empty_prompt", True))
         except (OSError, ValueError) as e:
             raise UserError(f"could not load the SDXL pipeline {base!r}: {str(e).splitlines()[0]}") from None
-    if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
+    try:
         vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the VAE config of {base!r}: {str(e).splitlines()[0]}") from None
+    if args.resolution is None:  # the UNet's native latent size times the VAE's downsampling
         args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     # A finished output_dir with the same settings is a no-op (shell loops re-run stages freely).
@@ -1148,11 +1275,7 @@ def main(argv=None):
     enc_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16: its config asks for fp32 (force_upcast), as the pipeline does; bf16's range is
     # fp32's, so bf16 is kept.
-    try:
-        force_upcast = AutoencoderKL.load_config(base, subfolder="vae").get("force_upcast", False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the VAE config of {base!r}: {str(e).splitlines()[0]}") from None
-    vae_dtype = torch.float32 if force_upcast and enc_dtype == torch.float16 else enc_dtype
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) and enc_dtype == torch.float16 else enc_dtype
     vae = None
 
     def encode(imgs):
@@ -1460,7 +1583,12 @@ def main(argv=None):
     if main_proc:
         final = accelerator.unwrap_model(unet)
         if args.lora_rank:  # fused into an fp32 copy of the starting UNet: its frozen weights were held cast
-            final = save_lora_outputs(adapter_on_fp32_copy(final, args, base), out)
+            from peft.utils import get_peft_model_state_dict
+
+            adapter = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(final).items()}
+            final = unet = reference = optimizer = None
+            accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
+            final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, base), out)
         save_unet_atomically(final, out)
         cfg = json.loads((out / "run_config.json").read_text())
         write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": global_step})

@@ -9,6 +9,7 @@ in background threads (FolderWriter). Both runs are repeated alternately and the
 load from other jobs on the machine hurts both alike.
 """
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,7 @@ def baseline(pipe, prompts, args, out):
     out.mkdir(parents=True)
     for p, prompt in enumerate(prompts):
         g = torch.Generator("cpu").manual_seed(args.seed + p)
-        images = pipe(prompt, num_images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps,
+        images = pipe(prompt, num_images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps, guidance_scale=7.5,
                       height=args.resolution, width=args.resolution, generator=g).images
         for i, img in enumerate(images):
             img.save(out / f"{generate.image_key(p, i)}.png")
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_generate_"))
@@ -88,6 +90,12 @@ def main():
         print(f"baseline (one call per prompt, sync PNG): {best['baseline']:.2f} images/s")
         print(f"generate.py (batched, background writes):  {best['ours']:.2f} images/s")
         print(f"ratio: {best['ours'] / best['baseline']:.2f}x")
+        if args.json:
+            result = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "dtype": str(dtype),
+                      "resolution": args.resolution, "steps": args.steps, "guidance_scale": 7.5, "prompts": len(prompts),
+                      "images": n, "batch_size": args.batch_size, "baseline_images_per_s": best["baseline"],
+                      "ours_images_per_s": best["ours"], "ratio": best["ours"] / best["baseline"]}
+            Path(args.json).write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

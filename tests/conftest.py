@@ -38,5 +38,11 @@ def pickapic_parquet(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pickapic_webdataset(tmp_path_factory):
+    """The rows of pickapic_parquet as two webdataset tar shards (sayakpaul/pickapic_v2_webdataset's layout)."""
+    return tiny.build_pickapic_webdataset(tmp_path_factory.mktemp("pickapic_wds") / "shards")
+
+
+@pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory):
     return tiny.build_imagefolder(tmp_path_factory.mktemp("imgs") / "imagefolder", corrupt=(2,))

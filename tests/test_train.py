@@ -170,6 +170,17 @@ def test_pair_rows_rotates_synthetic_images():
     assert missing == ["c"]
 
 
+def test_pair_rows_per_row_pairs_each_row_with_its_own_image():
+    """generate.py --per_row records (they carry "row"): row i takes row i's image, never another row's of the
+    same caption; a row whose image is missing or of another caption (data mismatch) is reported."""
+    syn = [{"prompt": "a", "row": 0, "path": "r0"}, {"prompt": "b", "row": 1, "path": "r1"},
+           {"prompt": "a", "row": 2, "path": "r2"}, {"prompt": "a", "row": 3, "path": "r3"},
+           {"prompt": "x", "row": 4, "path": "r4"}]
+    pairs, missing = ts.pair_rows(["a", "b", "a", "a", "c", "a"], [True, True, True, True, True, True], syn)
+    assert [(row, syn[k]["path"]) for row, k in pairs] == [(0, "r0"), (1, "r1"), (2, "r2"), (3, "r3")]
+    assert missing == ["c", "a"]
+
+
 def test_cache_identity_follows_the_weights(tiny_pipeline, tmp_path):
     """Same VAE config, other weights: the latent cache key changes, so stale latents are never reused."""
     import shutil
@@ -247,6 +258,13 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     assert "other settings" in error_line(p)
 
 
+def test_a_run_recorded_before_pair_noise_is_the_same_run():
+    old = {"independent_pair_noise": False, "beta": 5000.0}
+    ts.check_same_run(old, {"pair_noise": "shared", "beta": 5000.0}, "x")
+    with pytest.raises(ts.UserError, match="pair_noise"):
+        ts.check_same_run(old, {"pair_noise": "independent", "beta": 5000.0}, "x")
+
+
 def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     from safetensors.torch import load_file
 
@@ -260,7 +278,9 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     import shutil
 
     shutil.rmtree(resumed / "unet")
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest", steps=4))
+    # resumed with DataLoader workers making the batches and draws (StepBatches): the same pairs, timesteps and noise
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest",
+                          "--dataloader_num_workers", "2", steps=4))
     assert "resumed from" in p.stdout and "checkpoint-2" in p.stdout
     a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -271,6 +291,58 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--beta", "10",
                         "--resume_from_checkpoint", str(resumed / "checkpoint-2"), steps=4), check=False)
     assert "other settings" in error_line(p)
+
+
+def test_checkpoint_loads_as_the_unet_at_its_step(tiny_pipeline, pickapic_parquet, cache, tmp_path):
+    """load_unet(checkpoint-N) (train_spin.py, generate.py and sample.py share it) = the UNet a run stopped at step
+    N writes, same seed (constant lr: the schedule does not depend on the total); LoRA or stray folders: one line."""
+    common = ["--loss", "sft", "--lr_scheduler", "constant", "--seed", "3"]
+    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "long", cache, *common, "--checkpointing_steps", "2", steps=4))
+    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "short", cache, *common, steps=2))
+    ckpt = ts.load_unet(str(tmp_path / "long" / "checkpoint-2"), str(tiny_pipeline)).state_dict()
+    final = ts.load_unet(str(tmp_path / "short"), str(tiny_pipeline)).state_dict()
+    end = ts.load_unet(str(tmp_path / "long"), str(tiny_pipeline)).state_dict()
+    assert ckpt.keys() == final.keys() and all(torch.equal(ckpt[k], final[k]) for k in ckpt)
+    assert any(not torch.equal(ckpt[k], end[k]) for k in ckpt)  # step 2, not the run's end
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+
+    import shutil
+
+    lora = tmp_path / "lora" / "checkpoint-2"
+    shutil.copytree(tmp_path / "long" / "checkpoint-2", lora)
+    (lora / "model.safetensors").unlink()
+    shutil.copy(tmp_path / "long" / "run_config.json", lora.parent / "run_config.json")
+    with pytest.raises(ts.UserError, match="not a full fine-tuning checkpoint"):
+        ts.load_unet(str(lora), str(tiny_pipeline))
+    (lora.parent / "run_config.json").unlink()
+    with pytest.raises(ts.UserError, match="does not name the run's starting UNet"):
+        ts.load_unet(str(lora), str(tiny_pipeline))
+    with pytest.raises(ts.UserError, match="no UNet there"):
+        ts.load_unet(str(tmp_path / "long" / "logs"), str(tiny_pipeline))
+
+
+def test_generate_per_row_trains_each_row_against_its_own_image(tiny_pipeline, pickapic_parquet, cache, tmp_path):
+    """generate.py --per_row (the paper's Algorithm 1): one image per usable row (ties dropped, repeated captions
+    kept), prompt_index = the row train_spin.py caches; training pairs row i with image i."""
+    synth = tmp_path / "synth_rows"
+    run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet, "--per_row",
+        "--output_dir", synth, "--resolution", "32", "--num_inference_steps", "2", "--batch_size", "4",
+        "--max_train_samples", "6")
+    rows = ts.read_jsonl(synth / "metadata.jsonl")
+    assert [r["prompt_index"] for r in rows] == list(range(6)) and len({r["prompt"] for r in rows}) == 3  # row 3: a tie
+    out = tmp_path / "iter_1"
+    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "6",
+                      steps=1))
+    assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-6
+    captions = json.loads((Path(json.loads((out / "run_config.json").read_text())["cache"]["latents"]) / "captions.json").read_text())
+    _, synthetic = ts.read_synthetic_dir(synth, "sampler")
+    pairs, missing = ts.pair_rows(captions, [True] * len(captions), synthetic)
+    assert not missing and [(r, synthetic[k]["prompt_index"]) for r, k in pairs] == [(r, r) for r in range(6)]
+    assert [captions[r] for r, _ in pairs] == [synthetic[k]["prompt"] for _, k in pairs]
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    p = run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", tmp_path / "prompts.txt",
+            "--per_row", "--output_dir", tmp_path / "x", check=False)
+    assert "--per_row needs --dataset" in error_line(p)
 
 
 def test_8bit_adam_sft_on_imagefolder_and_dpo(tiny_pipeline, imagefolder, pickapic_parquet, cache, tmp_path):
@@ -463,6 +535,9 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     w3 = weights(resumed)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(two)][2:]
+    # the 2-process checkpoint (the DDP wrapper's state) loads as a UNet, the weights of that step
+    at_step_2 = ts.load_unet(str(two / "checkpoint-2"), str(tiny_pipeline)).state_dict()
+    assert at_step_2.keys() == w0.keys() and any(not torch.equal(at_step_2[k], w0[k]) for k in w0)
     # ... but not on another number of processes: the global batch, each process's rows and its draws would differ
     assert json.loads((two / "checkpoint-2" / "train_state.json").read_text())["num_processes"] == 2
     p = train("train_spin.py", *map(str, common), "--output_dir", tmp_path / "one_more", "--cache_dir", tmp_path / "c2",

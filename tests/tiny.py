@@ -188,17 +188,14 @@ def jpeg_bytes(img, quality=95):
     return buf.getvalue()
 
 
-def build_pickapic_parquet(path, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,)):
-    """A Pick-a-Pic v2-format parquet file: caption, jpg_0, jpg_1 (JPEG bytes), label_0, label_1.
+def pickapic_rows(n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,)):
+    """Pick-a-Pic v2 rows: caption, jpg_0, jpg_1 (JPEG bytes), label_0, label_1.
 
     Rows in `tie_rows` are ties (0.5/0.5); rows in `corrupt_rows` have an undecodable preferred image.
     Captions repeat (as in the real data): 4 distinct captions cycle over the rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(seed)
     captions = [f"a {c} {s}" for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]]
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    rows = []
     for i in range(n_rows):
         cap = captions[i % len(captions)]
         colour, shape = cap.split()[1:]
@@ -213,15 +210,44 @@ def build_pickapic_parquet(path, n_rows=12, size=32, seed=0, tie_rows=(3,), corr
         labels[win] = 1.0
         if i in tie_rows:
             labels = [0.5, 0.5]
-        rows["caption"].append(cap)
-        rows["jpg_0"].append(imgs[0])
-        rows["jpg_1"].append(imgs[1])
-        rows["label_0"].append(labels[0])
-        rows["label_1"].append(labels[1])
+        rows.append({"caption": cap, "jpg_0": imgs[0], "jpg_1": imgs[1], "label_0": labels[0], "label_1": labels[1]})
+    return rows
+
+
+def build_pickapic_parquet(path, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,)):
+    """A Pick-a-Pic v2-format parquet file of pickapic_rows(): caption, jpg_0, jpg_1 (JPEG bytes), label_0, label_1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pickapic_rows(n_rows, size, seed, tie_rows, corrupt_rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), str(path))
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
     return path
+
+
+def build_pickapic_webdataset(folder, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,), shards=2, prefix=""):
+    """The same rows as build_pickapic_parquet(), as webdataset tar shards laid out like sayakpaul/pickapic_v2_webdataset
+    (written there by webdataset's TarWriter from the original parquet): shard files 00000.tar, 00001.tar, ...
+    (`prefix` + number), consecutive rows per shard, each sample the files <key>.original_prompt.txt,
+    <key>.jpg_0.jpg, <key>.jpg_1.jpg, <key>.label_0.txt, <key>.label_1.txt with the labels as text (str of the float:
+    "1.0", "0.0", "0.5") and the key the row's index in its shard."""
+    import tarfile
+
+    rows = pickapic_rows(n_rows, size, seed, tie_rows, corrupt_rows)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-n_rows // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{prefix}{s:05d}.tar", "w") as tar:
+            for key, row in enumerate(rows[s * per:(s + 1) * per]):
+                for name, data in (("original_prompt.txt", row["caption"].encode()), ("jpg_0.jpg", row["jpg_0"]),
+                                   ("jpg_1.jpg", row["jpg_1"]), ("label_0.txt", str(row["label_0"]).encode()),
+                                   ("label_1.txt", str(row["label_1"]).encode())):
+                    info = tarfile.TarInfo(f"{key}.{name}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
 
 
 def build_imagefolder(path, n=8, size=32, seed=0, corrupt=(), caption_column="text"):
@@ -249,5 +275,6 @@ if __name__ == "__main__":  # python tests/tiny.py OUT_DIR: build everything onc
     build_tiny_sd2_pipeline(out / "pipeline_sd2")
     build_tiny_sdxl_pipeline(out / "pipeline_sdxl")
     build_pickapic_parquet(out / "pickapic" / "train.parquet")
+    build_pickapic_webdataset(out / "pickapic_webdataset")
     build_imagefolder(out / "imagefolder")
     print(os.path.abspath(out))

@@ -1,0 +1,98 @@
+"""spin_loop.sh's settings, through --dry_run 1 (every stage's command printed, nothing run): per-iteration values,
+the sd15 recipe's Appendix A.1 schedule, the baselines, validation and the launch. The demo runs it for real (CI)."""
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loop(tmp_path, *flags, **env):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"),
+                           *flags], capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
+
+
+def commands(p, script):
+    """The printed commands of one script, each as {flag: value} plus its launcher words."""
+    assert p.returncode == 0, p.stderr
+    out = []
+    for line in p.stdout.splitlines():
+        if line.startswith("+ ") and f" {script} " in line:
+            words = shlex.split(line[2:])
+            i = words.index(script)
+            flags, rest = {}, words[i + 1:]
+            for j, w in enumerate(rest):
+                if w.startswith("--"):
+                    value = rest[j + 1] if j + 1 < len(rest) and not rest[j + 1].startswith("--") else True
+                    flags.setdefault(w[2:], []).append(value)
+            out.append({"launch": words[:i], **{k: v[0] if len(v) == 1 else v for k, v in flags.items()}})
+    return out
+
+
+def test_sd15_recipe_is_appendix_a1_per_iteration(tmp_path):
+    p = loop(tmp_path, "--recipe", "sd15")
+    train = commands(p, "train_spin.py")
+    assert [c["learning_rate"] for c in train] == ["2e-5", "2e-5", "5e-8"]
+    assert [c["beta"] for c in train] == ["2000", "5000", "5000"]
+    assert [c["max_train_steps"] for c in train] == ["50", "500", "200"]
+    assert [c["seed"] for c in train] == ["0", "1", "2"]  # each iteration its own data order
+    assert all(c["lr_warmup_steps"] == "200" and c["lr_scheduler"] == "linear" for c in train)
+    assert all(int(c["train_batch_size"]) * int(c["gradient_accumulation_steps"]) == 2048 for c in train)
+    # plain AdamW and no gradient checkpointing by default (80 GB cards); each is one setting
+    assert not any("use_8bit_adam" in c or "gradient_checkpointing" in c for c in train)
+    train = commands(loop(tmp_path, "--recipe", "sd15", "--gradient_checkpointing", "1", "--adam8bit", "1"), "train_spin.py")
+    assert all("use_8bit_adam" in c and "gradient_checkpointing" in c for c in train)
+    # the model card's single recipe is one setting away
+    card = commands(loop(tmp_path, "--recipe", "sd15", "--schedule", "card"), "train_spin.py")
+    assert [(c["learning_rate"], c["beta"], c["max_train_steps"]) for c in card] == [("2e-5", "5000", "500")] * 3
+
+
+def test_per_iteration_values_and_their_count(tmp_path):
+    train = [c for c in commands(loop(tmp_path, ITERATIONS="2", BETA="100,200", STEPS="7", TRAIN_SEED="5"), "train_spin.py")
+             if "synthetic_dir" in c]  # the SPIN iterations (the demo also trains its baselines)
+    assert [(c["beta"], c["max_train_steps"], c["seed"]) for c in train] == [("100", "7", "5"), ("200", "7", "5")]
+    for bad in ("1,2", "1,,3", "1,2,3,4"):
+        p = loop(tmp_path, "--beta", bad)
+        assert p.returncode == 2 and p.stdout == "", p.stdout
+        assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: --beta"), p.stderr
+    p = loop(tmp_path, "--recipe", "sd15", "--iterations", "2")  # A.1 has three: the error says how to proceed
+    assert p.returncode == 2 and "SCHEDULE=card" in p.stderr, p.stderr
+
+
+def test_baselines_validation_and_launch(tmp_path):
+    launch = "accelerate launch --num_processes 8"
+    p = loop(tmp_path, "--recipe", "sd15", "--baselines", "sft,dpo", "--launch", launch, "--grad_accum", "32")
+    train = commands(p, "train_spin.py")
+    sft = next(c for c in train if c.get("loss") == "sft")
+    dpo = next(c for c in train if c.get("loss") == "dpo")
+    assert (sft["learning_rate"], sft["lr_scheduler"], sft["lr_warmup_steps"], sft["unet"]) == ("1e-5", "constant_with_warmup", "500", "base")
+    assert int(sft["train_batch_size"]) * int(sft["gradient_accumulation_steps"]) * 8 == 512
+    assert "checkpoints_total_limit" not in sft and sft["checkpointing_steps"] == "500"  # every candidate kept
+    assert (dpo["learning_rate"], dpo["beta"], dpo["max_train_steps"], dpo["unet"]) == ("2e-5", "2000", "350", "base")
+    val, test = commands(p, "sample.py")
+    assert val["split"] == "validation_unique" and val["seed"] != test["seed"]
+    assert "sft-2000=" + str(tmp_path / "run" / "sft" / "checkpoint-2000") in val["unet"]
+    assert [u.split("=")[0] for u in test["unet"]] == ["base", "sft", "dpo", "iter_1", "iter_2", "iter_3"]
+    # sample.py joins the loop's launch (it shards prompts over processes); evaluate.py runs in one process
+    assert val["launch"] == test["launch"] == shlex.split(launch)
+    assert all(c["launch"] == ["python"] for c in commands(p, "evaluate.py"))
+    assert loop(tmp_path, "--baselines", "ppo").returncode == 2
+
+
+def test_per_row_generation_is_one_setting(tmp_path):
+    gen = commands(loop(tmp_path, "--gen_per_row", "1"), "generate.py")
+    assert all(c.get("per_row") is True for c in gen)
+    assert not any("per_row" in c for c in commands(loop(tmp_path), "generate.py"))
+
+
+def test_recipes_use_dataloader_workers_and_refuse_lora_sft_checkpoints(tmp_path):
+    train = commands(loop(tmp_path, "--recipe", "sd15"), "train_spin.py")
+    assert all(c["dataloader_num_workers"] == "4" for c in train)
+    # a LoRA run's checkpoints hold only the adapter: SFT candidates from them would fail at validation, hours later
+    for flags, env in ((["--recipe", "sdxl", "--baselines", "sft", "--sft_checkpoint_steps", "500"], {}),
+                       (["--recipe", "sd15", "--baselines", "sft"], {"EXTRA_TRAIN_ARGS": "--lora_rank 4"})):
+        p = loop(tmp_path, *flags, **env)
+        assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, p.stderr
+    assert loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft").returncode == 0  # its default: the final SFT only
