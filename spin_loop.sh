@@ -192,7 +192,7 @@ run() { if [[ -n "$DRY_RUN" ]]; then printf '+'; printf ' %q' "$@"; printf '\n';
 if [[ "$RECIPE" == demo && -z "$DRY_RUN" ]]; then
   # shellcheck disable=SC2086
   $PYTHON toy_world.py build --output_dir "$WORLD" $WORLD_FLAGS
-  if [[ ! -f "$SCORERS/evaluate_flags.txt" ]]; then $PYTHON tests/tiny_scorers.py "$SCORERS" > /dev/null; fi
+  if [[ ! -f "$SCORERS/evaluate_flags.txt" ]]; then $PYTHON tiny_scorers.py "$SCORERS" > /dev/null; fi
 fi
 if [[ "$RECIPE" == demo ]]; then
   SCORER_FLAGS=(); [[ -f "$SCORERS/evaluate_flags.txt" ]] && mapfile -t SCORER_FLAGS < "$SCORERS/evaluate_flags.txt"

@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: offline tokenizer, tiny UNet, draw_shape()
+sys.path.insert(0, str(ROOT))  # tiny.py: offline tokenizer, tiny UNet, draw_shape()
 
 from train_spin import quiet_known_noise  # noqa: E402  (the scripts' filter for known-harmless import messages)
 
@@ -167,7 +166,7 @@ def run_script(script, *args, threads=None):
 # The world: data
 # ---------------------------------------------------------------------------------------------------------
 def draw(caption, rng):
-    """One real image of `caption` ("a {colour} {shape}"): tests/tiny.py's draw_shape with its jitter."""
+    """One real image of `caption` ("a {colour} {shape}"): tiny.py's draw_shape with its jitter."""
     import tiny
 
     _, colour, shape = caption.split()

@@ -11,7 +11,7 @@ internals used), so what is measured is what ships, whatever train_spin.py does 
 optimizer made: training starts) and read when metrics.jsonl has all N lines, so it is the training steps' peak
 (allocated and reserved); the setup's peak (the one-time cache build included) is reported apart. A batch that runs
 out of memory is recorded as OOM (and larger batches of that variant are skipped), not a crash. pairs/s: the steps
-after --warmup, from metrics.jsonl. The data: a Pick-a-Pic-format parquet (tests/tiny.py) of max(batch) rows and a
+after --warmup, from metrics.jsonl. The data: a Pick-a-Pic-format parquet (tiny.py) of max(batch) rows and a
 generate.py-format synthetic_dir with random latents (so --allow_opponent_mismatch: the weights are random anyway).
 """
 import argparse
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 GiB = 2**30
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]  # tiny.build_pickapic_parquet's
 
@@ -141,7 +141,7 @@ def run_one(ts, argv, out, steps, warmup):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pipeline", required=True, help="pipeline folder (bench/make_sd15.py, bench/make_sdxl.py or tests/tiny.py)")
+    ap.add_argument("--pipeline", required=True, help="pipeline folder (bench/make_sd15.py, bench/make_sdxl.py or tiny.py)")
     ap.add_argument("--train_spin", default=str(HERE.parent / "train_spin.py"))
     ap.add_argument("--resolution", type=int, required=True)
     ap.add_argument("--batch_sizes", default="1,8,16")

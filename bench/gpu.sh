@@ -32,9 +32,9 @@ log() { tee -a "$OUT/log.txt"; }
 report() { python3 bench/gpu_report.py "$OUT" > /dev/null; }
 
 if [[ "$SMOKE" == 1 ]]; then
-  # tests/tiny.py's SD- and SDXL-layout pipelines, 32², 2 steps: every code path of the GPU run, in minutes on CPU
+  # tiny.py's SD- and SDXL-layout pipelines, 32², 2 steps: every code path of the GPU run, in minutes on CPU
   export CUDA_VISIBLE_DEVICES=""
-  python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny; from pathlib import Path; w = Path('$WORK')
+  python3 -c "import tiny; from pathlib import Path; w = Path('$WORK')
 if not (w / 'tiny_sd/model_index.json').is_file(): tiny.build_tiny_pipeline(w / 'tiny_sd')
 if not (w / 'tiny_sdxl/model_index.json').is_file(): tiny.build_tiny_sdxl_pipeline(w / 'tiny_sdxl')"
   SD=$WORK/tiny_sd XL=$WORK/tiny_sdxl RES_SD=32 RES_XL=32 SD_BATCHES=1,2 XL_BATCHES=1,2 STEPS=2 WARMUP=1

@@ -4,7 +4,7 @@
     python bench/make_sd15.py OUT_DIR
 
 Speed and memory do not depend on weight values, so this measures what the real SD-1.5 would. The tokenizer is
-the offline byte-level CLIP tokenizer of tests/tiny.py (token ids < 514, all valid for the 49408-entry embedding).
+the offline byte-level CLIP tokenizer of tiny.py (token ids < 514, all valid for the 49408-entry embedding).
 """
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
 
 
 def build_sd15(out):

@@ -5,7 +5,7 @@
 
 The configs in bench/sdxl/ are those of stabilityai/stable-diffusion-xl-base-1.0 (UNet 2.57B parameters, CLIP ViT-L
 and OpenCLIP bigG text encoders, force_upcast VAE, Euler scheduler); the weights are random, which does not change
-speed or memory. Tokenizers: the offline byte-level CLIP tokenizer of tests/tiny.py (ids < 514, valid for the
+speed or memory. Tokenizers: the offline byte-level CLIP tokenizer of tiny.py (ids < 514, valid for the
 49408-entry embeddings), tokenizer_2 padding with "!" as SDXL's does. Components are built and saved one at a time
 (on the GPU when there is one: faster init), so the builder holds at most the UNet (10.3 GB in fp32).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
 
 
 def build_sdxl(out):

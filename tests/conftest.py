@@ -4,8 +4,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import tiny.py
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # ... and the scripts themselves
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # the scripts, tiny.py and tiny_scorers.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import tiny  # noqa: E402

@@ -1,5 +1,5 @@
 """Pick-a-Pic in the layouts its copies come in (the original was removed from the Hub in 2025): parquet with the
-original columns, and webdataset tar shards (sayakpaul/pickapic_v2_webdataset's layout, built by tests/tiny.py with
+original columns, and webdataset tar shards (sayakpaul/pickapic_v2_webdataset's layout, built by tiny.py with
 tarfile), through every stage; dataset ids that do not resolve; splits named by the files of a local copy."""
 import http.server
 import json

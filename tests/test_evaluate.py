@@ -358,7 +358,7 @@ def hps_scorer(w, clip):
 
 
 def test_hps_score_is_open_clip_path_and_pools_at_end_token(w, scorers, images, tmp_path):
-    """The HPS score of tricky prompts equals open_clip's forward (tests/tiny_scorers.py: its own state dict, pooled
+    """The HPS score of tricky prompts equals open_clip's forward (tiny_scorers.py: its own state dict, pooled
     at ids.argmax) on the reference token ids; and it does not depend on the eos_token_id of the transformers
     config, where transformers would pool (first eos_token_id unless it is the legacy 2)."""
     prompts = TRICKY_PROMPTS

@@ -370,7 +370,7 @@ def build_all(d):
                 head_sd=head_sd, flags=[str(f) for f in flags])
 
 
-if __name__ == "__main__":  # python tests/tiny_scorers.py DIR: build the demo's (random, meaningless) scorers
+if __name__ == "__main__":  # python tiny_scorers.py DIR: build the demo's (random, meaningless) scorers
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -267,7 +267,7 @@ def build_imagefolder(path, n=8, size=32, seed=0, corrupt=(), caption_column="te
     return path
 
 
-if __name__ == "__main__":  # python tests/tiny.py OUT_DIR: build everything once, for a look
+if __name__ == "__main__":  # python tiny.py OUT_DIR: build everything once, for a look
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny")
