@@ -96,3 +96,45 @@ def test_recipes_use_dataloader_workers_and_refuse_lora_sft_checkpoints(tmp_path
         p = loop(tmp_path, *flags, **env)
         assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, p.stderr
     assert loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft").returncode == 0  # its default: the final SFT only
+
+
+def test_recipes_are_files_a_user_copies_and_edits(tmp_path):
+    """--recipe NAME reads recipes/NAME.sh; --recipe FILE reads a copy of one, relative to where the loop was called;
+    --schedule FILE the same for the per-iteration schedule; an unknown one is one line."""
+    for name in ("demo", "sd15", "sd21", "sdxl"):
+        assert (ROOT / "recipes" / f"{name}.sh").is_file()
+    mine = tmp_path / "my_sdxl.sh"
+    mine.write_text((ROOT / "recipes" / "sdxl.sh").read_text().replace("LORA_RANK=${LORA_RANK:-8}", "LORA_RANK=${LORA_RANK:-4}"))
+    p = subprocess.run(["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"),
+                        "--recipe", "my_sdxl.sh"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    train = commands(p, "train_spin.py")
+    assert [c["lora_rank"] for c in train] == ["4"] * 3 and train[0]["resolution"] == "1024"
+    schedule = tmp_path / "slow.sh"
+    schedule.write_text("LR=${LR:-1e-6}; BETA=${BETA:-9000}; STEPS=${STEPS:-10,20,30}\n")
+    train = commands(loop(tmp_path, "--recipe", "sd15", "--schedule", str(schedule)), "train_spin.py")
+    assert [(c["learning_rate"], c["beta"], c["max_train_steps"]) for c in train] == [("1e-6", "9000", s) for s in ("10", "20", "30")]
+    for flags, what in ((("--recipe", "nope"), "--recipe"), (("--recipe", "sd15", "--schedule", "nope"), "--schedule")):
+        p = loop(tmp_path, *flags)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: {what} must be") and len(p.stderr.splitlines()) == 1
+
+
+def test_validation_selects_the_best_of_each_family(tmp_path):
+    """loop_report.py select: the best model per family (iter_k: spin, sft-N: sft, dpo) and overall by the mean over
+    prompts, written to selection.json; the chosen SFT's path is printed for the test samples."""
+    import json
+
+    (tmp_path / "val_eval").mkdir()
+    scores = {"base": 1.0, "iter_1": 2.0, "iter_2": 1.5, "sft-100": 2.5, "sft-200": 0.5, "dpo": 0.1}
+    summary = {"metrics": ["pickscore"], "summary": {n: {"pickscore": {"mean": {"mean": s}}} for n, s in scores.items()}}
+    (tmp_path / "val_eval" / "summary.json").write_text(json.dumps(summary))
+    unets = [w for n in scores for w in ("--unet", f"{n}=/models/{n}")]
+    p = subprocess.run(["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "pickscore", *unets],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "/models/sft-100"
+    best = json.loads((tmp_path / "val_eval" / "selection.json").read_text())["best"]
+    assert best == {"spin": "iter_1", "sft": "sft-100", "dpo": "dpo", "overall": "sft-100"}
+    p = subprocess.run(["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "hps", *unets],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: --val_metric hps was not scored")
