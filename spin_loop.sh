@@ -22,7 +22,7 @@ cd "$(dirname "$0")"
 # ---- flags: --some_name VALUE sets SOME_NAME ---------------------------------------------------------------------
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     --*=*) n="${1%%=*}"; n="${n#--}"; n="${n^^}"; export "${n//-/_}=${1#*=}"; shift ;;
     --*) [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
          n="${1#--}"; n="${n^^}"; export "${n//-/_}=$2"; shift 2 ;;
