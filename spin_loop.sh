@@ -4,7 +4,7 @@
 # then sample.py (base and every iteration, held-out prompts, the same seeds) and evaluate.py (scores, tables, plots).
 #
 #   bash spin_loop.sh                 # offline demo: the toy world (no hub, no GPU), 3 iterations, minutes on 2 cores
-#   bash spin_loop.sh --recipe sd15   # the paper's recipe: SD-1.5 + Pick-a-Pic v2 (GPU; see README)
+#   bash spin_loop.sh --recipe sd15   # the paper's recipe: SD-1.5 + Pick-a-Pic v2 (GPU; docs/loop.md)
 #   bash spin_loop.sh --recipe sd21   # the same on SD-2.1 (v-prediction, 768x768)
 #   bash spin_loop.sh --recipe sdxl   # SDXL base at 1024x1024 with LoRA, one GPU
 #   bash spin_loop.sh --recipe sd15 --baselines sft,dpo   # also the paper's SFT and Diffusion-DPO (its Table 1 rows)

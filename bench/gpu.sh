@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's Performance section, as ONE call on a GPU machine with no hub access.
+# The GPU measurements of docs/performance.md, as ONE call on a GPU machine with no hub access.
 # Random weights of the real architectures (bench/sd15, bench/sdxl configs; speed and memory do not depend on
 # the values), every training run through train_spin.py's command line (bench/bench_steps.py):
 #   1. SDXL LoRA rank 8 at 1024², batch 1/2/4/8, the sdxl recipe's flags (bf16, gradient checkpointing, 8-bit

@@ -1,4 +1,4 @@
-# The paper's settings shared by recipes/sd15.sh and recipes/sd21.sh (arXiv 2402.10210, Appendix A.1; README "The
+# The paper's settings shared by recipes/sd15.sh and recipes/sd21.sh (arXiv 2402.10210, Appendix A.1; docs/loop.md "The
 # real recipes" says which setting comes from where). Sourced after the model's own settings.
 UNET0=${UNET0:-base}
 DATASET=${DATASET:-yuvalkirstain/pickapic_v2}; SPLIT=${SPLIT:-train}
