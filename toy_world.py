@@ -1200,8 +1200,9 @@ def claims(r, metric, schedule="constant"):
 
 # What CI asserts about the arms (constant schedule, iteration 1, the judge's metrics): only what held on every seed
 # run, with margins well inside the thinnest one seen (docs/toy_world.md, "What CI checks"). Factors on the judge FD
-# (lower is better) and differences of the judged-target rate (higher is better), each against theta_0.
-CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (0.9, 0.1)}
+# (lower is better; None: not asserted) and differences of the judged-target rate (higher is better), each against
+# theta_0. SPIN 1's judge FD is not asserted: on seed 4 it stayed at theta_0's (12.50 vs 12.53).
+CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (None, 0.1)}
 
 
 def claim_checks(r):
@@ -1214,8 +1215,11 @@ def claim_checks(r):
         n = model_key(m, "constant", 1)
         if n not in fd:
             continue
-        out += [(f"{n}: judge FD {fd[n]:.2f} <= {factor} x theta_0's {fd['theta_0']:.2f}", fd[n] <= factor * fd["theta_0"]),
-                (f"{n}: judged target {tr[n]:.3f} >= theta_0's {tr['theta_0']:.3f} + {delta}", tr[n] >= tr["theta_0"] + delta)]
+        if factor is not None:
+            out.append((f"{n}: judge FD {fd[n]:.2f} <= {factor} x theta_0's {fd['theta_0']:.2f}",
+                        fd[n] <= factor * fd["theta_0"]))
+        out.append((f"{n}: judged target {tr[n]:.3f} >= theta_0's {tr['theta_0']:.3f} + {delta}",
+                    tr[n] >= tr["theta_0"] + delta))
     return out
 
 
