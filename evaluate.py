@@ -896,6 +896,7 @@ def check_settings(args):
 
 
 def read_inputs(args):
+    """The image folders of the arguments, their metadata.jsonl rows and the baseline, all checked."""
     dirs = find_model_dirs(args.image_dirs)
     models = [d.name for d in dirs]
     metadata = {d.name: read_metadata(d) for d in dirs}
