@@ -410,7 +410,7 @@ def main():
     run = fill_folder(out, config, pipe, prompts, args, state, with_latents=True, desc="generate")
 
     all_stats = [run.stats]
-    if state.num_processes > 1:
+    if state.num_processes > 1:  # accelerate's collectives only where several processes run
         from accelerate.utils import gather_object
 
         all_stats = gather_object([run.stats])
