@@ -23,121 +23,17 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
-class UserError(Exception):
-    """A problem with the user's input or environment: printed as one line, exit code 2."""
+from PIL import Image
 
 
-def cli(main):
-    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
-    import errno
-
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
-                  "finished work is kept", file=sys.stderr)
-            sys.exit(28)
-        raise
-
-
-def write_json_atomic(path, obj):
-    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path):
-    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
-def run_config(stage, args, **extra):
-    """What made a folder, with which settings: the same shape for every stage."""
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "datasets"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-            "args": dict(vars(args)), "versions": versions, **extra}
-
-
-def check_model_path(path, what="--pretrained_model_name_or_path"):
-    """A path-looking model argument that does not exist is a typo, not a hub id."""
-    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
-        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
-
-
-def decode_image(value):
-    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
-    import io
-
-    from PIL import Image
-
-    try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        img.load()
-        return img.convert("RGB")
-    except Exception:
-        return None
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
-            return text
-        return super()._get_help_string(action)
-
-
-def quiet_known_noise():
-    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
-    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
-    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
-    processors instead (what we want: torchvision is not a dependency)."""
-    import logging
-
-    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
-                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
-        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
-# ---- end shared helpers ----
-
-
-quiet_known_noise()
-
-
-# ---- config ----
+# ---- settings: the metrics, the official weights (the flags' defaults), the preprocessing constants ----
 # Rows of summary.md in the model card's order; --metrics may name them in any order.
 METRICS = ("hps", "aesthetic", "imagereward", "pickscore")
 METRIC_NAMES = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "ImageReward", "pickscore": "PickScore"}
@@ -160,8 +56,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224  # ImageReward and the aesthetic predictor; HPS and PickScore take it from their configs (also 224)
 CLIP_MAX_LENGTH = 77  # CLIP context length (open_clip pads every prompt to it)
-# HPS prompts go through open_clip's tokenize(), spelled out below; recorded in the scoring settings, so that scores
-# made by the Hugging Face tokenizer (before) are not resumed.
+# HPS prompts go through open_clip's tokenize(), spelled out below; recorded in the scoring settings, so that a
+# scores.jsonl made with another tokenisation is not resumed.
 HPS_TOKENIZATION = "open_clip tokenize()"
 IMAGEREWARD_MAX_LENGTH = 35  # ImageReward truncates prompts to 35 BERT tokens
 IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward standardises the head's raw output with these
@@ -171,126 +67,76 @@ BLIP_VIT_LN_EPS = 1e-6  # BLIP's ViT uses LayerNorm(eps=1e-6); transformers' def
 HEAD_LINEARS = (0, 2, 4, 6, 7)  # nn.Sequential indices of the Linear layers in both MLP heads (1, 3, 5 are Dropouts)
 
 
-# ---- inputs ----
-def natural_key(name):
-    """iter_2 sorts before iter_10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+# ---- flags ----
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through cli(), not usage + traceback
+        raise UserError(f"{message} (see python evaluate.py --help)")
 
 
-def find_model_dirs(paths):
-    """Image folders (with metadata.jsonl) from the arguments: a folder itself, or every such subfolder of it."""
-    dirs = []
-    for p in map(Path, paths):
-        if (p / "metadata.jsonl").is_file():
-            dirs.append(p)
-        elif p.is_dir() and any((sub / "metadata.jsonl").is_file() for sub in p.iterdir() if sub.is_dir()):
-            subs = [sub for sub in p.iterdir() if (sub / "metadata.jsonl").is_file()]
-            dirs += sorted(subs, key=lambda s: natural_key(s.name))
-        elif not p.exists():
-            raise UserError(f"{p}: no such folder")
-        else:
-            raise UserError(f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
-                            "sample.py or generate.py")
-    names = [d.name for d in dirs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"two image folders have the same name {dup}: the model name is the folder name")
-    if not dirs:
-        raise UserError("no image folders given: pass one or more folders with metadata.jsonl")
-    return dirs
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR",
+                   help="image folders with metadata.jsonl, or a folder of such folders (samples/)")
+    p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
+    p.add_argument("--output_dir", default="eval")
+    p.add_argument("--metrics", action="append", default=None,
+                   help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
+    p.add_argument("--hps_version", default="2.0",
+                   help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--mixed_precision", default="no",
+                   help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
+                        "autocast), fp16 or bf16 for the towers: reduced precision "
+                        "is faster but moves scores; normalisation, dot products and heads stay fp32")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads decoding and preprocessing images")
+    p.add_argument("--overwrite", action="store_true", help="rescore images already in output_dir/scores.jsonl")
+    p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
+    p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
+    p.add_argument("--hps_checkpoint", default=None,
+                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
+                        f"{HPS_FILES['2.1']} by --hps_version)")
+    p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
+    p.add_argument("--imagereward_checkpoint", default=IMAGEREWARD_REPO,
+                   help="ImageReward.pt file, a folder holding it, or a hub repo")
+    p.add_argument("--imagereward_med_config", default=None,
+                   help="med_config.json (default: beside the checkpoint)")
+    p.add_argument("--imagereward_tokenizer", default=IMAGEREWARD_TOKENIZER)
+    p.add_argument("--aesthetic_clip", default=AESTHETIC_CLIP)
+    p.add_argument("--aesthetic_head", default=AESTHETIC_HEAD,
+                   help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)")
+    args = p.parse_args(argv)
+    args.image_dirs = list(args.image_dirs_pos) + list(args.image_dirs)
+    del args.image_dirs_pos
+    return args
 
 
-def read_metadata(folder):
-    rows = read_jsonl(Path(folder) / "metadata.jsonl")
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("file_name", "prompt", "prompt_index", "image_index") if k not in row]
-        if missing:
-            raise UserError(f"{folder}/metadata.jsonl line {i}: missing {missing}")
-    if not rows:
-        raise UserError(f"{folder}/metadata.jsonl lists no images")
-    return rows
+def parse_metrics(values):
+    names = [m.strip().lower() for v in (values or [",".join(METRICS)]) for m in v.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+    if not names:
+        raise UserError(f"--metrics is empty: choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in names]  # the model card's order
 
 
-# ---- weights: hub id or local path, one code path ----
-def is_local(spec):
-    return spec.startswith((".", "/", "~")) or Path(spec).exists()
-
-
-def resolve_file(spec, default_name, flag):
-    """A local path for a weights file: a local file, a local folder (+ default_name), or a hub id
-    'owner/repo' (+ default_name) or 'owner/repo/path/in/repo', downloaded with huggingface_hub."""
-    if is_local(spec):
-        p = Path(spec).expanduser()
-        p = p / default_name if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"{flag} {spec}: file not found ({p})")
-        return str(p)
-    parts = spec.split("/")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or default_name
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, unknown repo or file, network: all the user's to fix
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{flag} {spec}: could not get {filename} from the hub repo {repo}: {msg}") from None
-
-
-def sibling_spec(spec, name):
-    """The spec of `name` beside the file/folder/hub repo `spec` (med_config.json beside ImageReward.pt)."""
-    if is_local(spec):
-        p = Path(spec).expanduser()
-        return str((p if p.is_dir() else p.parent) / name)
-    return "/".join(spec.split("/")[:2] + [name])
-
-
-def torch_load(path, flag):
-    """Never unpickle code: weights_only=True. The aesthetic .pth holds CUDA tensors, hence map_location."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{flag} {path}: cannot load it as a torch checkpoint ({msg})") from None
-
-
-def from_pretrained(cls, spec, flag, **kwargs):
-    """transformers from_pretrained with one-line errors; missing weights are an error, not a random init."""
-    check_model_path(spec, flag)
-    try:
-        out = cls.from_pretrained(spec, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{flag} {spec}: {str(e).splitlines()[0]}") from None
-    if isinstance(out, tuple):  # (model, loading_info)
-        model, info = out
-        if info.get("missing_keys"):
-            raise UserError(f"{flag} {spec}: weights missing for {describe_keys(info['missing_keys'])}")
-        return model
-    return out
-
-
-def describe_keys(keys, n=4):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def load_strict(module, state_dict, what):
-    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys as one readable line."""
-    expected = module.state_dict()
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-    if missing or unexpected:
-        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + \
-                ([f"unexpected {describe_keys(unexpected)}"] if unexpected else [])
-        raise UserError(f"{what}: checkpoint does not match the model: {'; '.join(parts)}")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
-           if tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        raise UserError(f"{what}: checkpoint shapes do not match the model config: {describe_keys(bad, 2)}")
-    module.load_state_dict(state_dict, strict=True)
-
-
-def strip_module_prefix(sd):
-    """(Distributed)DataParallel saves keys as module.<name>."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+def pick_device(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # fp32 unless asked: the official PickScore, ImageReward and aesthetic code run their towers in fp32 (hpsv2's
+    # score() under CUDA autocast: fp32 HPS may differ from it slightly on a GPU)
+    mp = str(args.mixed_precision).lower()
+    mp = "no" if mp == "fp32" else mp  # recorded as "no", the other scripts' word for it
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mp not in dtypes:
+        raise UserError(f"--mixed_precision {mp}: choose no (fp32), fp16 or bf16")
+    if mp == "fp16" and device.type == "cpu":
+        raise UserError("--mixed_precision fp16 needs a GPU: use no or bf16 on a CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    return device, mp, dtypes[mp]
 
 
 # ---- preprocessing (exactly the originals' torchvision pipelines, written with PIL + torch) ----
@@ -306,8 +152,6 @@ def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
 def resize_center_crop(img, size=IMAGE_SIZE):
     """ImageReward and the aesthetic predictor (OpenAI CLIP's transform): Resize(size, BICUBIC) on the PIL image
     (shorter side -> size, longer side int()-truncated), CenterCrop(size), ToTensor, Normalize."""
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     if w <= h:
@@ -351,7 +195,7 @@ END_OF_WORD = "</w>"  # byte-level CLIP BPE marks the last symbol of every word
 def clean_prompt(text):
     """open_clip's text cleaning, in its order: ftfy.fix_text (mojibake, curly quotes, ...), HTML entities unescaped
     twice (so "&amp;amp;" -> "&"), stripped, every run of whitespace one space, lowercased."""
-    import ftfy
+    import ftfy  # optional, only HPS needs it: HPS() says so in one line when it is missing
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()  # str.split() and re's \s agree on what is whitespace
@@ -371,7 +215,7 @@ BYTE_CHARS = byte_alphabet()
 
 def split_words(text):
     """A cleaned prompt -> open_clip's words (the `regex` module: transformers needs it too)."""
-    import regex
+    import regex  # only HPS needs \p{L} / \p{N} classes, which re lacks
 
     return regex.findall(OPEN_CLIP_WORD, text, flags=regex.IGNORECASE)
 
@@ -478,6 +322,11 @@ OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj"
                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
+def strip_module_prefix(sd):
+    """(Distributed)DataParallel saves keys as module.<name>."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
 def open_clip_to_transformers(sd):
     """open_clip CLIP state dict -> transformers CLIPModel state dict. Unknown keys pass through unchanged, so
     that the strict load names them as unexpected."""
@@ -536,7 +385,7 @@ def blip_to_transformers(sd):
 
 def blip_vision_config(vision_sd):
     """BlipVisionConfig from the ViT's tensor shapes (ViT-L/16 at 224 for ImageReward)."""
-    from transformers import BlipVisionConfig
+    from transformers import BlipVisionConfig  # transformers takes seconds to import: only to build a scorer
 
     try:
         hidden = vision_sd["embeddings.class_embedding"].shape[-1]
@@ -555,7 +404,7 @@ def blip_vision_config(vision_sd):
 def blip_text_config(med_config, encoder_width):
     """BlipTextConfig from ImageReward's med_config.json (BERT-base + cross-attention). encoder_width is the
     ViT width (1024), which BLIP sets in code, overriding the file's 768."""
-    from transformers import BlipTextConfig
+    from transformers import BlipTextConfig  # transformers takes seconds to import: only to build a scorer
 
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
@@ -593,7 +442,7 @@ def cosine(a, b):
 
 
 def pickscore_formula(image_emb, text_emb, logit_scale):
-    """PickScore = exp(logit_scale) * cos(image, text) (≈21 for SD-1.5; a raw cosine ≈0.2 is the known bug)."""
+    """PickScore = exp(logit_scale) * cos(image, text) (≈21 for SD-1.5; a raw cosine ≈0.2: the scale left out)."""
     return logit_scale.float().exp() * cosine(image_emb, text_emb)
 
 
@@ -641,178 +490,6 @@ def open_clip_text_embeds(model, input_ids):
     hidden = model.text_model(input_ids=ids).last_hidden_state  # after final_layer_norm, as open_clip's ln_final
     pooled = hidden[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)]
     return model.text_projection(pooled).float()
-
-
-# ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
-class PickScore:
-    """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
-
-    def __init__(self, model, processor, device, dtype):
-        from transformers import AutoProcessor, CLIPModel
-
-        self.model = from_pretrained(CLIPModel, model, "--pickscore_model", output_loading_info=True)
-        self.logit_scale = self.model.logit_scale.detach().float().clone()  # fp32: exp() of fp16 is off by ~0.2%
-        self.model.to(device, dtype).eval()
-        self.processor = from_pretrained(AutoProcessor, processor, "--pickscore_processor")
-        self.weights = {"model": model, "processor": processor}
-
-    prep_key = ("pickscore processor",)
-
-    def prepare(self, image):
-        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        tok = self.processor(text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH,
-                             return_tensors="pt")
-        text = clip_text_embeds(self.model, tok["input_ids"], tok["attention_mask"])
-        image = clip_image_embeds(self.model, pixels)
-        return pickscore_formula(image, text, self.logit_scale.to(image.device))
-
-
-class HPS:
-    """HPS v2 / v2.1: open_clip ViT-H-14 weights ({"state_dict": ...}) converted onto a transformers CLIPModel."""
-
-    def __init__(self, checkpoint, version, clip, device, dtype):
-        spec = checkpoint or f"{HPS_REPO}/{HPS_FILES[version]}"
-        path = resolve_file(spec, HPS_FILES[version], "--hps_checkpoint")
-        other = {f: v for v, f in HPS_FILES.items()}.get(Path(path).name)
-        if other and other != version:  # v2.0 and v2.1 scores are not comparable: refuse an obvious mix-up
-            raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{other} but --hps_version is {version}")
-        ckpt = torch_load(path, "--hps_checkpoint")
-        sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-        try:
-            import ftfy  # noqa: F401  (open_clip cleans every prompt with it)
-        except ImportError:
-            raise UserError("HPS needs ftfy (pip install ftfy): open_clip cleans prompts with it") from None
-        from transformers import CLIPConfig, CLIPModel  # after the cheap checks: a slow import
-
-        check_model_path(clip, "--hps_clip")
-        try:
-            config = CLIPConfig.from_pretrained(clip)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
-        self.tokenize = OpenClipTokenizer(*read_clip_bpe(clip))  # before building ViT-H: a bad folder fails fast
-        if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
-            raise UserError(f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
-                            f"{config.text_config.vocab_size}")
-        for cfg in (config.text_config, config.vision_config):
-            cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
-        with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
-            self.model = CLIPModel(config)
-        load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
-        self.model.to(device, dtype).eval()
-        self.image_size = config.vision_config.image_size
-        self.weights = {"checkpoint": path, "clip": clip, "version": version, "tokenization": HPS_TOKENIZATION}
-
-    @property
-    def prep_key(self):
-        return ("resize_longest_pad", self.image_size)
-
-    def prepare(self, image):
-        return resize_longest_pad(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        text = open_clip_text_embeds(self.model, self.tokenize(prompts))
-        return hps_formula(clip_image_embeds(self.model, pixels), text)
-
-
-class ImageReward:
-    """THUDM ImageReward: BLIP ViT-L/16 + BERT with cross-attention to the image tokens + MLP head on [CLS]."""
-
-    def __init__(self, checkpoint, med_config, tokenizer, device, dtype):
-        path = resolve_file(checkpoint, "ImageReward.pt", "--imagereward_checkpoint")
-        med_spec = med_config or sibling_spec(checkpoint, "med_config.json")
-        med_path = resolve_file(med_spec, "med_config.json", "--imagereward_med_config")
-        try:
-            med = json.loads(Path(med_path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--imagereward_med_config {med_path}: not a JSON config ({e})") from None
-        what = f"--imagereward_checkpoint {path}"
-        vision_sd, text_sd, head_sd, unexpected = blip_to_transformers(torch_load(path, "--imagereward_checkpoint"))
-        if unexpected:
-            raise UserError(f"{what}: checkpoint does not match the model: unexpected {describe_keys(unexpected)}")
-        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
-
-        vision_config = blip_vision_config(vision_sd)
-        with torch.device(device):
-            self.vision = BlipVisionModel(vision_config)
-            self.text = BlipTextModel(blip_text_config(med, vision_config.hidden_size), add_pooling_layer=False)
-        load_strict(self.vision, vision_sd, what)
-        load_strict(self.text, text_sd, what)
-        self.head = [(w.to(device), b.to(device)) for w, b in head_layers(head_sd, self.text.config.hidden_size, what)]
-        self.vision.to(device, dtype).eval()
-        self.text.to(device, dtype).eval()
-        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "--imagereward_tokenizer")
-        # BLIP's init_tokenizer(): adds [DEC] (bos) and [ENC]; vocab 30522 -> 30524 as in med_config
-        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-        self.image_size = vision_config.image_size
-        self.weights = {"checkpoint": path, "med_config": med_path, "tokenizer": tokenizer}
-
-    @property
-    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
-        return ("resize_center_crop", self.image_size)
-
-    def prepare(self, image):
-        return resize_center_crop(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        p = next(self.vision.parameters())
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
-                             return_tensors="pt")
-        image_embeds = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=p.device)
-        hidden = self.text(input_ids=tok["input_ids"].to(p.device), attention_mask=tok["attention_mask"].to(p.device),
-                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                           is_decoder=False).last_hidden_state
-        return imagereward_formula(linear_head(hidden[:, 0].float(), self.head))
-
-
-class Aesthetic:
-    """LAION improved aesthetic predictor: MLP head on the normalised openai/clip-vit-large-patch14 embedding."""
-
-    def __init__(self, clip, head, device, dtype):
-        from transformers import CLIPModel
-
-        self.model = from_pretrained(CLIPModel, clip, "--aesthetic_clip", output_loading_info=True)
-        self.model.to(device, dtype).eval()
-        path = resolve_file(head, "aesthetic-model.pth", "--aesthetic_head")
-        sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
-        self.head = [(w.to(device), b.to(device))
-                     for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")]
-        self.image_size = self.model.config.vision_config.image_size
-        self.weights = {"clip": clip, "head": path}
-
-    @property
-    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
-        return ("resize_center_crop", self.image_size)
-
-    def prepare(self, image):
-        return resize_center_crop(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        return aesthetic_formula(clip_image_embeds(self.model, pixels), self.head)
-
-
-def load_scorers(args, metrics, device, dtype):
-    scorers = {}
-    for m in metrics:  # all resident at once: every batch is scored by every metric
-        t = time.time()
-        if m == "pickscore":
-            scorers[m] = PickScore(args.pickscore_model, args.pickscore_processor, device, dtype)
-        elif m == "hps":
-            scorers[m] = HPS(args.hps_checkpoint, args.hps_version, args.hps_clip, device, dtype)
-        elif m == "imagereward":
-            scorers[m] = ImageReward(args.imagereward_checkpoint, args.imagereward_med_config,
-                                     args.imagereward_tokenizer, device, dtype)
-        elif m == "aesthetic":
-            scorers[m] = Aesthetic(args.aesthetic_clip, args.aesthetic_head, device, dtype)
-        print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
-    return scorers
 
 
 # ---- aggregation ----
@@ -943,6 +620,7 @@ def same_seeds(rows_a, rows_b):
     return bool(common) and all(a[k] is not None and a[k] == b[k] for k in common)
 
 
+# ---- summary.md ----
 def fmt(x, decimals):
     return "n/a" if x is None else f"{x:.{decimals}f}"
 
@@ -1013,76 +691,256 @@ def markdown_summary(summary, models, metrics, baseline, wins, hps_version, aver
     return "\n".join(lines) + "\n"
 
 
-# ---- command line ----
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through cli(), not usage + traceback
-        raise UserError(f"{message} (see python evaluate.py --help)")
+# ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
+class PickScore:
+    """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
+
+    def __init__(self, model, processor, device, dtype):
+        from transformers import AutoProcessor, CLIPModel  # a slow import: only to build a scorer
+
+        self.model = from_pretrained(CLIPModel, model, "--pickscore_model", output_loading_info=True)
+        self.logit_scale = self.model.logit_scale.detach().float().clone()  # fp32: exp() of fp16 is off by ~0.2%
+        self.model.to(device, dtype).eval()
+        self.processor = from_pretrained(AutoProcessor, processor, "--pickscore_processor")
+        self.weights = {"model": model, "processor": processor}
+
+    prep_key = ("pickscore processor",)
+
+    def prepare(self, image):
+        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        tok = self.processor(text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH,
+                             return_tensors="pt")
+        text = clip_text_embeds(self.model, tok["input_ids"], tok["attention_mask"])
+        image = clip_image_embeds(self.model, pixels)
+        return pickscore_formula(image, text, self.logit_scale.to(image.device))
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR",
-                   help="image folders with metadata.jsonl, or a folder of such folders (samples/)")
-    p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
-    p.add_argument("--output_dir", default="eval")
-    p.add_argument("--metrics", action="append", default=None,
-                   help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
-    p.add_argument("--hps_version", default="2.0",
-                   help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--mixed_precision", default="no",
-                   help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
-                        "autocast), fp16 or bf16 for the towers: reduced precision "
-                        "is faster but moves scores; normalisation, dot products and heads stay fp32")
-    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="threads decoding and preprocessing images")
-    p.add_argument("--overwrite", action="store_true", help="rescore images already in output_dir/scores.jsonl")
-    p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
-    p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
-    p.add_argument("--hps_checkpoint", default=None,
-                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
-                        f"{HPS_FILES['2.1']} by --hps_version)")
-    p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
-    p.add_argument("--imagereward_checkpoint", default=IMAGEREWARD_REPO,
-                   help="ImageReward.pt file, a folder holding it, or a hub repo")
-    p.add_argument("--imagereward_med_config", default=None,
-                   help="med_config.json (default: beside the checkpoint)")
-    p.add_argument("--imagereward_tokenizer", default=IMAGEREWARD_TOKENIZER)
-    p.add_argument("--aesthetic_clip", default=AESTHETIC_CLIP)
-    p.add_argument("--aesthetic_head", default=AESTHETIC_HEAD,
-                   help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)")
-    args = p.parse_args(argv)
-    args.image_dirs = list(args.image_dirs_pos) + list(args.image_dirs)
-    del args.image_dirs_pos
-    return args
+class HPS:
+    """HPS v2 / v2.1: open_clip ViT-H-14 weights ({"state_dict": ...}) converted onto a transformers CLIPModel."""
+
+    def __init__(self, checkpoint, version, clip, device, dtype):
+        spec = checkpoint or f"{HPS_REPO}/{HPS_FILES[version]}"
+        path = resolve_file(spec, HPS_FILES[version], "--hps_checkpoint")
+        other = {f: v for v, f in HPS_FILES.items()}.get(Path(path).name)
+        if other and other != version:  # v2.0 and v2.1 scores are not comparable: refuse an obvious mix-up
+            raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{other} but --hps_version is {version}")
+        ckpt = torch_load(path, "--hps_checkpoint")
+        sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+        try:
+            import ftfy  # noqa: F401  (open_clip cleans every prompt with it)
+        except ImportError:
+            raise UserError("HPS needs ftfy (pip install ftfy): open_clip cleans prompts with it") from None
+        from transformers import CLIPConfig, CLIPModel  # after the cheap checks: a slow import
+
+        check_model_path(clip, "--hps_clip")
+        try:
+            config = CLIPConfig.from_pretrained(clip)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
+        self.tokenize = OpenClipTokenizer(*read_clip_bpe(clip))  # before building ViT-H: a bad folder fails fast
+        if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
+            raise UserError(f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
+                            f"{config.text_config.vocab_size}")
+        for cfg in (config.text_config, config.vision_config):
+            cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
+        with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
+            self.model = CLIPModel(config)
+        load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
+        self.model.to(device, dtype).eval()
+        self.image_size = config.vision_config.image_size
+        self.weights = {"checkpoint": path, "clip": clip, "version": version, "tokenization": HPS_TOKENIZATION}
+
+    @property
+    def prep_key(self):
+        return ("resize_longest_pad", self.image_size)
+
+    def prepare(self, image):
+        return resize_longest_pad(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        text = open_clip_text_embeds(self.model, self.tokenize(prompts))
+        return hps_formula(clip_image_embeds(self.model, pixels), text)
 
 
-def parse_metrics(values):
-    names = [m.strip().lower() for v in (values or [",".join(METRICS)]) for m in v.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
-    if not names:
-        raise UserError(f"--metrics is empty: choose from {', '.join(METRICS)}")
-    return [m for m in METRICS if m in names]  # the model card's order
+class ImageReward:
+    """THUDM ImageReward: BLIP ViT-L/16 + BERT with cross-attention to the image tokens + MLP head on [CLS]."""
+
+    def __init__(self, checkpoint, med_config, tokenizer, device, dtype):
+        path = resolve_file(checkpoint, "ImageReward.pt", "--imagereward_checkpoint")
+        med_spec = med_config or sibling_spec(checkpoint, "med_config.json")
+        med_path = resolve_file(med_spec, "med_config.json", "--imagereward_med_config")
+        try:
+            med = json.loads(Path(med_path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--imagereward_med_config {med_path}: not a JSON config ({e})") from None
+        what = f"--imagereward_checkpoint {path}"
+        vision_sd, text_sd, head_sd, unexpected = blip_to_transformers(torch_load(path, "--imagereward_checkpoint"))
+        if unexpected:
+            raise UserError(f"{what}: checkpoint does not match the model: unexpected {describe_keys(unexpected)}")
+        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel  # a slow import, as above
+
+        vision_config = blip_vision_config(vision_sd)
+        with torch.device(device):
+            self.vision = BlipVisionModel(vision_config)
+            self.text = BlipTextModel(blip_text_config(med, vision_config.hidden_size), add_pooling_layer=False)
+        load_strict(self.vision, vision_sd, what)
+        load_strict(self.text, text_sd, what)
+        self.head = [(w.to(device), b.to(device)) for w, b in head_layers(head_sd, self.text.config.hidden_size, what)]
+        self.vision.to(device, dtype).eval()
+        self.text.to(device, dtype).eval()
+        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "--imagereward_tokenizer")
+        # BLIP's init_tokenizer(): adds [DEC] (bos) and [ENC]; vocab 30522 -> 30524 as in med_config
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        self.image_size = vision_config.image_size
+        self.weights = {"checkpoint": path, "med_config": med_path, "tokenizer": tokenizer}
+
+    @property
+    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
+        return ("resize_center_crop", self.image_size)
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        p = next(self.vision.parameters())
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
+                             return_tensors="pt")
+        image_embeds = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=p.device)
+        hidden = self.text(input_ids=tok["input_ids"].to(p.device), attention_mask=tok["attention_mask"].to(p.device),
+                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                           is_decoder=False).last_hidden_state
+        return imagereward_formula(linear_head(hidden[:, 0].float(), self.head))
 
 
-def pick_device(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # fp32 unless asked: the official PickScore, ImageReward and aesthetic code run their towers in fp32 (hpsv2's
-    # score() under CUDA autocast: fp32 HPS may differ from it slightly on a GPU)
-    mp = str(args.mixed_precision).lower()
-    mp = "no" if mp == "fp32" else mp  # recorded as "no", the other scripts' word for it
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mp not in dtypes:
-        raise UserError(f"--mixed_precision {mp}: choose no (fp32), fp16 or bf16")
-    if mp == "fp16" and device.type == "cpu":
-        raise UserError("--mixed_precision fp16 needs a GPU: use no or bf16 on a CPU")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available")
-    return device, mp, dtypes[mp]
+class Aesthetic:
+    """LAION improved aesthetic predictor: MLP head on the normalised openai/clip-vit-large-patch14 embedding."""
+
+    def __init__(self, clip, head, device, dtype):
+        from transformers import CLIPModel  # a slow import: only to build a scorer
+
+        self.model = from_pretrained(CLIPModel, clip, "--aesthetic_clip", output_loading_info=True)
+        self.model.to(device, dtype).eval()
+        path = resolve_file(head, "aesthetic-model.pth", "--aesthetic_head")
+        sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
+        self.head = [(w.to(device), b.to(device))
+                     for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")]
+        self.image_size = self.model.config.vision_config.image_size
+        self.weights = {"clip": clip, "head": path}
+
+    @property
+    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
+        return ("resize_center_crop", self.image_size)
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        return aesthetic_formula(clip_image_embeds(self.model, pixels), self.head)
+
+
+def load_scorers(args, metrics, device, dtype):
+    scorers = {}
+    for m in metrics:  # all resident at once: every batch is scored by every metric
+        t = time.time()
+        if m == "pickscore":
+            scorers[m] = PickScore(args.pickscore_model, args.pickscore_processor, device, dtype)
+        elif m == "hps":
+            scorers[m] = HPS(args.hps_checkpoint, args.hps_version, args.hps_clip, device, dtype)
+        elif m == "imagereward":
+            scorers[m] = ImageReward(args.imagereward_checkpoint, args.imagereward_med_config,
+                                     args.imagereward_tokenizer, device, dtype)
+        elif m == "aesthetic":
+            scorers[m] = Aesthetic(args.aesthetic_clip, args.aesthetic_head, device, dtype)
+        print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
+    return scorers
+
+
+# ---- main and its steps ----
+class Inputs(NamedTuple):
+    """The image folders to score, read and checked before any model is loaded."""
+    dirs: list      # each model's folder (Path)
+    models: list    # the models' names (their folders' names), in the tables' order
+    metadata: dict  # model -> the rows of its metadata.jsonl
+    baseline: str   # the model win rates are against
+
+
+class Item(NamedTuple):
+    """One image to score: its model's folder and its metadata.jsonl row."""
+    folder: Path
+    row: dict
+
+
+class Prepared(NamedTuple):
+    """prepare_item's result: the image ready for every scorer, or why it is skipped."""
+    pixels: dict  # metric -> preprocessed image tensor; None when the image is skipped
+    why: str      # None when the image is ready
+
+
+def check_settings(args):
+    """The metrics to run, in the model card's order; --hps_version normalised (v2.1 -> 2.1); --batch_size checked."""
+    metrics = parse_metrics(args.metrics)
+    args.hps_version = str(args.hps_version).lower().lstrip("v")
+    if args.hps_version not in HPS_FILES:
+        raise UserError(f"--hps_version {args.hps_version}: choose v2.0 or v2.1")
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    return metrics
+
+
+def read_inputs(args):
+    """The image folders of the arguments, their metadata.jsonl rows and the baseline, all checked."""
+    dirs = find_model_dirs(args.image_dirs)
+    models = [d.name for d in dirs]
+    metadata = {d.name: read_metadata(d) for d in dirs}
+    baseline = args.baseline or models[0]
+    if baseline not in models:
+        raise UserError(f"--baseline {baseline}: not one of the models {models}")
+    return Inputs(dirs, models, metadata, baseline)
+
+
+def scoring_settings(args, metrics, mp):
+    """What makes a score: scores.jsonl is resumed only under the same settings."""
+    scoring = {"metrics": metrics, "hps_version": args.hps_version, "mixed_precision": mp,
+               "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(
+                   ("pickscore_", "hps_", "imagereward_", "aesthetic_"))}}
+    if "hps" in metrics:
+        scoring["hps_tokenization"] = HPS_TOKENIZATION
+    return scoring
+
+
+def resume_scores(out, scoring, metadata, overwrite):
+    """The rows of scores.jsonl that an earlier run with the same settings made for images still listed (keyed by
+    model and file); scores.jsonl is rewritten to hold just them, which also drops a truncated last line."""
+    scores_path, config_path = out / "scores.jsonl", out / "run_config.json"
+    kept = []
+    if scores_path.exists() and not overwrite:
+        old = json.loads(config_path.read_text()).get("scoring") if config_path.is_file() else None
+        if old != scoring:
+            raise UserError(f"{scores_path} holds scores made with other settings: pass --overwrite or another "
+                            "--output_dir")
+        wanted = {(m, r["file_name"]) for m, rows in metadata.items() for r in rows}
+        kept = [r for r in read_jsonl(scores_path) if (r["model"], r["file_name"]) in wanted]
+    with open(scores_path.with_name("scores.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(scores_path.with_name("scores.jsonl.tmp"), scores_path)
+    return kept
+
+
+def load_all_scorers(args, metrics, device, dtype):
+    """Every metric's scorer, all resident; transformers' own logging quieted first."""
+    from transformers.utils import logging as hf_logging  # transformers takes seconds to import: only to score
+
+    hf_logging.set_verbosity_error()  # keep stderr for our one-line messages
+    hf_logging.disable_progress_bar()
+    return load_scorers(args, metrics, device, dtype)
 
 
 def prepare_item(item, scorers):
@@ -1090,10 +948,10 @@ def prepare_item(item, scorers):
     folder, row = item
     path = Path(folder) / row["file_name"]
     if not path.is_file():
-        return None, "missing file"
+        return Prepared(None, "missing file")
     image = decode_image(str(path))
     if image is None:
-        return None, "unreadable image"
+        return Prepared(None, "unreadable image")
     cache, out = {}, {}
     try:
         for m, s in scorers.items():
@@ -1101,67 +959,24 @@ def prepare_item(item, scorers):
                 cache[s.prep_key] = s.prepare(image)
             out[m] = cache[s.prep_key]
     except Exception as e:  # e.g. a degenerate 1-pixel-wide image: skip it like an unreadable one
-        return None, f"cannot preprocess ({type(e).__name__}: {e})"
-    return out, None
+        return Prepared(None, f"cannot preprocess ({type(e).__name__}: {e})")
+    return Prepared(out, None)
 
 
-def main(argv=None):
-    from concurrent.futures import ThreadPoolExecutor
+def score_batch(good, scorers, metrics):
+    """[(Item, pixels)] -> their scores.jsonl rows: every metric on the whole batch at once."""
+    prompts = [item.row["prompt"] for item, _ in good]
+    scores = {m: scorers[m](torch.stack([pixels[m] for _, pixels in good]), prompts).cpu().tolist() for m in metrics}
+    return [{"model": item.folder.name, "prompt_index": item.row["prompt_index"],
+             "image_index": item.row["image_index"], "prompt": item.row["prompt"], "file_name": item.row["file_name"],
+             "seed": item.row.get("seed"), **{m: scores[m][i] for m in metrics}} for i, (item, _) in enumerate(good)]
 
-    args = parse_args(argv)
-    metrics = parse_metrics(args.metrics)
-    args.hps_version = str(args.hps_version).lower().lstrip("v")
-    if args.hps_version not in HPS_FILES:
-        raise UserError(f"--hps_version {args.hps_version}: choose v2.0 or v2.1")
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
 
-    # 1. Inputs, checked before any model is loaded.
-    dirs = find_model_dirs(args.image_dirs)
-    models = [d.name for d in dirs]
-    metadata = {d.name: read_metadata(d) for d in dirs}
-    baseline = args.baseline or models[0]
-    if baseline not in models:
-        raise UserError(f"--baseline {baseline}: not one of the models {models}")
-    device, mp, dtype = pick_device(args)
-
-    # 2. Resume: keep the scores of an earlier run with the same settings (rows keyed by model and file).
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    scoring = {"metrics": metrics, "hps_version": args.hps_version, "mixed_precision": mp,
-               "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(
-                   ("pickscore_", "hps_", "imagereward_", "aesthetic_"))}}
-    if "hps" in metrics:
-        scoring["hps_tokenization"] = HPS_TOKENIZATION
-    scores_path, config_path = out / "scores.jsonl", out / "run_config.json"
-    kept = []
-    if scores_path.exists() and not args.overwrite:
-        old = json.loads(config_path.read_text()).get("scoring") if config_path.is_file() else None
-        if old != scoring:
-            raise UserError(f"{scores_path} holds scores made with other settings: pass --overwrite or another "
-                            "--output_dir")
-        wanted = {(m, r["file_name"]) for m, rows in metadata.items() for r in rows}
-        kept = [r for r in read_jsonl(scores_path) if (r["model"], r["file_name"]) in wanted]
-    done = {(r["model"], r["file_name"]) for r in kept}
-    with open(scores_path.with_name("scores.jsonl.tmp"), "w") as f:  # rewrite: drops a truncated last line
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(scores_path.with_name("scores.jsonl.tmp"), scores_path)
-    write_json_atomic(config_path, run_config("evaluate", args, models=models, baseline=baseline, scoring=scoring,
-                                              device=str(device)))
-
-    # 3. Models, all resident.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # keep stderr for our one-line messages
-    hf_logging.disable_progress_bar()
-    scorers = load_scorers(args, metrics, device, dtype)
-
-    # 4. Score every image not scored yet, batch by batch; workers decode the next batch meanwhile.
-    todo = [(dirs[models.index(m)], r) for m in models for r in metadata[m] if (m, r["file_name"]) not in done]
+def score_images(todo, scorers, metrics, args, scores_path, skipped):
+    """Score `todo` [Item] batch by batch, appending each batch's rows to scores.jsonl (a killed run keeps them);
+    workers decode the next batch meanwhile. Unreadable images go to skipped[model]. Returns the new rows."""
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    skipped = {m: [] for m in models}
-    print(f"scoring {len(todo)} images ({len(done)} already scored) from {len(models)} model(s) with "
-          f"{', '.join(metrics)} on {device} ({mp})", flush=True)
+    new = []
     t0, n_scored = time.time(), 0
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, open(scores_path, "a") as f:
         futures = [pool.submit(prepare_item, it, scorers) for it in batches[0]] if batches else []
@@ -1170,74 +985,335 @@ def main(argv=None):
             if bi + 1 < len(batches):
                 futures = [pool.submit(prepare_item, it, scorers) for it in batches[bi + 1]]
             good = []
-            for (folder, row), (pixels, why) in zip(batch, results):
-                if pixels is None:
-                    skipped[folder.name].append({"file_name": row["file_name"], "reason": why})
-                    print(f"warning: {folder / row['file_name']}: {why}, skipped", file=sys.stderr, flush=True)
+            for item, prepared in zip(batch, results):
+                if prepared.pixels is None:
+                    skipped[item.folder.name].append({"file_name": item.row["file_name"], "reason": prepared.why})
+                    print(f"warning: {item.folder / item.row['file_name']}: {prepared.why}, skipped", file=sys.stderr,
+                          flush=True)
                 else:
-                    good.append((folder, row, pixels))
+                    good.append((item, prepared.pixels))
             if not good:
                 continue
-            prompts = [row["prompt"] for _, row, _ in good]
-            scores = {m: scorers[m](torch.stack([px[m] for _, _, px in good]), prompts).cpu().tolist()
-                      for m in metrics}
-            for i, (folder, row, _) in enumerate(good):
-                rec = {"model": folder.name, "prompt_index": row["prompt_index"], "image_index": row["image_index"],
-                       "prompt": row["prompt"], "file_name": row["file_name"], "seed": row.get("seed"),
-                       **{m: scores[m][i] for m in metrics}}
-                kept.append(rec)
-                f.write(json.dumps(rec) + "\n")
+            rows = score_batch(good, scorers, metrics)
+            new += rows
+            f.writelines(json.dumps(rec) + "\n" for rec in rows)
             f.flush()
             n_scored += len(good)
             if bi % 20 == 0 or bi == len(batches) - 1:
                 rate = n_scored / max(time.time() - t0, 1e-9)
                 print(f"batch {bi + 1}/{len(batches)}: {n_scored} images scored ({rate:.1f}/s)", flush=True)
+    return new
 
-    # 5. Aggregate, compare with the baseline, write the tables.
-    rows_by_model = {m: [r for r in kept if r["model"] == m] for m in models}
+
+def aggregation_text(metrics, n):
+    """summary.json's "aggregation": how each figure was computed, in words."""
+    return {
+        "best_of_n": f"{selection_label(metrics, n)} (the paper's and the model card's): per prompt, the image "
+                     f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
+                     "image_index); that image's score of each metric; then over prompts: mean, median, std",
+        "per_metric_max_of_n": "per prompt, each metric's own maximum over its images (possibly of different "
+                               "images; not the model card's best of N); then over prompts: mean, median, std",
+        "mean": "per prompt, the mean over its images; then over prompts: mean, median, std (ddof=0)",
+        "average": f"{average_label(metrics)}: for each figure (best_of_n, best_of_n_median, mean, median, "
+                   "per_metric_max_of_n), the plain mean of that figure over the metrics",
+        "win_rates": "per metric: the fraction of prompts shared with the baseline where the model's per-prompt "
+                     "mean over its images is higher, ties count half; 'average': of the raw mean of the "
+                     "metrics",
+        "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt"}
+
+
+def summarize(rows_by_model, inputs, metrics, hps_version, skipped, weights, mp):
+    """summary.json: per model and metric the aggregates, their average over the metrics, the win rates against
+    the baseline (on per-prompt means and on the best-of-N images), which image the best of N took, and counts."""
+    models, baseline = inputs.models, inputs.baseline
     summary = {m: {metric: aggregate(rows_by_model[m], metric, metrics) for metric in metrics} for m in models}
-    averages = {m: average_scores(summary[m], metrics) for m in models}
-    wins = win_rates(rows_by_model, baseline, metrics, on="mean")
-    wins_best = win_rates(rows_by_model, baseline, metrics, on="best_of_n")
     n = max((summary[m][metric]["images_per_prompt"][1] for m in models for metric in metrics), default=0)
     selected = {}  # which image the best of N took, per model and prompt_index (to look at it, or to check it)
     for m in models:
         picked = sorted(select_best_of_n(rows_by_model[m], metrics).items(), key=lambda kv: kv[0][0])
         selected[m] = {str(key[0]): r["image_index"] for key, r in picked}
-    counts = {m: {"images_listed": len(metadata[m]), "images_scored": len(rows_by_model[m]),
+    counts = {m: {"images_listed": len(inputs.metadata[m]), "images_scored": len(rows_by_model[m]),
                   "images_skipped": len(skipped[m]), "skipped": skipped[m]} for m in models}
-    weights = {m: s.weights for m, s in scorers.items()}
-    write_json_atomic(out / "summary.json", {
-        "models": models, "metrics": metrics, "hps_version": args.hps_version, "baseline": baseline,
-        "summary": summary, "average": averages, "win_rates": wins, "win_rates_best_of_n": wins_best,
+    return {
+        "models": models, "metrics": metrics, "hps_version": hps_version, "baseline": baseline,
+        "summary": summary, "average": {m: average_scores(summary[m], metrics) for m in models},
+        "win_rates": win_rates(rows_by_model, baseline, metrics, on="mean"),
+        "win_rates_best_of_n": win_rates(rows_by_model, baseline, metrics, on="best_of_n"),
         "best_of_n_selection": {"label": selection_label(metrics, n), "metrics": metrics,
                                 "image_index_by_prompt_index": selected},
         "counts": counts, "weights": weights, "mixed_precision": mp,
         "same_seeds_as_baseline": {m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models
                                    if m != baseline},
-        "aggregation": {
-            "best_of_n": f"{selection_label(metrics, n)} (the paper's and the model card's): per prompt, the image "
-                         f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
-                         "image_index); that image's score of each metric; then over prompts: mean, median, std",
-            "per_metric_max_of_n": "per prompt, each metric's own maximum over its images (possibly of different "
-                                   "images; not the model card's best of N); then over prompts: mean, median, std",
-            "mean": "per prompt, the mean over its images; then over prompts: mean, median, std (ddof=0)",
-            "average": f"{average_label(metrics)}: for each figure (best_of_n, best_of_n_median, mean, median, "
-                       "per_metric_max_of_n), the plain mean of that figure over the metrics",
-            "win_rates": "per metric: the fraction of prompts shared with the baseline where the model's per-prompt "
-                         "mean over its images is higher, ties count half; 'average': of the raw mean of the "
-                         "metrics",
-            "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt"}})
-    (out / "summary.md").write_text(markdown_summary(summary, models, metrics, baseline, wins, args.hps_version,
-                                                     averages, wins_best))
-    write_json_atomic(config_path, run_config("evaluate", args, models=models, baseline=baseline, scoring=scoring,
-                                              device=str(device), weights=weights, counts={
-                                                  m: {k: v for k, v in c.items() if k != "skipped"}
-                                                  for m, c in counts.items()}))
+        "aggregation": aggregation_text(metrics, n)}
+
+
+def write_tables(out, report):
+    """summary.json and summary.md (the model card's table and the win rates)."""
+    write_json_atomic(out / "summary.json", report)
+    (out / "summary.md").write_text(markdown_summary(
+        report["summary"], report["models"], report["metrics"], report["baseline"], report["win_rates"],
+        report["hps_version"], report["average"], report["win_rates_best_of_n"]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = check_settings(args)
+    inputs = read_inputs(args)  # checked before any model is loaded
+    device, mp, dtype = pick_device(args)
+
+    # Resume: keep the scores of an earlier run with the same settings.
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scoring = scoring_settings(args, metrics, mp)
+    kept = resume_scores(out, scoring, inputs.metadata, args.overwrite)
+    config = dict(models=inputs.models, baseline=inputs.baseline, scoring=scoring, device=str(device))
+    write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config))
+
+    # Score every image not scored yet.
+    scorers = load_all_scorers(args, metrics, device, dtype)
+    done = {(r["model"], r["file_name"]) for r in kept}
+    todo = [Item(folder, r) for folder in inputs.dirs for r in inputs.metadata[folder.name]
+            if (folder.name, r["file_name"]) not in done]
+    skipped = {m: [] for m in inputs.models}
+    print(f"scoring {len(todo)} images ({len(done)} already scored) from {len(inputs.models)} model(s) with "
+          f"{', '.join(metrics)} on {device} ({mp})", flush=True)
+    rows = kept + score_images(todo, scorers, metrics, args, out / "scores.jsonl", skipped)
+
+    # Aggregate, compare with the baseline, write the tables.
+    rows_by_model = {m: [r for r in rows if r["model"] == m] for m in inputs.models}
+    weights = {m: s.weights for m, s in scorers.items()}
+    report = summarize(rows_by_model, inputs, metrics, args.hps_version, skipped, weights, mp)
+    write_tables(out, report)
+    counts = {m: {k: v for k, v in c.items() if k != "skipped"} for m, c in report["counts"].items()}
+    write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config, weights=weights, counts=counts))
     print((out / "summary.md").read_text())
     n_skipped = sum(len(v) for v in skipped.values())
     print(f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
           + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else ""))
+
+
+# ---- plumbing: image folders in, weights files by hub id or local path ----
+def natural_key(name):
+    """iter_2 sorts before iter_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_model_dirs(paths):
+    """Image folders (with metadata.jsonl) from the arguments: a folder itself, or every such subfolder of it."""
+    dirs = []
+    for p in map(Path, paths):
+        if (p / "metadata.jsonl").is_file():
+            dirs.append(p)
+        elif p.is_dir() and any((sub / "metadata.jsonl").is_file() for sub in p.iterdir() if sub.is_dir()):
+            subs = [sub for sub in p.iterdir() if (sub / "metadata.jsonl").is_file()]
+            dirs += sorted(subs, key=lambda s: natural_key(s.name))
+        elif not p.exists():
+            raise UserError(f"{p}: no such folder")
+        else:
+            raise UserError(f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
+                            "sample.py or generate.py")
+    names = [d.name for d in dirs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"two image folders have the same name {dup}: the model name is the folder name")
+    if not dirs:
+        raise UserError("no image folders given: pass one or more folders with metadata.jsonl")
+    return dirs
+
+
+def read_metadata(folder):
+    rows = read_jsonl(Path(folder) / "metadata.jsonl")
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("file_name", "prompt", "prompt_index", "image_index") if k not in row]
+        if missing:
+            raise UserError(f"{folder}/metadata.jsonl line {i}: missing {missing}")
+    if not rows:
+        raise UserError(f"{folder}/metadata.jsonl lists no images")
+    return rows
+
+
+def is_local(spec):
+    return spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def resolve_file(spec, default_name, flag):
+    """A local path for a weights file: a local file, a local folder (+ default_name), or a hub id
+    'owner/repo' (+ default_name) or 'owner/repo/path/in/repo', downloaded with huggingface_hub."""
+    if is_local(spec):
+        p = Path(spec).expanduser()
+        p = p / default_name if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"{flag} {spec}: file not found ({p})")
+        return str(p)
+    parts = spec.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or default_name
+    try:
+        from huggingface_hub import hf_hub_download  # only for a hub id: local paths never import it
+
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, unknown repo or file, network: all the user's to fix
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{flag} {spec}: could not get {filename} from the hub repo {repo}: {msg}") from None
+
+
+def sibling_spec(spec, name):
+    """The spec of `name` beside the file/folder/hub repo `spec` (med_config.json beside ImageReward.pt)."""
+    if is_local(spec):
+        p = Path(spec).expanduser()
+        return str((p if p.is_dir() else p.parent) / name)
+    return "/".join(spec.split("/")[:2] + [name])
+
+
+def torch_load(path, flag):
+    """Never unpickle code: weights_only=True. The aesthetic .pth holds CUDA tensors, hence map_location."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{flag} {path}: cannot load it as a torch checkpoint ({msg})") from None
+
+
+def from_pretrained(cls, spec, flag, **kwargs):
+    """transformers from_pretrained with one-line errors; missing weights are an error, not a random init."""
+    check_model_path(spec, flag)
+    try:
+        out = cls.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {spec}: {str(e).splitlines()[0]}") from None
+    if isinstance(out, tuple):  # (model, loading_info)
+        model, info = out
+        if info.get("missing_keys"):
+            raise UserError(f"{flag} {spec}: weights missing for {describe_keys(info['missing_keys'])}")
+        return model
+    return out
+
+
+def describe_keys(keys, n=4):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_strict(module, state_dict, what):
+    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys as one readable line."""
+    expected = module.state_dict()
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    if missing or unexpected:
+        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + \
+                ([f"unexpected {describe_keys(unexpected)}"] if unexpected else [])
+        raise UserError(f"{what}: checkpoint does not match the model: {'; '.join(parts)}")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
+           if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise UserError(f"{what}: checkpoint shapes do not match the model config: {describe_keys(bad, 2)}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, exit code 2."""
+
+
+def cli(main):
+    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
+    import errno
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
+                  "finished work is kept", file=sys.stderr)
+            sys.exit(28)
+        raise
+
+
+def write_json_atomic(path, obj):
+    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def run_config(stage, args, **extra):
+    """What made a folder, with which settings: the same shape for every stage."""
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+            "args": dict(vars(args)), "versions": versions, **extra}
+
+
+def check_model_path(path, what="--pretrained_model_name_or_path"):
+    """A path-looking model argument that does not exist is a typo, not a hub id."""
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not Path(path).exists():
+        raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
+
+
+def decode_image(value):
+    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img.load()
+        return img.convert("RGB")
+    except Exception:
+        return None
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def quiet_known_noise():
+    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
+    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
+    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
+    processors instead (what we want: torchvision is not a dependency)."""
+    import logging
+
+    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+# ---- end shared helpers ----
+
+
+quiet_known_noise()
 
 
 if __name__ == "__main__":

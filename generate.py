@@ -19,13 +19,560 @@ Every image's noise comes from its own seed, image_seed(seed, prompt_index, imag
 not depend on batch size, process count or where a killed run was resumed. Rerun the same command to resume.
 """
 import argparse
+import hashlib
+import itertools
 import json
 import os
 import sys
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+
+# ---- flags ----
+# --scheduler names -> diffusers classes (None keeps the pipeline's own scheduler).
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+              "unipc": "UniPCMultistepScheduler"}
+# Flags that change the pixels. A folder made with other values is refused, never mixed. Not here: --batch_size
+# (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
+IMAGE_SETTINGS = ("num_images_per_prompt", "num_inference_steps", "guidance_scale", "resolution", "scheduler", "seed",
+                  "mixed_precision")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
+                   "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
+                   "StableDiffusionXLPipeline")
+    p.add_argument("--unet", default="base", help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
+                   "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'")
+    p.add_argument("--dataset", help="prompts: unique captions of a dataset (hub id or local), Pick-a-Pic ties dropped")
+    p.add_argument("--split", default="train")
+    p.add_argument("--caption_column", default="caption")
+    p.add_argument("--prompts_file", help="prompts: one per line (instead of --dataset)")
+    p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
+    p.add_argument("--max_train_samples", type=int, help="read only the first N usable rows of --dataset (after "
+                   "dropping ties), as train_spin.py does: pass both scripts the same value")
+    p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
+    p.add_argument("--per_row", action="store_true", help="one prompt per usable training row (duplicate captions "
+                   "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
+                   "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
+                   "times fewer images), each caption's rows sharing its images")
+    p.add_argument("--num_images_per_prompt", type=int, default=1)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 "
+                   "for SD-2.1, 1024 for SDXL)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA, no on CPU")
+    p.add_argument("--output_dir", required=True)
+    args = p.parse_args(argv)
+    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "max_train_samples",
+                 "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    return args
+
+
+# ---- the stage: prompts, seeds, the pipeline, images (also run by sample.py, which imports them) ----
+# Pipeline classes (model_index.json's "_class_name") that generate.py and sample.py run: the arguments each is loaded
+# with, whether it decodes with its VAE upcast to float32 when the VAE is float16 and its config says force_upcast
+# (diffusers' SDXL pipeline does; its StableDiffusionPipeline does not), whether it takes SDXL's micro-conditioning,
+# whether its decoding applies the VAE config's latents_mean/latents_std where there are some, and the UNet
+# addition embedding it drives (SDXL's UNet takes pooled text + size/crop ids: "text_time"). SD-1.x and SD-2.x
+# (768-v: v-prediction is the scheduler's business) are StableDiffusionPipeline.
+PIPELINES = {
+    "StableDiffusionPipeline": {"load": {"safety_checker": None, "requires_safety_checker": False},
+                                "upcast_vae": False, "micro_conditioning": False, "latents_mean_std": False,
+                                "unet_addition_embed_type": None},
+    "StableDiffusionXLPipeline": {"load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
+                                  "upcast_vae": True, "micro_conditioning": True, "latents_mean_std": True,
+                                  "unet_addition_embed_type": "text_time"},
+}
+BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
+
+
+def shard(num_prompts, rank, world_size):
+    """Prompt i belongs to process i % world_size: balanced, and independent of what is already done."""
+    return range(rank, num_prompts, world_size)
+
+
+def plan(prompt_indices, num_images_per_prompt, done):
+    """(prompt_index, image_index) still to make, in order."""
+    return [(p, i) for p in prompt_indices for i in range(num_images_per_prompt) if (p, i) not in done]
+
+
+def prompts_digest(prompts):
+    return "sha256:" + hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def metadata_row(prompt, prompt_index, image_index, seed, with_latent):
+    key = image_key(prompt_index, image_index)
+    row = {"file_name": f"images/{key}.png"}
+    if with_latent:
+        row["latent_file"] = f"latents/{key}.safetensors"
+    row.update(prompt=prompt, prompt_index=prompt_index, image_index=image_index, seed=seed)
+    return row
+
+
+def initial_noise(seeds, shape):
+    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
+    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def resolve_precision(name, device):
+    """--mixed_precision: default fp16 on CUDA (the usual SD-1.5 inference precision), float32 elsewhere."""
+    name = name or ("fp16" if torch.device(device).type == "cuda" else "no")
+    return name, {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def micro_conditioning(pipe, resolution):
+    """SDXL's size/crop conditioning for an image generated at `resolution`: original size = target size = the
+    image's own, crop (0, 0), as diffusers' defaults are, but passed explicitly and recorded in the settings (the
+    training side conditions synthetic images on the size they were generated at). {} for other pipelines."""
+    if not PIPELINES[type(pipe).__name__]["micro_conditioning"]:
+        return {}
+    return {"original_size": (resolution, resolution), "crops_coords_top_left": (0, 0),
+            "target_size": (resolution, resolution)}
+
+
+def model_record(pipe):
+    """What run_config.json's "model" says about the pipeline besides the UNet: its class and its VAE's dtype."""
+    return {"pipeline_class": type(pipe).__name__, "vae_dtype": str(pipe.vae.dtype).replace("torch.", "")}
+
+
+def folder_settings(args, pipe, prompts, fingerprint):
+    """Everything that determines the images of a folder (compared by check_folder on every rerun)."""
+    pretrained = args.pretrained_model_name_or_path
+    if Path(pretrained).expanduser().exists():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    settings = {"pretrained_model_name_or_path": pretrained, "unet_fingerprint": fingerprint,
+                "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts)}
+    settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
+    settings["scheduler"] = type(pipe.scheduler).__name__
+    extra = micro_conditioning(pipe, args.resolution)
+    if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
+        settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
+    return settings
+
+
+def decode_latents(pipe, latents):
+    """The pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
+    decodes it: in the VAE's own dtype (float32 where load_pipeline upcast it), un-normalized with the VAE config's
+    latents_mean/latents_std where it has them (SDXL's decoding), else divided by scaling_factor."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None and PIPELINES[type(pipe).__name__]["latents_mean_std"]:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
+                 max_prompts=None, max_train_samples=None, streaming=False, per_row=False):
+    """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
+    prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
+    of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
+    given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
+    if len(given) != 1:
+        raise UserError(f"give the prompts with exactly one of --dataset, --prompts_file"
+                        f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
+    if per_row and not dataset:
+        raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
+    if dataset and per_row:
+        rows = iter_examples(open_dataset(dataset, split, streaming), caption_column, with_images=False)
+        limit = min(filter(None, (max_train_samples, max_prompts)), default=None)
+        out = [ex["caption"] for ex in itertools.islice(rows, limit)]
+    elif dataset:
+        # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
+        out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts,
+                             max_rows=max_train_samples)
+    else:
+        if prompts_file:
+            try:
+                prompts = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"--prompts_file {prompts_file}: cannot read it ({type(e).__name__})") from None
+        out = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))[: max_prompts or None]
+    if not out:
+        raise UserError(f"no prompts in {given[0]} {dataset or prompts_file or ''}".rstrip())
+    return out
+
+
+def pipeline_class_name(pretrained):
+    """The pipeline class a model folder or hub id names (its model_index.json's "_class_name", read through
+    diffusers' own loading path, so a hub id is downloaded/cached as from_pretrained does it); one that we do not run
+    is refused."""
+    from diffusers import DiffusionPipeline  # diffusers takes seconds to import: only once a model is named
+
+    try:
+        name = DiffusionPipeline.load_config(pretrained).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if name not in PIPELINES:
+        raise UserError(f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
+                        f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)")
+    return name
+
+
+def check_unet_fits(unet, class_name, where="--unet"):
+    """A UNet of another model family (an SD-1.5 UNet with an SDXL base, or the reverse) is refused in one line, before
+    any image is made."""
+    want, got = PIPELINES[class_name]["unet_addition_embed_type"], unet.config.get("addition_embed_type")
+    if got != want:
+        raise UserError(f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
+                        f"(which needs {want!r}): pass a UNet of the base's model family")
+
+
+def cast_unet(unet, dtype, device=None):
+    """Cast the UNet (after its fingerprint was taken): from_pretrained(dtype=) leaves a passed-in UNet as it is.
+    ModelMixin.to warns about fp32-only modules even when a model has none (UNet2DConditionModel): then the
+    plain torch cast does the same thing quietly."""
+    if getattr(unet, "_keep_in_fp32_modules", None):
+        return unet.to(device=device, dtype=dtype)
+    return torch.nn.Module.to(unet, device=device, dtype=dtype)
+
+
+def load_pipeline(pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet"):
+    """The pipeline class that `pretrained` names (see PIPELINES) around `unet`, with everything that class loads
+    (SDXL: both text encoders and tokenizers), safety checker off (its black images would poison the synthetic data
+    and bias comparisons), inner progress bar off, SDPA attention (diffusers' default). Where the class decodes with an
+    fp32 VAE (SDXL's fp16 VAE overflows; its config says force_upcast), the VAE is kept in float32 here: make_images
+    decodes with it, so the pipeline itself never needs to."""
+    import diffusers  # diffusers and transformers take seconds to import: only once a pipeline is loaded
+    import transformers
+
+    class_name = class_name or pipeline_class_name(pretrained)
+    check_unet_fits(unet, class_name, unet_where)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(
+            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"])
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}") from None
+    if scheduler:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.inference_mode()
+def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
+    """Run the pipeline over `jobs` [(prompt_index, image_index)] in batches and hand results to `writer`.
+    Returns counts; non-finite results are not written, all-black ones are written and listed."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
+             args.resolution // pipe.vae_scale_factor)
+    stats = {"written": 0, "nonfinite": [], "black": []}
+    extra = micro_conditioning(pipe, args.resolution)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        seeds = [image_seed(args.seed, p, i) for p, i in batch]
+        noise, gens = initial_noise(seeds, shape)
+        latents = pipe(prompt=[prompts[p] for p, _ in batch], latents=noise.to(device, dtype), generator=gens,
+                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       height=args.resolution, width=args.resolution, output_type="latent", **extra).images
+        # Decode ourselves: one pipeline call gives both the final latent and the image.
+        x = decode_latents(pipe, latents)
+        finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
+        pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        latents = latents.float().cpu()
+        keep = []
+        for j, (p, i) in enumerate(batch):
+            if not finite[j]:
+                stats["nonfinite"].append(image_key(p, i))
+                continue
+            if pixels[j].max() <= BLACK_MAX_PIXEL:
+                stats["black"].append(image_key(p, i))
+            keep.append(j)
+        if keep:
+            rows = [metadata_row(prompts[batch[j][0]], *batch[j], seeds[j], with_latents) for j in keep]
+            writer.submit(rows, pixels[keep].numpy(), latents[keep] if with_latents else None)
+            stats["written"] += len(keep)
+        if progress is not None:
+            progress.update(len(batch))
+    return stats
+
+
+class FolderRun(NamedTuple):
+    """What fill_folder did in this process."""
+    stats: dict        # make_images' counts: written, and the keys of non-finite and all-black results
+    skipped_done: int  # images the folder held already, from an earlier run
+    seconds: float     # time spent making images
+
+
+def fill_folder(folder, config, pipe, prompts, args, state, with_latents, desc):
+    """Make the images `folder` still lacks, in every process: refuse a folder made by another model or with other
+    settings (check_folder), prepare it (main process), then this process's prompts (shard), every image from its own
+    seed, finished ones skipped, each batch written by a FolderWriter into this process's metadata part. The caller
+    merges the parts (merge_metadata) once every process is done. generate.py and sample.py fill folders with it."""
+    from tqdm.auto import tqdm  # a dependency of diffusers, imported only once there is work to show
+
+    check_folder(folder, config)  # every process checks, so a refusal never leaves the others waiting
+    if state.is_main_process:
+        prepare_folder(folder, config, with_latents=with_latents)
+    state.wait_for_everyone()
+
+    done = {(r["prompt_index"], r["image_index"]) for r in read_jsonl(folder / "metadata.jsonl")}
+    jobs = plan(shard(len(prompts), state.process_index, state.num_processes), args.num_images_per_prompt, done)
+    writer = FolderWriter(folder, state.process_index)
+    progress = tqdm(total=len(jobs), unit="img", desc=desc, disable=not state.is_main_process)
+    t0 = time.time()
+    try:
+        stats = make_images(pipe, prompts, jobs, args, writer, with_latents=with_latents, progress=progress)
+    finally:
+        writer.close()  # what finished is kept, even on Ctrl-C
+        progress.close()
+    return FolderRun(stats, len(done), time.time() - t0)
+
+
+def folder_stats(old, all_stats, run, expected, present, processes):
+    """stats.json after a run: this run's counts over every process (`all_stats`: their make_images counts), and the
+    all-black keys of every run so far (`old`: the stats.json before this run, {} when there was none)."""
+    written = sum(s["written"] for s in all_stats)
+    nonfinite = sorted(k for s in all_stats for k in s["nonfinite"])
+    black = sorted(set(old.get("black_keys", [])) | {k for s in all_stats for k in s["black"]})
+    return {"images_expected": expected, "images_present": present, "last_run": {
+            "written": written, "skipped_done": run.skipped_done, "seconds": round(run.seconds, 2),
+            "images_per_s": round(written / max(run.seconds, 1e-9), 3), "processes": processes,
+            "nonfinite_keys": nonfinite}, "black_keys": black}
+
+
+def finish_folder(out, all_stats, run, expected, processes):
+    """Main process, once every process is done: merge the metadata parts, write stats.json, say what happened."""
+    rows = merge_metadata(out)
+    old = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+    stats = folder_stats(old, all_stats, run, expected, len(rows), processes)
+    write_json_atomic(out / "stats.json", stats)
+    written, nonfinite, black = stats["last_run"]["written"], stats["last_run"]["nonfinite_keys"], stats["black_keys"]
+    if nonfinite:
+        print(f"warning: {len(nonfinite)} result(s) had NaN/inf values and were not written (e.g. {nonfinite[0]}); "
+              "try --mixed_precision no or bf16 for them", file=sys.stderr)
+    if black:
+        print(f"warning: {len(black)} all-black image(s) (listed in stats.json black_keys): check them before "
+              "training on them", file=sys.stderr)
+    print(f"generate: wrote {written} image(s) in {run.seconds:.1f}s "
+          f"({written / max(run.seconds, 1e-9):.2f} images/s), "
+          f"{run.skipped_done} already there, {len(nonfinite)} non-finite, {len(black)} all-black; "
+          f"{len(rows)}/{expected} images in {out / 'metadata.jsonl'}")
+
+
+def main():
+    args = parse_args()
+    from accelerate import PartialState  # accelerate takes seconds to import: not for --help or sample.py's import
+
+    state = start_processes(PartialState)
+    check_model_path(args.pretrained_model_name_or_path)
+    class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
+    prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split,
+                                                          args.caption_column, args.max_prompts,
+                                                          args.max_train_samples, args.streaming,
+                                                          per_row=args.per_row))
+
+    # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
+    # UNet it trains, so the opponent that made these images is known exactly.
+    unet = load_unet(args.unet, args.pretrained_model_name_or_path)
+    fingerprint = unet_fingerprint(unet)
+    args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name,
+                         f"--unet {args.unet}")
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    args.resolution = args.resolution or native
+    if args.resolution % pipe.vae_scale_factor:
+        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
+
+    out = Path(args.output_dir)
+    model = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "unet": args.unet or "base",
+             "unet_fingerprint": fingerprint, **model_record(pipe)}
+    config = run_config("generate", args, model=model,
+                        settings=folder_settings(args, pipe, prompts, fingerprint))
+    run = fill_folder(out, config, pipe, prompts, args, state, with_latents=True, desc="generate")
+
+    all_stats = [run.stats]
+    if state.num_processes > 1:  # accelerate's collectives only where several processes run
+        from accelerate.utils import gather_object
+
+        all_stats = gather_object([run.stats])
+    end_processes(state)
+    if state.is_main_process:
+        finish_folder(out, all_stats, run, len(prompts) * args.num_images_per_prompt, state.num_processes)
+
+
+# ---- plumbing: resumable image folders, several processes ----
+WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator never waits for the disk
+
+
+def read_folder_rows(folder):
+    """Finished images of a folder: metadata.jsonl plus leftover per-process parts, deduplicated by
+    (prompt_index, image_index), keeping only rows whose files exist, sorted."""
+    folder = Path(folder)
+    rows = {}
+    for path in [folder / "metadata.jsonl"] + sorted(folder.glob("metadata.rank*.jsonl")):
+        if path.is_file():
+            for r in read_jsonl(path):
+                rows[(r["prompt_index"], r["image_index"])] = r
+    files = ("file_name", "latent_file")
+    return [r for _, r in sorted(rows.items()) if all((folder / r[f]).is_file() for f in files if f in r)]
+
+
+def merge_metadata(folder):
+    """Fold the per-process parts into one sorted metadata.jsonl (atomically), then drop the parts.
+    Idempotent: a run killed in between merges the same rows again next time."""
+    folder = Path(folder)
+    rows = read_folder_rows(folder)
+    tmp = folder / "metadata.jsonl.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / "metadata.jsonl")
+    for part in folder.glob("metadata.rank*.jsonl"):
+        part.unlink()
+    return rows
+
+
+def check_folder(folder, config):
+    """Refuse a folder that holds images made by another model or with other settings (never mix them)."""
+    folder = Path(folder)
+    cfg = folder / "run_config.json"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output_dir {folder} is a file, not a folder")
+    if not cfg.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise UserError(f"--output_dir {folder} is not empty and has no run_config.json: use a new folder")
+        return
+    try:
+        old = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{cfg} is unreadable: use a new --output_dir") from None
+    if old.get("stage") != config["stage"]:
+        raise UserError(f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: "
+                        "use a new folder")
+    was, now = old.get("settings", {}), config["settings"]
+    diff = [f"{k}: {was.get(k)!r} there, {now[k]!r} now" for k in now if was.get(k) != now[k]]
+    if diff:
+        raise UserError(f"--output_dir {folder} holds images made with other settings ({'; '.join(diff)}); "
+                        "use a new --output_dir, or the original settings to resume")
+
+
+def prepare_folder(folder, config, with_latents):
+    """Main process only, after check_folder: create the folder, record the config once (it describes how the
+    images were made), delete temp files of a killed run and merge its metadata parts."""
+    folder = Path(folder)
+    for sub in ("images", "latents") if with_latents else ("images",):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    if not (folder / "run_config.json").is_file():
+        write_json_atomic(folder / "run_config.json", config)
+    for tmp in [*folder.glob("*.tmp"), *folder.glob("images/*.tmp"), *folder.glob("latents/*.tmp")]:
+        tmp.unlink()
+    return merge_metadata(folder)
+
+
+def save_atomic(path, save):
+    """save(tmp_path), then rename: a killed run leaves a .tmp file (cleaned up next run), never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+class FolderWriter:
+    """Writes finished batches in background threads (PNG encoding is slow), then appends their metadata lines
+    to this process's part file, flushed and fsynced: a line is only written once its files exist."""
+
+    def __init__(self, folder, rank, threads=WRITER_THREADS):
+        self.folder, self.threads = Path(folder), threads
+        self.pool, self.pending, self.lock = ThreadPoolExecutor(threads), deque(), threading.Lock()
+        self.part = open(self.folder / f"metadata.rank{rank}.jsonl", "a")
+        self.images_written = 0
+        # Test hook: die like `kill -9` after this many image files, before their metadata line is written.
+        self.kill_after = int(os.environ.get("SPIN_TEST_KILL_AFTER_IMAGES", "0"))
+
+    def submit(self, rows, images, latents=None):
+        """rows: metadata rows; images: uint8 [B, H, W, 3] numpy; latents: float32 [B, C, h, w] CPU or None."""
+        while len(self.pending) >= 2 * self.threads:  # bound memory; also surfaces a worker's error (disk full)
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, rows, images, latents))
+
+    def _write(self, rows, images, latents):
+        for j, row in enumerate(rows):
+            save_atomic(self.folder / row["file_name"], lambda p: Image.fromarray(images[j]).save(p, format="PNG"))
+            if latents is not None:
+                save_atomic(self.folder / row["latent_file"],
+                            lambda p: save_file({"latent": latents[j].clone().contiguous()}, str(p)))
+            with self.lock:
+                self.images_written += 1
+                if self.kill_after and self.images_written >= self.kill_after:
+                    os._exit(137)
+        with self.lock:
+            self.part.writelines(json.dumps(r) + "\n" for r in rows)
+            self.part.flush()
+            os.fsync(self.part.fileno())
+
+    def close(self):
+        while self.pending:
+            self.pending.popleft().result()
+        self.pool.shutdown()
+        self.part.close()
+
+
+def start_processes(partial_state):
+    """This process's place among `accelerate launch` / torchrun processes (or the only one). Without CUDA,
+    several processes need accelerate's CPU mode (gloo); a launch it does not see would make every process
+    write every image, so that is refused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    state = partial_state(cpu=world > 1 and not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise UserError(f"launched as {world} processes but accelerate sees {state.num_processes}")
+    return state
+
+
+def end_processes(state):
+    """Leave the process group together: a process that exits with it still open can abort at interpreter shutdown
+    (gloo: 'terminate called without an active exception') while the others finish."""
+    state.wait_for_everyone()
+    if state.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def on_main_process(state, fn, broadcast=None):
+    """fn() run by the main process only, its result (or its one-line error) handed to every process: reading the
+    prompts of a streamed Pick-a-Pic once, not once per GPU."""
+    box = [None]
+    if state.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    if state.num_processes > 1:
+        if broadcast is None:  # accelerate only where several processes run
+            from accelerate.utils import broadcast_object_list as broadcast
+        broadcast(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
 
 # ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
 class UserError(Exception):
@@ -130,9 +677,6 @@ def quiet_known_noise():
                          ("transformers.utils.import_utils", "requires torchvision (not installed)")):
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
 # ---- end shared helpers ----
-
-
-quiet_known_noise()
 
 
 # ---- shared model and data helpers: the same text in train_spin.py and generate.py (sample.py imports it) ----
@@ -378,516 +922,7 @@ def image_seed(seed, prompt_index, image_index):
 # ---- end shared model and data helpers ----
 
 
-# Image-folder machinery, also used by sample.py (which imports it from here: keep the two files side by side).
-# --scheduler names -> diffusers classes (None keeps the pipeline's own scheduler).
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-              "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
-              "unipc": "UniPCMultistepScheduler"}
-# Flags that change the pixels. A folder made with other values is refused, never mixed. Not here: --batch_size
-# (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
-IMAGE_SETTINGS = ("num_images_per_prompt", "num_inference_steps", "guidance_scale", "resolution", "scheduler", "seed",
-                  "mixed_precision")
-# Pipeline classes (model_index.json's "_class_name") that generate.py and sample.py run: the arguments each is loaded
-# with, whether it decodes with its VAE upcast to float32 when the VAE is float16 and its config says force_upcast
-# (diffusers' SDXL pipeline does; its StableDiffusionPipeline does not), whether it takes SDXL's micro-conditioning,
-# whether its decoding applies the VAE config's latents_mean/latents_std where there are some, and the UNet
-# addition embedding it drives (SDXL's UNet takes pooled text + size/crop ids: "text_time"). SD-1.x and SD-2.x
-# (768-v: v-prediction is the scheduler's business) are StableDiffusionPipeline.
-PIPELINES = {
-    "StableDiffusionPipeline": {"load": {"safety_checker": None, "requires_safety_checker": False},
-                                "upcast_vae": False, "micro_conditioning": False, "latents_mean_std": False,
-                                "unet_addition_embed_type": None},
-    "StableDiffusionXLPipeline": {"load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
-                                  "upcast_vae": True, "micro_conditioning": True, "latents_mean_std": True,
-                                  "unet_addition_embed_type": "text_time"},
-}
-BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
-WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator never waits for the disk
-
-
-def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
-                 max_prompts=None, max_train_samples=None, streaming=False, per_row=False):
-    """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
-    prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
-    of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
-    given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
-    if len(given) != 1:
-        raise UserError(f"give the prompts with exactly one of --dataset, --prompts_file"
-                        f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
-    if per_row and not dataset:
-        raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
-    if dataset and per_row:
-        import itertools
-
-        rows = iter_examples(open_dataset(dataset, split, streaming), caption_column, with_images=False)
-        out = [ex["caption"] for ex in itertools.islice(rows, min(filter(None, (max_train_samples, max_prompts)), default=None))]
-    elif dataset:
-        # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
-        out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples)
-    else:
-        if prompts_file:
-            try:
-                prompts = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"--prompts_file {prompts_file}: cannot read it ({type(e).__name__})") from None
-        out = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))[: max_prompts or None]
-    if not out:
-        raise UserError(f"no prompts in {given[0]} {dataset or prompts_file or ''}".rstrip())
-    return out
-
-
-def prompts_digest(prompts):
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-
-
-def shard(num_prompts, rank, world_size):
-    """Prompt i belongs to process i % world_size: balanced, and independent of what is already done."""
-    return range(rank, num_prompts, world_size)
-
-
-def plan(prompt_indices, num_images_per_prompt, done):
-    """(prompt_index, image_index) still to make, in order."""
-    return [(p, i) for p in prompt_indices for i in range(num_images_per_prompt) if (p, i) not in done]
-
-
-def initial_noise(seeds, shape):
-    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
-    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
-
-
-def metadata_row(prompt, prompt_index, image_index, seed, with_latent):
-    key = image_key(prompt_index, image_index)
-    row = {"file_name": f"images/{key}.png"}
-    if with_latent:
-        row["latent_file"] = f"latents/{key}.safetensors"
-    row.update(prompt=prompt, prompt_index=prompt_index, image_index=image_index, seed=seed)
-    return row
-
-
-def read_folder_rows(folder):
-    """Finished images of a folder: metadata.jsonl plus leftover per-process parts, deduplicated by
-    (prompt_index, image_index), keeping only rows whose files exist, sorted."""
-    folder = Path(folder)
-    rows = {}
-    for path in [folder / "metadata.jsonl"] + sorted(folder.glob("metadata.rank*.jsonl")):
-        if path.is_file():
-            for r in read_jsonl(path):
-                rows[(r["prompt_index"], r["image_index"])] = r
-    files = ("file_name", "latent_file")
-    return [r for _, r in sorted(rows.items()) if all((folder / r[f]).is_file() for f in files if f in r)]
-
-
-def merge_metadata(folder):
-    """Fold the per-process parts into one sorted metadata.jsonl (atomically), then drop the parts.
-    Idempotent: a run killed in between merges the same rows again next time."""
-    folder = Path(folder)
-    rows = read_folder_rows(folder)
-    tmp = folder / "metadata.jsonl.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / "metadata.jsonl")
-    for part in folder.glob("metadata.rank*.jsonl"):
-        part.unlink()
-    return rows
-
-
-def check_folder(folder, config):
-    """Refuse a folder that holds images made by another model or with other settings (never mix them)."""
-    folder = Path(folder)
-    cfg = folder / "run_config.json"
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output_dir {folder} is a file, not a folder")
-    if not cfg.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
-            raise UserError(f"--output_dir {folder} is not empty and has no run_config.json: use a new folder")
-        return
-    try:
-        old = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{cfg} is unreadable: use a new --output_dir") from None
-    if old.get("stage") != config["stage"]:
-        raise UserError(f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: use a new folder")
-    was, now = old.get("settings", {}), config["settings"]
-    diff = [f"{k}: {was.get(k)!r} there, {now[k]!r} now" for k in now if was.get(k) != now[k]]
-    if diff:
-        raise UserError(f"--output_dir {folder} holds images made with other settings ({'; '.join(diff)}); "
-                        "use a new --output_dir, or the original settings to resume")
-
-
-def prepare_folder(folder, config, with_latents):
-    """Main process only, after check_folder: create the folder, record the config once (it describes how the
-    images were made), delete temp files of a killed run and merge its metadata parts."""
-    folder = Path(folder)
-    for sub in ("images", "latents") if with_latents else ("images",):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    if not (folder / "run_config.json").is_file():
-        write_json_atomic(folder / "run_config.json", config)
-    for tmp in [*folder.glob("*.tmp"), *folder.glob("images/*.tmp"), *folder.glob("latents/*.tmp")]:
-        tmp.unlink()
-    return merge_metadata(folder)
-
-
-def save_atomic(path, save):
-    """save(tmp_path), then rename: a killed run leaves a .tmp file (cleaned up next run), never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    os.replace(tmp, path)
-
-
-class FolderWriter:
-    """Writes finished batches in background threads (PNG encoding is slow), then appends their metadata lines
-    to this process's part file, flushed and fsynced: a line is only written once its files exist."""
-
-    def __init__(self, folder, rank, threads=WRITER_THREADS):
-        import threading
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.folder, self.threads = Path(folder), threads
-        self.pool, self.pending, self.lock = ThreadPoolExecutor(threads), deque(), threading.Lock()
-        self.part = open(self.folder / f"metadata.rank{rank}.jsonl", "a")
-        self.images_written = 0
-        # Test hook: die like `kill -9` after this many image files, before their metadata line is written.
-        self.kill_after = int(os.environ.get("SPIN_TEST_KILL_AFTER_IMAGES", "0"))
-
-    def submit(self, rows, images, latents=None):
-        """rows: metadata rows; images: uint8 [B, H, W, 3] numpy; latents: float32 [B, C, h, w] CPU or None."""
-        while len(self.pending) >= 2 * self.threads:  # bound memory; also surfaces a worker's error (disk full)
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write, rows, images, latents))
-
-    def _write(self, rows, images, latents):
-        from PIL import Image
-
-        for j, row in enumerate(rows):
-            save_atomic(self.folder / row["file_name"], lambda p: Image.fromarray(images[j]).save(p, format="PNG"))
-            if latents is not None:
-                from safetensors.torch import save_file
-
-                save_atomic(self.folder / row["latent_file"],
-                            lambda p: save_file({"latent": latents[j].clone().contiguous()}, str(p)))
-            with self.lock:
-                self.images_written += 1
-                if self.kill_after and self.images_written >= self.kill_after:
-                    os._exit(137)
-        with self.lock:
-            self.part.writelines(json.dumps(r) + "\n" for r in rows)
-            self.part.flush()
-            os.fsync(self.part.fileno())
-
-    def close(self):
-        while self.pending:
-            self.pending.popleft().result()
-        self.pool.shutdown()
-        self.part.close()
-
-
-def start_processes(partial_state):
-    """This process's place among `accelerate launch` / torchrun processes (or the only one). Without CUDA,
-    several processes need accelerate's CPU mode (gloo); a launch it does not see would make every process
-    write every image, so that is refused."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    state = partial_state(cpu=world > 1 and not torch.cuda.is_available())
-    if state.num_processes != world:
-        raise UserError(f"launched as {world} processes but accelerate sees {state.num_processes}")
-    return state
-
-
-def end_processes(state):
-    """Leave the process group together: a process that exits with it still open can abort at interpreter shutdown
-    (gloo: 'terminate called without an active exception') while the others finish."""
-    state.wait_for_everyone()
-    if state.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def on_main_process(state, fn, broadcast=None):
-    """fn() run by the main process only, its result (or its one-line error) handed to every process: reading the
-    prompts of a streamed Pick-a-Pic once, not once per GPU."""
-    box = [None]
-    if state.is_main_process:
-        try:
-            box = [("ok", fn())]
-        except UserError as e:
-            box = [("error", str(e))]
-    if state.num_processes > 1:
-        if broadcast is None:
-            from accelerate.utils import broadcast_object_list as broadcast
-        broadcast(box)
-    kind, value = box[0]
-    if kind == "error":
-        raise UserError(value)
-    return value
-
-
-def cast_unet(unet, dtype, device=None):
-    """Cast the UNet (after its fingerprint was taken): from_pretrained(dtype=) leaves a passed-in UNet as it is.
-    ModelMixin.to warns about fp32-only modules even when a model has none (UNet2DConditionModel): then the
-    plain torch cast does the same thing quietly."""
-    if getattr(unet, "_keep_in_fp32_modules", None):
-        return unet.to(device=device, dtype=dtype)
-    return torch.nn.Module.to(unet, device=device, dtype=dtype)
-
-
-def pipeline_class_name(pretrained):
-    """The pipeline class a model folder or hub id names (its model_index.json's "_class_name", read through
-    diffusers' own loading path, so a hub id is downloaded/cached as from_pretrained does it); one that we do not run
-    is refused."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        name = DiffusionPipeline.load_config(pretrained).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
-                        f"{str(e).splitlines()[0]}") from None
-    if name not in PIPELINES:
-        raise UserError(f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
-                        f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)")
-    return name
-
-
-def check_unet_fits(unet, class_name, where="--unet"):
-    """A UNet of another model family (an SD-1.5 UNet with an SDXL base, or the reverse) is refused in one line, before
-    any image is made."""
-    want, got = PIPELINES[class_name]["unet_addition_embed_type"], unet.config.get("addition_embed_type")
-    if got != want:
-        raise UserError(f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
-                        f"(which needs {want!r}): pass a UNet of the base's model family")
-
-
-def load_pipeline(pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet"):
-    """The pipeline class that `pretrained` names (see PIPELINES) around `unet`, with everything that class loads
-    (SDXL: both text encoders and tokenizers), safety checker off (its black images would poison the synthetic data
-    and bias comparisons), inner progress bar off, SDPA attention (diffusers' default). Where the class decodes with an
-    fp32 VAE (SDXL's fp16 VAE overflows; its config says force_upcast), the VAE is kept in float32 here: make_images
-    decodes with it, so the pipeline itself never needs to."""
-    import diffusers
-    import transformers
-
-    class_name = class_name or pipeline_class_name(pretrained)
-    check_unet_fits(unet, class_name, unet_where)
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        pipe = getattr(diffusers, class_name).from_pretrained(
-            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"])
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}") from None
-    if scheduler:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
-        pipe.vae.to(torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def micro_conditioning(pipe, resolution):
-    """SDXL's size/crop conditioning for an image generated at `resolution`: original size = target size = the
-    image's own, crop (0, 0), as diffusers' defaults are, but passed explicitly and recorded in the settings (the
-    training side conditions synthetic images on the size they were generated at). {} for other pipelines."""
-    if not PIPELINES[type(pipe).__name__]["micro_conditioning"]:
-        return {}
-    return {"original_size": (resolution, resolution), "crops_coords_top_left": (0, 0),
-            "target_size": (resolution, resolution)}
-
-
-def model_record(pipe):
-    """What run_config.json's "model" says about the pipeline besides the UNet: its class and its VAE's dtype."""
-    return {"pipeline_class": type(pipe).__name__, "vae_dtype": str(pipe.vae.dtype).replace("torch.", "")}
-
-
-def decode_latents(pipe, latents):
-    """The pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
-    decodes it: in the VAE's own dtype (float32 where load_pipeline upcast it), un-normalized with the VAE config's
-    latents_mean/latents_std where it has them (SDXL's decoding), else divided by scaling_factor."""
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None and PIPELINES[type(pipe).__name__]["latents_mean_std"]:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
-
-
-def resolve_precision(name, device):
-    """--mixed_precision: default fp16 on CUDA (the usual SD-1.5 inference precision), float32 elsewhere."""
-    name = name or ("fp16" if torch.device(device).type == "cuda" else "no")
-    return name, {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def folder_settings(args, pipe, prompts, fingerprint):
-    """Everything that determines the images of a folder (compared by check_folder on every rerun)."""
-    pretrained = args.pretrained_model_name_or_path
-    if Path(pretrained).expanduser().exists():
-        pretrained = str(Path(pretrained).expanduser().resolve())
-    settings = {"pretrained_model_name_or_path": pretrained, "unet_fingerprint": fingerprint,
-                "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts)}
-    settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
-    settings["scheduler"] = type(pipe.scheduler).__name__
-    extra = micro_conditioning(pipe, args.resolution)
-    if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
-        settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
-    return settings
-
-
-@torch.inference_mode()
-def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
-    """Run the pipeline over `jobs` [(prompt_index, image_index)] in batches and hand results to `writer`.
-    Returns counts; non-finite results are not written, all-black ones are written and listed."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
-             args.resolution // pipe.vae_scale_factor)
-    stats = {"written": 0, "nonfinite": [], "black": []}
-    extra = micro_conditioning(pipe, args.resolution)
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        seeds = [image_seed(args.seed, p, i) for p, i in batch]
-        noise, gens = initial_noise(seeds, shape)
-        latents = pipe(prompt=[prompts[p] for p, _ in batch], latents=noise.to(device, dtype), generator=gens,
-                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       height=args.resolution, width=args.resolution, output_type="latent", **extra).images
-        # Decode ourselves: one pipeline call gives both the final latent and the image.
-        x = decode_latents(pipe, latents)
-        finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
-        pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        latents = latents.float().cpu()
-        keep = []
-        for j, (p, i) in enumerate(batch):
-            if not finite[j]:
-                stats["nonfinite"].append(image_key(p, i))
-                continue
-            if pixels[j].max() <= BLACK_MAX_PIXEL:
-                stats["black"].append(image_key(p, i))
-            keep.append(j)
-        if keep:
-            rows = [metadata_row(prompts[batch[j][0]], *batch[j], seeds[j], with_latents) for j in keep]
-            writer.submit(rows, pixels[keep].numpy(), latents[keep] if with_latents else None)
-            stats["written"] += len(keep)
-        if progress is not None:
-            progress.update(len(batch))
-    return stats
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
-                   "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
-                   "StableDiffusionXLPipeline")
-    p.add_argument("--unet", default="base", help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
-                   "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'")
-    p.add_argument("--dataset", help="prompts: unique captions of a dataset (hub id or local), Pick-a-Pic ties dropped")
-    p.add_argument("--split", default="train")
-    p.add_argument("--caption_column", default="caption")
-    p.add_argument("--prompts_file", help="prompts: one per line (instead of --dataset)")
-    p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
-    p.add_argument("--max_train_samples", type=int, help="read only the first N usable rows of --dataset (after dropping "
-                   "ties), as train_spin.py does: pass both scripts the same value")
-    p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
-    p.add_argument("--per_row", action="store_true", help="one prompt per usable training row (duplicate captions "
-                   "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
-                   "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
-                   "times fewer images), each caption's rows sharing its images")
-    p.add_argument("--num_images_per_prompt", type=int, default=1)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 "
-                   "for SD-2.1, 1024 for SDXL)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA, no on CPU")
-    p.add_argument("--output_dir", required=True)
-    args = p.parse_args(argv)
-    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "max_train_samples", "resolution"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    return args
-
-
-def main():
-    args = parse_args()
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
-    state = start_processes(PartialState)
-    check_model_path(args.pretrained_model_name_or_path)
-    class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
-    prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split, args.caption_column,
-                                                          args.max_prompts, args.max_train_samples, args.streaming,
-                                                          per_row=args.per_row))
-
-    # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
-    # UNet it trains, so the opponent that made these images is known exactly.
-    unet = load_unet(args.unet, args.pretrained_model_name_or_path)
-    fingerprint = unet_fingerprint(unet)
-    args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name,
-                         f"--unet {args.unet}")
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    args.resolution = args.resolution or native
-    if args.resolution % pipe.vae_scale_factor:
-        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
-
-    out = Path(args.output_dir)
-    model = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "unet": args.unet or "base",
-             "unet_fingerprint": fingerprint, **model_record(pipe)}
-    config = run_config("generate", args, model=model,
-                        settings=folder_settings(args, pipe, prompts, fingerprint))
-    check_folder(out, config)  # every process checks, so a refusal never leaves the others waiting
-    if state.is_main_process:
-        prepare_folder(out, config, with_latents=True)
-    state.wait_for_everyone()
-
-    done = {(r["prompt_index"], r["image_index"]) for r in read_jsonl(out / "metadata.jsonl")}
-    jobs = plan(shard(len(prompts), state.process_index, state.num_processes), args.num_images_per_prompt, done)
-    writer = FolderWriter(out, state.process_index)
-    progress = tqdm(total=len(jobs), unit="img", desc="generate", disable=not state.is_main_process)
-    t0 = time.time()
-    try:
-        stats = make_images(pipe, prompts, jobs, args, writer, with_latents=True, progress=progress)
-    finally:
-        writer.close()  # what finished is kept, even on Ctrl-C
-        progress.close()
-    seconds = time.time() - t0
-
-    all_stats = [stats]
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        all_stats = gather_object([stats])
-    end_processes(state)
-    if not state.is_main_process:
-        return
-    rows = merge_metadata(out)
-    written = sum(s["written"] for s in all_stats)
-    nonfinite = sorted(k for s in all_stats for k in s["nonfinite"])
-    old = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
-    black = sorted(set(old.get("black_keys", [])) | {k for s in all_stats for k in s["black"]})
-    expected = len(prompts) * args.num_images_per_prompt
-    write_json_atomic(out / "stats.json", {
-        "images_expected": expected, "images_present": len(rows), "last_run": {
-            "written": written, "skipped_done": len(done), "seconds": round(seconds, 2),
-            "images_per_s": round(written / max(seconds, 1e-9), 3), "processes": state.num_processes,
-            "nonfinite_keys": nonfinite}, "black_keys": black})
-    if nonfinite:
-        print(f"warning: {len(nonfinite)} result(s) had NaN/inf values and were not written (e.g. {nonfinite[0]}); "
-              "try --mixed_precision no or bf16 for them", file=sys.stderr)
-    if black:
-        print(f"warning: {len(black)} all-black image(s) (listed in stats.json black_keys): check them before "
-              "training on them", file=sys.stderr)
-    print(f"generate: wrote {written} image(s) in {seconds:.1f}s ({written / max(seconds, 1e-9):.2f} images/s), "
-          f"{len(done)} already there, {len(nonfinite)} non-finite, {len(black)} all-black; "
-          f"{len(rows)}/{expected} images in {out / 'metadata.jsonl'}")
+quiet_known_noise()
 
 
 if __name__ == "__main__":

@@ -10,22 +10,24 @@ Image (prompt_index, image_index) gets the seed image_seed(seed, prompt_index, i
 Rerun the same command to resume; add a --unet to sample one more model into the same comparison.
 
 sample.py builds on generate.py, its sibling: it is generate.py's machinery (prompts, seeds, the pipeline of every
-supported model family - SD-1.x, SD-2.x, SDXL -, resumable image folders) applied to several UNets, plus a grid.
-It imports that machinery, so keep generate.py beside it.
+supported model family - SD-1.x, SD-2.x, SDXL -, resumable image folders) applied to several UNets, plus a grid:
+each model's folder is filled by generate.py's fill_folder, as generate.py fills its own. It imports that machinery,
+so keep generate.py beside it.
 """
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image, ImageDraw, ImageFont
 
 try:
-    from generate import (  # noqa: F401 (image_seed is re-exported: sample.image_seed)
-        SCHEDULERS, HelpFormatter, FolderWriter, UserError, cast_unet, check_folder, check_unet_fits,
-        check_model_path, cli, folder_settings, image_key, image_seed, load_pipeline, load_prompts,
-        load_unet, make_images, merge_metadata, model_record, on_main_process, pipeline_class_name,
-        plan, prepare_folder, read_jsonl, resolve_precision, run_config, save_atomic, shard,
-        start_processes, unet_fingerprint, end_processes)
+    from generate import (  # noqa: F401 (re-exported, as sample.X: image_seed, make_images, FolderWriter)
+        SCHEDULERS, FolderWriter, HelpFormatter, UserError, cast_unet, check_model_path, check_unet_fits, cli,
+        end_processes, fill_folder, folder_settings, image_key, image_seed, load_pipeline, load_prompts, load_unet,
+        make_images, merge_metadata, model_record, on_main_process, pipeline_class_name, resolve_precision,
+        run_config, save_atomic, start_processes, unet_fingerprint)
 except ModuleNotFoundError as e:
     if e.name != "generate":
         raise
@@ -45,7 +47,8 @@ def parse_args(argv=None):
                    "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
                    "StableDiffusionXLPipeline")
     p.add_argument("--unet", action="append", help="a model to sample (repeat): 'base', a train_spin.py folder, a "
-                   "bare UNet folder or a hub id, optionally named: iter3=UCLA-AGI/SPIN-Diffusion-iter3 (default: base)")
+                   "bare UNet folder or a hub id, optionally named: iter3=UCLA-AGI/SPIN-Diffusion-iter3 "
+                   "(default: base)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat)")
     p.add_argument("--prompts_file", help="prompts, one per line")
     p.add_argument("--dataset", help="prompts: unique captions of a dataset (Pick-a-Pic test_unique is the paper's)")
@@ -72,8 +75,14 @@ def parse_args(argv=None):
     return args
 
 
+class Model(NamedTuple):
+    """One --unet to sample: its folder's name under --output_dir, and where its UNet is (see load_unet)."""
+    name: str
+    where: str
+
+
 def parse_models(specs):
-    """--unet values -> [(name, where)]. A name is given as name=where or derived: base, the folder's name
+    """--unet values -> [Model(name, where)]. A name is given as name=where or derived: base, the folder's name
     (runs/x/iter_1 and runs/x/iter_1/unet -> iter_1), or the hub id's name (SPIN-Diffusion-iter3)."""
     models = []
     for spec in specs:
@@ -84,8 +93,8 @@ def parse_models(specs):
             name = "base" if spec in ("", "base") else (path.parent.name if path.name == "unet" else path.name)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
             raise UserError(f"--unet {spec}: {name!r} is not usable as a folder name; name it: --unet NAME={where}")
-        models.append((name, where or "base"))
-    names = [n for n, _ in models]
+        models.append(Model(name, where or "base"))
+    names = [m.name for m in models]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise UserError(f"two --unet models are both called {dups[0]!r}; name them: --unet NAME=PATH")
@@ -116,8 +125,6 @@ def wrap_text(draw, text, font, width, max_lines):
 
 def make_grid(cells, model_names, prompts, cell):
     """cells[r][c]: PIL image (or None: grey) of prompt r by model c -> one labelled PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     grid = Image.new("RGB", (GRID_LABEL_WIDTH + cell * len(model_names), GRID_HEADER_HEIGHT + cell * len(prompts)),
                      "white")
@@ -125,10 +132,12 @@ def make_grid(cells, model_names, prompts, cell):
     safe = lambda s: s.encode("latin-1", "replace").decode("latin-1")  # the bitmap default font is latin-1 only
     line_h = max(10, font.getbbox("Ag")[3] + 2)
     for c, name in enumerate(model_names):
-        draw.text((GRID_LABEL_WIDTH + c * cell + 2, 4), fit_text(draw, safe(name), font, cell - 4), fill="black", font=font)
+        draw.text((GRID_LABEL_WIDTH + c * cell + 2, 4), fit_text(draw, safe(name), font, cell - 4), fill="black",
+                  font=font)
     for r, prompt in enumerate(prompts):
         y = GRID_HEADER_HEIGHT + r * cell
-        for i, line in enumerate(wrap_text(draw, safe(prompt), font, GRID_LABEL_WIDTH - 8, max(1, (cell - 4) // line_h))):
+        lines = wrap_text(draw, safe(prompt), font, GRID_LABEL_WIDTH - 8, max(1, (cell - 4) // line_h))
+        for i, line in enumerate(lines):
             draw.text((4, y + 2 + i * line_h), line, fill="black", font=font)
         for c in range(len(model_names)):
             img = cells[r][c]
@@ -139,8 +148,6 @@ def make_grid(cells, model_names, prompts, cell):
 
 def grid_from_folders(out, model_names, prompts, n_rows, resolution):
     """grid.png from what is on disk: the first image (image_index 0) of the first n_rows prompts per model."""
-    from PIL import Image
-
     cells = []
     for p in range(min(n_rows, len(prompts))):
         row = []
@@ -151,70 +158,64 @@ def grid_from_folders(out, model_names, prompts, n_rows, resolution):
     return make_grid(cells, model_names, prompts[:len(cells)], min(resolution, GRID_CELL_MAX))
 
 
+def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
+    """Fill <output_dir>/<model.name>/ with one model's images (generate.py's fill_folder) and say what happened.
+    The first model loads the pipeline (text encoder, VAE and tokenizer, shared by every model); each later one
+    swaps in its own UNet. Returns the pipeline."""
+    # Fingerprint on the float32 weights before any cast: names the weights each folder was sampled from.
+    unet = load_unet(model.where, args.pretrained_model_name_or_path)
+    fingerprint = unet_fingerprint(unet)
+    if pipe is None:
+        pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device,
+                             class_name, f"--unet {model.where}")
+        args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if args.resolution % pipe.vae_scale_factor:
+            raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
+    else:
+        check_unet_fits(unet, class_name, f"--unet {model.where}")
+        pipe.unet = cast_unet(unet, dtype, state.device)
+    folder = out / model.name
+    record = {"name": model.name, "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+              "unet": model.where, "unet_fingerprint": fingerprint, **model_record(pipe)}
+    config = run_config("sample", args, model=record, settings=folder_settings(args, pipe, prompts, fingerprint))
+    run = fill_folder(folder, config, pipe, prompts, args, state, with_latents=False, desc=model.name)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = merge_metadata(folder)
+        written = run.stats["written"]
+        print(f"sample: {model.name}: wrote {written} image(s) in {run.seconds:.1f}s "
+              f"({written / max(run.seconds, 1e-9):.2f} images/s), {run.skipped_done} already there; "
+              f"{len(rows)}/{len(prompts) * args.num_images_per_prompt} images in {folder}")
+    for kind, keys in (("non-finite (not written)", run.stats["nonfinite"]), ("all-black", run.stats["black"])):
+        if keys:
+            print(f"warning: {model.name}: {len(keys)} {kind} image(s), e.g. {keys[0]}", file=sys.stderr)
+    return pipe
+
+
 def main():
     args = parse_args()
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+    from accelerate import PartialState  # accelerate takes seconds to import: not for --help
 
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
     models = parse_models(args.unet)
     class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
     prompts = on_main_process(state, lambda: load_prompts(args.prompt, args.prompts_file, args.dataset, args.split,
-                                                          args.caption_column, args.max_prompts, streaming=args.streaming))
+                                                          args.caption_column, args.max_prompts,
+                                                          streaming=args.streaming))
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
     out = Path(args.output_dir)
 
     pipe = None
-    for name, where in models:
-        # Fingerprint on the float32 weights before any cast: names the weights each folder was sampled from.
-        unet = load_unet(where, args.pretrained_model_name_or_path)
-        fingerprint = unet_fingerprint(unet)
-        if pipe is None:  # text encoder, VAE and tokenizer are loaded once and shared by every model
-            pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device,
-                                 class_name, f"--unet {where}")
-            args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            if args.resolution % pipe.vae_scale_factor:
-                raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
-        else:
-            check_unet_fits(unet, class_name, f"--unet {where}")
-            pipe.unet = cast_unet(unet, dtype, state.device)
-        folder = out / name
-        model = {"name": name, "pretrained_model_name_or_path": args.pretrained_model_name_or_path, "unet": where,
-                 "unet_fingerprint": fingerprint, **model_record(pipe)}
-        config = run_config("sample", args, model=model, settings=folder_settings(args, pipe, prompts, fingerprint))
-        check_folder(folder, config)
-        if state.is_main_process:
-            prepare_folder(folder, config, with_latents=False)
-        state.wait_for_everyone()
-
-        done = {(r["prompt_index"], r["image_index"]) for r in read_jsonl(folder / "metadata.jsonl")}
-        jobs = plan(shard(len(prompts), state.process_index, state.num_processes), args.num_images_per_prompt, done)
-        writer = FolderWriter(folder, state.process_index)
-        progress = tqdm(total=len(jobs), unit="img", desc=name, disable=not state.is_main_process)
-        t0 = time.time()
-        try:
-            stats = make_images(pipe, prompts, jobs, args, writer, with_latents=False, progress=progress)
-        finally:
-            writer.close()
-            progress.close()
-        seconds = time.time() - t0
-        state.wait_for_everyone()
-        if state.is_main_process:
-            rows = merge_metadata(folder)
-            print(f"sample: {name}: wrote {stats['written']} image(s) in {seconds:.1f}s "
-                  f"({stats['written'] / max(seconds, 1e-9):.2f} images/s), {len(done)} already there; "
-                  f"{len(rows)}/{len(prompts) * args.num_images_per_prompt} images in {folder}")
-        for kind, keys in (("non-finite (not written)", stats["nonfinite"]), ("all-black", stats["black"])):
-            if keys:
-                print(f"warning: {name}: {len(keys)} {kind} image(s), e.g. {keys[0]}", file=sys.stderr)
-        del unet
+    for model in models:
+        pipe = sample_model(model, pipe, prompts, args, state, class_name, dtype, out)
 
     end_processes(state)
     if state.is_main_process and args.grid_prompts > 0:
-        grid = grid_from_folders(out, [n for n, _ in models], prompts, args.grid_prompts, args.resolution)
+        grid = grid_from_folders(out, [m.name for m in models], prompts, args.grid_prompts, args.resolution)
         save_atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
-        print(f"sample: grid of {min(args.grid_prompts, len(prompts))} prompts x {len(models)} models -> {out / 'grid.png'}")
+        print(f"sample: grid of {min(args.grid_prompts, len(prompts))} prompts x {len(models)} models "
+              f"-> {out / 'grid.png'}")
 
 
 if __name__ == "__main__":
