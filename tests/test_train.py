@@ -265,6 +265,43 @@ def test_a_run_recorded_before_pair_noise_is_the_same_run():
         ts.check_same_run(old, {"pair_noise": "independent", "beta": 5000.0}, "x")
 
 
+def test_every_flag_is_part_of_the_run_identity_unless_it_may_change(monkeypatch):
+    """The run identity is every flag but the few listed as free to change (MAY_CHANGE), so a flag added to the parser
+    is checked on a resume or re-run without being listed anywhere. A record written before a flag existed lacks it:
+    it still matches while the flag is at its default, and is refused in one line otherwise."""
+    argv = ["--dataset", "d", "--output_dir", "o", "--loss", "sft"]
+    flags = {a.dest for a in ts.build_parser()._actions if a.dest != "help"}
+    assert set(ts.MAY_CHANGE) <= flags
+    assert set(ts.identity(ts.parse_args(argv))) == flags - set(ts.MAY_CHANGE)
+    build = ts.build_parser
+
+    def with_a_new_flag():
+        p = build()
+        p.add_argument("--new_knob", type=int, default=3)
+        return p
+
+    monkeypatch.setattr(ts, "build_parser", with_a_new_flag)
+    current = ts.identity(ts.parse_args(argv))
+    assert current["new_knob"] == 3
+    older = {k: v for k, v in current.items() if k != "new_knob"}  # recorded before --new_knob existed
+    ts.check_same_run(older, current, "x")
+    with pytest.raises(ts.UserError, match="new_knob") as e:
+        ts.check_same_run(older, ts.identity(ts.parse_args(argv + ["--new_knob", "4"])), "x")
+    assert "\n" not in str(e.value) and "--new_knob 3 there vs 4 now" in str(e.value)
+
+
+def test_a_record_without_a_flag_is_the_same_run_at_its_default(tiny_pipeline, pickapic_parquet, cache, tmp_path):
+    out = tmp_path / "sft"
+    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft"))
+    cfg = json.loads((out / "run_config.json").read_text())
+    del cfg["identity"]["caption_dropout"]  # as an output_dir trained before --caption_dropout existed
+    (out / "run_config.json").write_text(json.dumps(cfg))
+    assert "nothing to do" in train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft")).stdout
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--caption_dropout", "0.5"),
+              check=False)
+    assert "other settings" in error_line(p) and "--caption_dropout 0.0 there vs 0.5 now" in error_line(p)
+
+
 def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     from safetensors.torch import load_file
 
@@ -840,7 +877,7 @@ def slow_save(*a, **k):  # the other process is still writing its part when the 
 
 
 acc.save_state = slow_save
-args = types.SimpleNamespace(**{k: None for k in ts.RUN_IDENTITY}, checkpoints_total_limit=None)
+args = types.SimpleNamespace(seed=0, checkpoints_total_limit=None)
 ts.save_checkpoint(acc, Path(sys.argv[2]), 1, sched, args, "sha256:x")
 """
 
