@@ -1630,21 +1630,38 @@ def check_model_path(path, what="--pretrained_model_name_or_path"):
 
 
 def decode_image(value):
-    """bytes / {"bytes", "path"} / PIL -> RGB PIL image, or None when it cannot be decoded."""
+    """bytes / {"bytes", "path"} / PIL -> the RGB picture a viewer sees (to_rgb), or None when it cannot be decoded."""
     import io
 
     from PIL import Image
 
     try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        img = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img = value if isinstance(value, Image.Image) else Image.open(
+            io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception:
         return None
+
+
+def to_rgb(img):
+    """What a viewer sees, as 8-bit RGB: the EXIF orientation applied (phones store photos sideways and a tag), any
+    transparency laid over white (not the colour hidden under transparent pixels), 16-bit greyscale (Pillow's modes
+    I;16 and I) scaled to 8 bits (a plain convert clips it to white), palette, CMYK and greyscale converted."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help adds "(default: X)" only where the help text does not state the default already and there is one."""

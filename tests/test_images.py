@@ -3,6 +3,7 @@ text in every script): EXIF-rotated JPEGs upright, transparency over white, 16-b
 and greyscale converted. Real files, written by Pillow's own encoders."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
@@ -64,3 +65,37 @@ def test_every_script_reads_the_picture_a_viewer_sees(tmp_path, module):
             # over half the picture
             assert np.abs(got - expected).mean() <= 8, (kind, type(value), np.abs(got - expected).mean())
     assert module.decode_image(b"not an image") is None
+
+
+def test_training_data_path_encodes_the_upright_picture(tmp_path):
+    """Through train_spin.py's own data path (a `datasets` image folder -> iter_examples -> encode_piece), the VAE is
+    given the upright, white-backed pictures, and SDXL's original size is the displayed one."""
+    import json
+
+    from safetensors import safe_open
+
+    files = photo_files(tmp_path)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for kind, (path, _) in files.items():
+            (folder / path.name).write_bytes(path.read_bytes())
+            f.write(json.dumps({"file_name": path.name, "text": kind}) + "\n")
+    seen = []
+
+    def encode(imgs):
+        seen.extend(imgs)
+        return torch.zeros(len(imgs), 4, 2, 2)
+
+    ds = train_spin.open_dataset(str(folder), "train")
+    stats = {}
+    examples = train_spin.iter_examples(ds, caption_column="text", with_images=True, stats=stats)
+    train_spin.encode_piece(tmp_path / "piece.safetensors", examples, stats, encode, with_loser=False, max_rows=None)
+    with safe_open(str(tmp_path / "piece.safetensors"), "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        hw = f.get_tensor("image_hw").tolist()
+    for kind, img, size in zip(captions, seen, hw):
+        expected = files[kind][1]
+        assert size == list(expected.shape[:2]), (kind, size)
+        assert np.abs(np.asarray(img).astype(int) - expected).mean() <= 8, kind
+    assert len(seen) == len(files)
