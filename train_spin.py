@@ -70,7 +70,7 @@ def build_parser():
       help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
     a("--unet", default=None, help="theta_k to start from and to use as frozen reference: folder with unet/, hub id "
       "(e.g. UCLA-AGI/SPIN-Diffusion-iter1) or 'base' (default: the base pipeline's UNet)")
-    a("--dataset", required=True, help="real data: hub id or local path (parquet file/folder, image folder with metadata.jsonl, ...)")
+    a("--dataset", "--dataset_name", "--train_data_dir", required=True, help="real data: hub id or local path (parquet file/folder, image folder with metadata.jsonl, ...)")
     a("--split", default="train")
     a("--image_column", default=None, help="image column (default: Pick-a-Pic jpg_0/jpg_1 by label, else 'image')")
     a("--caption_column", default="caption")
@@ -91,12 +91,12 @@ def build_parser():
     a("--resolution", type=int, default=None, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
     # objective
     a("--loss", choices=["spin", "sft", "dpo"], default="spin")
-    a("--beta", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
+    a("--beta", "--beta_dpo", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
     a("--pair_noise", choices=PAIR_NOISE, default="shared",
       help="what the two members of a pair share: 'shared' one timestep and one noise (Diffusion-DPO's code), "
       "'separate_noise' one timestep and two noises (the paper's Appendix C.6), 'independent' nothing")
     a("--independent_pair_noise", action="store_true", help="the same as --pair_noise independent")
-    a("--caption_dropout", type=float, default=0.0, help="probability of training on the empty prompt (keeps classifier-free guidance working)")
+    a("--caption_dropout", "--proportion_empty_prompts", type=float, default=0.0, help="probability of training on the empty prompt (keeps classifier-free guidance working)")
     # optimisation
     a("--learning_rate", type=float, default=2e-5)
     a("--scale_lr", action="store_true", help="multiply the learning rate by accumulation x batch size x processes")
@@ -115,8 +115,10 @@ def build_parser():
     # hardware
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config; trainable weights stay fp32")
     a("--gradient_checkpointing", action="store_true")
+    a("--enable_xformers_memory_efficient_attention", action="store_true",
+      help="xformers attention where it is installed; else a note: PyTorch's scaled_dot_product_attention is used")
     # LoRA (peft): train a low-rank adapter instead of every weight
-    a("--lora_rank", type=int, default=None, help="train a LoRA adapter of this rank on the UNet (default: full fine-tuning); "
+    a("--lora_rank", "--rank", type=int, default=None, help="train a LoRA adapter of this rank on the UNet (default: full fine-tuning); "
       "the reference is the same UNet with the adapter off, and unet/ is written merged")
     a("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank, as diffusers' LoRA examples)")
     a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
@@ -151,6 +153,7 @@ MAY_CHANGE = (
     "independent_pair_noise",   # folded into --pair_noise, which is checked
     "mixed_precision",          # a resume may switch it: to bf16 after fp16 stopped on a non-finite loss
     "gradient_checkpointing",   # memory only: the same numbers
+    "enable_xformers_memory_efficient_attention",  # an attention kernel: memory and speed
     "allow_tf32",               # a hardware setting
     "dataloader_num_workers",   # the batches and draws are pure functions of the step (StepBatches)
     "checkpointing_steps",      # how often checkpoints are written
@@ -707,6 +710,8 @@ def load_models(args, run):
     tokenizers = (load_component(pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer"),)
     unet = load_unet(args.unet, base)
     fingerprint = unet_fingerprint(unet)
+    if args.enable_xformers_memory_efficient_attention:
+        use_xformers(unet, run.log)
     family = model_family(unet.config)
     force_zeros = False
     if family == "sdxl":
@@ -721,6 +726,18 @@ def load_models(args, run):
     # fp32's, so bf16 is kept.
     vae_dtype = torch.float32 if vae_config.get("force_upcast", False) and run.dtype == torch.float16 else run.dtype
     return Models(base, scheduler, tokenizers, unet, fingerprint, family, force_zeros, vae_config, vae_dtype)
+
+
+def use_xformers(unet, log):
+    """diffusers' --enable_xformers_memory_efficient_attention: xformers' kernels where the package is installed (the
+    reference, a copy of this UNet, inherits them); without it the UNet keeps PyTorch's scaled_dot_product_attention,
+    a memory-efficient kernel already, and the log says so instead of failing."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        log("note: xformers is not installed; the UNet uses PyTorch's scaled_dot_product_attention (memory-efficient already)")
+        return
+    unet.enable_xformers_memory_efficient_attention()
 
 
 UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP",

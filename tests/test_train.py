@@ -911,3 +911,25 @@ def test_two_nodes_with_node_local_cache_folders_stop_in_one_line(tiny_pipeline,
         assert p.returncode != 0
         assert "error: --cache_dir must be one folder shared by all 2 processes (process(es) [1] do not see" in err, err[-2000:]
     assert not list((tmp_path / "cache_node0").glob("latents-*"))  # stopped before any work
+
+
+def test_diffusers_flag_names_are_aliases(tiny_pipeline, pickapic_parquet, tmp_path):
+    """The names users of diffusers' training examples type mean the same here: each is an alias of ours (one dest,
+    so the run identity and --help list it once), and --enable_xformers_memory_efficient_attention without xformers
+    installed trains as without it and says in one line that PyTorch's attention is used."""
+    base = ["--output_dir", "o", "--loss", "sft"]
+    for alias, ours, value, want in (("--dataset_name", "dataset", "d", "d"), ("--train_data_dir", "dataset", "d", "d"),
+                                     ("--proportion_empty_prompts", "caption_dropout", "0.1", 0.1),
+                                     ("--rank", "lora_rank", "4", 4), ("--beta_dpo", "beta", "100", 100.0)):
+        extra = [] if ours == "dataset" else ["--dataset", "x"]
+        assert getattr(ts.parse_args([alias, value, *extra, *base]), ours) == want, alias
+    args = train_args(tiny_pipeline, pickapic_parquet, tmp_path / "plain", tmp_path / "cache", "--loss", "sft")
+    assert train(*args).returncode == 0
+    p = train(*[a if a != str(tmp_path / "plain") else str(tmp_path / "x") for a in map(str, args)],
+              "--enable_xformers_memory_efficient_attention")
+    assert p.returncode == 0, p.stderr[-2000:]
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        assert "note: xformers is not installed" in p.stdout
+    assert metrics(tmp_path / "x")[-1]["loss"] == metrics(tmp_path / "plain")[-1]["loss"]
