@@ -15,6 +15,7 @@ image with the highest raw mean of the metrics, then mean and median, plus the a
 per-metric max of N apart; win rates against the first model on per-prompt means and on the best-of-N images) and
 run_config.json to --output_dir.
 """
+
 import argparse
 import html
 import json
@@ -31,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 
 # ---- settings: the metrics, the official weights (the flags' defaults), the preprocessing constants ----
 # Rows of summary.md in the model card's order; --metrics may name them in any order.
@@ -75,38 +75,59 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR",
-                   help="image folders with metadata.jsonl, or a folder of such folders (samples/)")
+    p.add_argument(
+        "image_dirs_pos",
+        nargs="*",
+        metavar="IMAGE_DIR",
+        help="image folders with metadata.jsonl, or a folder of such folders (samples/)",
+    )
     p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
     p.add_argument("--output_dir", default="eval")
-    p.add_argument("--metrics", action="append", default=None,
-                   help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)")
-    p.add_argument("--hps_version", default="2.0",
-                   help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=None,
+        help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)",
+    )
+    p.add_argument(
+        "--hps_version",
+        default="2.0",
+        help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output",
+    )
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--mixed_precision", default="no",
-                   help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
-                        "autocast), fp16 or bf16 for the towers: reduced precision "
-                        "is faster but moves scores; normalisation, dot products and heads stay fp32")
+    p.add_argument(
+        "--mixed_precision",
+        default="no",
+        help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
+        "autocast), fp16 or bf16 for the towers: reduced precision "
+        "is faster but moves scores; normalisation, dot products and heads stay fp32",
+    )
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="threads decoding and preprocessing images")
+    p.add_argument(
+        "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding and preprocessing images"
+    )
     p.add_argument("--overwrite", action="store_true", help="rescore images already in output_dir/scores.jsonl")
     p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
     p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
-    p.add_argument("--hps_checkpoint", default=None,
-                   help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
-                        f"{HPS_FILES['2.1']} by --hps_version)")
+    p.add_argument(
+        "--hps_checkpoint",
+        default=None,
+        help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
+        f"{HPS_FILES['2.1']} by --hps_version)",
+    )
     p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
-    p.add_argument("--imagereward_checkpoint", default=IMAGEREWARD_REPO,
-                   help="ImageReward.pt file, a folder holding it, or a hub repo")
-    p.add_argument("--imagereward_med_config", default=None,
-                   help="med_config.json (default: beside the checkpoint)")
+    p.add_argument(
+        "--imagereward_checkpoint",
+        default=IMAGEREWARD_REPO,
+        help="ImageReward.pt file, a folder holding it, or a hub repo",
+    )
+    p.add_argument("--imagereward_med_config", default=None, help="med_config.json (default: beside the checkpoint)")
     p.add_argument("--imagereward_tokenizer", default=IMAGEREWARD_TOKENIZER)
     p.add_argument("--aesthetic_clip", default=AESTHETIC_CLIP)
-    p.add_argument("--aesthetic_head", default=AESTHETIC_HEAD,
-                   help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)")
+    p.add_argument(
+        "--aesthetic_head", default=AESTHETIC_HEAD, help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)"
+    )
     args = p.parse_args(argv)
     args.image_dirs = list(args.image_dirs_pos) + list(args.image_dirs)
     del args.image_dirs_pos
@@ -247,7 +268,7 @@ def frame_ids(ids, start, end, length=CLIP_MAX_LENGTH):
     the causal mask hides it from the end token)."""
     ids = [start, *ids, end]
     if len(ids) > length:
-        ids = ids[:length - 1] + [end]
+        ids = ids[: length - 1] + [end]
     return ids + [0] * (length - len(ids))
 
 
@@ -318,13 +339,18 @@ OPEN_CLIP_TOP = {  # open_clip name -> transformers CLIPModel name (".T": stored
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
     "visual.proj": "visual_projection.weight.T",
 }
-OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+OPEN_CLIP_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def strip_module_prefix(sd):
     """(Distributed)DataParallel saves keys as module.<name>."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 def open_clip_to_transformers(sd):
@@ -355,8 +381,12 @@ def rename_blip_vit_key(key):
     key = re.sub(r"^patch_embed\.proj\.", "embeddings.patch_embedding.", key)
     key = re.sub(r"^norm\.", "post_layernorm.", key)
     key = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", key)
-    for old, new in ((".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
-                     (".attn.qkv.", ".self_attn.qkv."), (".attn.proj.", ".self_attn.projection.")):
+    for old, new in (
+        (".norm1.", ".layer_norm1."),
+        (".norm2.", ".layer_norm2."),
+        (".attn.qkv.", ".self_attn.qkv."),
+        (".attn.proj.", ".self_attn.projection."),
+    ):
         key = key.replace(old, new)
     return key
 
@@ -371,13 +401,13 @@ def blip_to_transformers(sd):
     vision, text, head, unexpected = {}, {}, {}, []
     for key, value in strip_module_prefix(sd).items():
         if key.startswith("blip.visual_encoder."):
-            vision[rename_blip_vit_key(key[len("blip.visual_encoder."):])] = value
+            vision[rename_blip_vit_key(key[len("blip.visual_encoder.") :])] = value
         elif key.startswith(BLIP_UNUSED):
             continue
         elif key.startswith("blip.text_encoder."):
-            text[key[len("blip.text_encoder."):]] = value
+            text[key[len("blip.text_encoder.") :]] = value
         elif key.startswith("mlp."):
-            head[key[len("mlp."):]] = value
+            head[key[len("mlp.") :]] = value
         else:
             unexpected.append(key)
     return vision, text, head, unexpected
@@ -395,10 +425,16 @@ def blip_vision_config(vision_sd):
     except KeyError as e:
         raise UserError(f"--imagereward_checkpoint: missing blip.visual_encoder weights ({e.args[0]})") from None
     layers = len({k.split(".")[2] for k in vision_sd if k.startswith("encoder.layers.")})
-    return BlipVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                            num_attention_heads=max(1, hidden // BLIP_VIT_HEAD_DIM), patch_size=patch,
-                            image_size=int(round(math.sqrt(n_pos - 1))) * patch, layer_norm_eps=BLIP_VIT_LN_EPS,
-                            hidden_act="gelu")
+    return BlipVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // BLIP_VIT_HEAD_DIM),
+        patch_size=patch,
+        image_size=int(round(math.sqrt(n_pos - 1))) * patch,
+        layer_norm_eps=BLIP_VIT_LN_EPS,
+        hidden_act="gelu",
+    )
 
 
 def blip_text_config(med_config, encoder_width):
@@ -406,10 +442,20 @@ def blip_text_config(med_config, encoder_width):
     ViT width (1024), which BLIP sets in code, overriding the file's 768."""
     from transformers import BlipTextConfig  # transformers takes seconds to import: only to build a scorer
 
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
-    return BlipTextConfig(**{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=encoder_width,
-                          is_decoder=True)  # is_decoder=True: build the cross-attention layers
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
+    return BlipTextConfig(
+        **{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=encoder_width, is_decoder=True
+    )  # is_decoder=True: build the cross-attention layers
 
 
 def head_layers(sd, in_features, what):
@@ -545,9 +591,14 @@ def aggregate(rows, metric, selection_metrics):
     maxes = [max(v) for v in groups.values()]
     picked = [float(r[metric]) for r in select_best_of_n(rows, selection_metrics).values()]
     sizes = [len(v) for v in groups.values()]
-    return {"best_of_n": stats(picked), "per_metric_max_of_n": stats(maxes), "mean": stats(means),
-            "n_prompts": len(groups), "n_images": sum(sizes),
-            "images_per_prompt": [min(sizes), max(sizes)] if sizes else [0, 0]}
+    return {
+        "best_of_n": stats(picked),
+        "per_metric_max_of_n": stats(maxes),
+        "mean": stats(means),
+        "n_prompts": len(groups),
+        "n_images": sum(sizes),
+        "images_per_prompt": [min(sizes), max(sizes)] if sizes else [0, 0],
+    }
 
 
 def average_label(metrics):
@@ -561,9 +612,13 @@ def average_scores(model_summary, metrics):
     """The tables' "average score": for each figure (best of N and its median, mean, median, per-metric max), the
     plain mean of that figure over `metrics` (a row of the paper's tables averaged across its metric columns; for
     the medians, the mean of the medians); None if a metric has no value."""
-    figures = {"best_of_n": ("best_of_n", "mean"), "best_of_n_median": ("best_of_n", "median"),
-               "mean": ("mean", "mean"), "median": ("mean", "median"),
-               "per_metric_max_of_n": ("per_metric_max_of_n", "mean")}
+    figures = {
+        "best_of_n": ("best_of_n", "mean"),
+        "best_of_n_median": ("best_of_n", "median"),
+        "mean": ("mean", "mean"),
+        "median": ("mean", "median"),
+        "per_metric_max_of_n": ("per_metric_max_of_n", "mean"),
+    }
     out = {"metrics": list(metrics), "label": average_label(metrics)}
     for key, (group, stat) in figures.items():
         values = [model_summary[m][group][stat] for m in metrics]
@@ -635,19 +690,30 @@ def markdown_summary(summary, models, metrics, baseline, wins, hps_version, aver
     head, rule = ["Metric"], ["---"]
     for model in models:
         k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
-        head += [f"{model} best of {k}" + (f" (by mean of {len(metrics)})" if subset else ""), f"{model} mean",
-                 f"{model} median"]
+        head += [
+            f"{model} best of {k}" + (f" (by mean of {len(metrics)})" if subset else ""),
+            f"{model} mean",
+            f"{model} median",
+        ]
         rule += ["---:"] * 3
     avg_decimals = max(METRIC_DECIMALS[m] for m in metrics)
-    lines = ["# Evaluation", "",
-             f"{selection_label(metrics, n)}: per prompt, the one image with the highest plain mean of its raw "
-             f"{', '.join(METRIC_NAMES[m] for m in metrics)} scores ("
-             + ("not the paper's selection, which averages all four metrics" if subset else
-                "the paper's selection, the model card's \"Best of Five\"")
-             + "; raw scales, so the largest, PickScore ~21 and aesthetic ~5, weigh most; ties: the lowest image "
-             "index), that image's score of each metric, then the mean over prompts. Mean and median: of the "
-             f"per-prompt means over the N images. {name[AVERAGE]}: the mean of the column's metric values.", "",
-             "| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
+    lines = [
+        "# Evaluation",
+        "",
+        f"{selection_label(metrics, n)}: per prompt, the one image with the highest plain mean of its raw "
+        f"{', '.join(METRIC_NAMES[m] for m in metrics)} scores ("
+        + (
+            "not the paper's selection, which averages all four metrics"
+            if subset
+            else "the paper's selection, the model card's \"Best of Five\""
+        )
+        + "; raw scales, so the largest, PickScore ~21 and aesthetic ~5, weigh most; ties: the lowest image "
+        "index), that image's score of each metric, then the mean over prompts. Mean and median: of the "
+        f"per-prompt means over the N images. {name[AVERAGE]}: the mean of the column's metric values.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(rule) + " |",
+    ]
     for m in list(metrics) + [AVERAGE]:
         cells = [name[m]]
         for model in models:
@@ -658,9 +724,13 @@ def markdown_summary(summary, models, metrics, baseline, wins, hps_version, aver
                 s, d = summary[model][m], METRIC_DECIMALS[m]
                 cells += [fmt(s["best_of_n"]["mean"], d), fmt(s["mean"]["mean"], d), fmt(s["mean"]["median"], d)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Best of {n} median: the median over prompts of the selected images' scores. Per-metric max of "
-              f"{n}: each metric's own maximum over the prompt's images (possibly of different images, so higher; not "
-              f"the model card's best of {n}), mean over prompts.", ""]
+    lines += [
+        "",
+        f"Best of {n} median: the median over prompts of the selected images' scores. Per-metric max of "
+        f"{n}: each metric's own maximum over the prompt's images (possibly of different images, so higher; not "
+        f"the model card's best of {n}), mean over prompts.",
+        "",
+    ]
     head, rule = ["Metric"], ["---"]
     for model in models:
         k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
@@ -678,14 +748,20 @@ def markdown_summary(summary, models, metrics, baseline, wins, hps_version, aver
                 cells += [fmt(s["best_of_n"]["median"], d), fmt(s["per_metric_max_of_n"]["mean"], d)]
         lines.append("| " + " | ".join(cells) + " |")
     others = [m for m in models if m != baseline]
-    for table, what in ((wins, f"per-prompt means (each prompt: the mean over its {n} images)"),
-                        (wins_best, f"the best-of-{n} images (each prompt: the image the selection above picked, "
-                                    "for each model)")):
+    for table, what in (
+        (wins, f"per-prompt means (each prompt: the mean over its {n} images)"),
+        (wins_best, f"the best-of-{n} images (each prompt: the image the selection above picked, for each model)"),
+    ):
         if not others:
             break
-        lines += ["", f"Win rate against {baseline} on {what}: the fraction of shared prompts where the model's "
-                  f"value is higher (ties count half); {name[AVERAGE]}: of the raw mean of the metrics.", "",
-                  "| Metric | " + " | ".join(others) + " |", "| --- |" + " ---: |" * len(others)]
+        lines += [
+            "",
+            f"Win rate against {baseline} on {what}: the fraction of shared prompts where the model's "
+            f"value is higher (ties count half); {name[AVERAGE]}: of the raw mean of the metrics.",
+            "",
+            "| Metric | " + " | ".join(others) + " |",
+            "| --- |" + " ---: |" * len(others),
+        ]
         for m in list(metrics) + [AVERAGE]:
             lines.append(f"| {name[m]} | " + " | ".join(fmt(table[m][o]["win_rate"], 3) for o in others) + " |")
     return "\n".join(lines) + "\n"
@@ -711,8 +787,9 @@ class PickScore:
 
     @torch.no_grad()
     def __call__(self, pixels, prompts):
-        tok = self.processor(text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH,
-                             return_tensors="pt")
+        tok = self.processor(
+            text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH, return_tensors="pt"
+        )
         text = clip_text_embeds(self.model, tok["input_ids"], tok["attention_mask"])
         image = clip_image_embeds(self.model, pixels)
         return pickscore_formula(image, text, self.logit_scale.to(image.device))
@@ -742,8 +819,10 @@ class HPS:
             raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
         self.tokenize = OpenClipTokenizer(*read_clip_bpe(clip))  # before building ViT-H: a bad folder fails fast
         if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
-            raise UserError(f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
-                            f"{config.text_config.vocab_size}")
+            raise UserError(
+                f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
+                f"{config.text_config.vocab_size}"
+            )
         for cfg in (config.text_config, config.vision_config):
             cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
         with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
@@ -809,13 +888,18 @@ class ImageReward:
     @torch.no_grad()
     def __call__(self, pixels, prompts):
         p = next(self.vision.parameters())
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH, return_tensors="pt"
+        )
         image_embeds = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=p.device)
-        hidden = self.text(input_ids=tok["input_ids"].to(p.device), attention_mask=tok["attention_mask"].to(p.device),
-                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                           is_decoder=False).last_hidden_state
+        hidden = self.text(
+            input_ids=tok["input_ids"].to(p.device),
+            attention_mask=tok["attention_mask"].to(p.device),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            is_decoder=False,
+        ).last_hidden_state
         return imagereward_formula(linear_head(hidden[:, 0].float(), self.head))
 
 
@@ -829,8 +913,10 @@ class Aesthetic:
         self.model.to(device, dtype).eval()
         path = resolve_file(head, "aesthetic-model.pth", "--aesthetic_head")
         sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
-        self.head = [(w.to(device), b.to(device))
-                     for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")]
+        self.head = [
+            (w.to(device), b.to(device))
+            for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")
+        ]
         self.image_size = self.model.config.vision_config.image_size
         self.weights = {"clip": clip, "head": path}
 
@@ -855,8 +941,9 @@ def load_scorers(args, metrics, device, dtype):
         elif m == "hps":
             scorers[m] = HPS(args.hps_checkpoint, args.hps_version, args.hps_clip, device, dtype)
         elif m == "imagereward":
-            scorers[m] = ImageReward(args.imagereward_checkpoint, args.imagereward_med_config,
-                                     args.imagereward_tokenizer, device, dtype)
+            scorers[m] = ImageReward(
+                args.imagereward_checkpoint, args.imagereward_med_config, args.imagereward_tokenizer, device, dtype
+            )
         elif m == "aesthetic":
             scorers[m] = Aesthetic(args.aesthetic_clip, args.aesthetic_head, device, dtype)
         print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
@@ -866,22 +953,25 @@ def load_scorers(args, metrics, device, dtype):
 # ---- main and its steps ----
 class Inputs(NamedTuple):
     """The image folders to score, read and checked before any model is loaded."""
-    dirs: list      # each model's folder (Path)
-    models: list    # the models' names (their folders' names), in the tables' order
+
+    dirs: list  # each model's folder (Path)
+    models: list  # the models' names (their folders' names), in the tables' order
     metadata: dict  # model -> the rows of its metadata.jsonl
-    baseline: str   # the model win rates are against
+    baseline: str  # the model win rates are against
 
 
 class Item(NamedTuple):
     """One image to score: its model's folder and its metadata.jsonl row."""
+
     folder: Path
     row: dict
 
 
 class Prepared(NamedTuple):
     """prepare_item's result: the image ready for every scorer, or why it is skipped."""
+
     pixels: dict  # metric -> preprocessed image tensor; None when the image is skipped
-    why: str      # None when the image is ready
+    why: str  # None when the image is ready
 
 
 def check_settings(args):
@@ -908,9 +998,16 @@ def read_inputs(args):
 
 def scoring_settings(args, metrics, mp):
     """What makes a score: scores.jsonl is resumed only under the same settings."""
-    scoring = {"metrics": metrics, "hps_version": args.hps_version, "mixed_precision": mp,
-               "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(
-                   ("pickscore_", "hps_", "imagereward_", "aesthetic_"))}}
+    scoring = {
+        "metrics": metrics,
+        "hps_version": args.hps_version,
+        "mixed_precision": mp,
+        "weights": {
+            k: getattr(args, k)
+            for k in sorted(vars(args))
+            if k.startswith(("pickscore_", "hps_", "imagereward_", "aesthetic_"))
+        },
+    }
     if "hps" in metrics:
         scoring["hps_tokenization"] = HPS_TOKENIZATION
     return scoring
@@ -924,8 +1021,9 @@ def resume_scores(out, scoring, metadata, overwrite):
     if scores_path.exists() and not overwrite:
         old = json.loads(config_path.read_text()).get("scoring") if config_path.is_file() else None
         if old != scoring:
-            raise UserError(f"{scores_path} holds scores made with other settings: pass --overwrite or another "
-                            "--output_dir")
+            raise UserError(
+                f"{scores_path} holds scores made with other settings: pass --overwrite or another --output_dir"
+            )
         wanted = {(m, r["file_name"]) for m, rows in metadata.items() for r in rows}
         kept = [r for r in read_jsonl(scores_path) if (r["model"], r["file_name"]) in wanted]
     with open(scores_path.with_name("scores.jsonl.tmp"), "w") as f:
@@ -967,15 +1065,24 @@ def score_batch(good, scorers, metrics):
     """[(Item, pixels)] -> their scores.jsonl rows: every metric on the whole batch at once."""
     prompts = [item.row["prompt"] for item, _ in good]
     scores = {m: scorers[m](torch.stack([pixels[m] for _, pixels in good]), prompts).cpu().tolist() for m in metrics}
-    return [{"model": item.folder.name, "prompt_index": item.row["prompt_index"],
-             "image_index": item.row["image_index"], "prompt": item.row["prompt"], "file_name": item.row["file_name"],
-             "seed": item.row.get("seed"), **{m: scores[m][i] for m in metrics}} for i, (item, _) in enumerate(good)]
+    return [
+        {
+            "model": item.folder.name,
+            "prompt_index": item.row["prompt_index"],
+            "image_index": item.row["image_index"],
+            "prompt": item.row["prompt"],
+            "file_name": item.row["file_name"],
+            "seed": item.row.get("seed"),
+            **{m: scores[m][i] for m in metrics},
+        }
+        for i, (item, _) in enumerate(good)
+    ]
 
 
 def score_images(todo, scorers, metrics, args, scores_path, skipped):
     """Score `todo` [Item] batch by batch, appending each batch's rows to scores.jsonl (a killed run keeps them);
     workers decode the next batch meanwhile. Unreadable images go to skipped[model]. Returns the new rows."""
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    batches = [todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     new = []
     t0, n_scored = time.time(), 0
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, open(scores_path, "a") as f:
@@ -988,8 +1095,11 @@ def score_images(todo, scorers, metrics, args, scores_path, skipped):
             for item, prepared in zip(batch, results):
                 if prepared.pixels is None:
                     skipped[item.folder.name].append({"file_name": item.row["file_name"], "reason": prepared.why})
-                    print(f"warning: {item.folder / item.row['file_name']}: {prepared.why}, skipped", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"warning: {item.folder / item.row['file_name']}: {prepared.why}, skipped",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 else:
                     good.append((item, prepared.pixels))
             if not good:
@@ -1009,17 +1119,18 @@ def aggregation_text(metrics, n):
     """summary.json's "aggregation": how each figure was computed, in words."""
     return {
         "best_of_n": f"{selection_label(metrics, n)} (the paper's and the model card's): per prompt, the image "
-                     f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
-                     "image_index); that image's score of each metric; then over prompts: mean, median, std",
+        f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
+        "image_index); that image's score of each metric; then over prompts: mean, median, std",
         "per_metric_max_of_n": "per prompt, each metric's own maximum over its images (possibly of different "
-                               "images; not the model card's best of N); then over prompts: mean, median, std",
+        "images; not the model card's best of N); then over prompts: mean, median, std",
         "mean": "per prompt, the mean over its images; then over prompts: mean, median, std (ddof=0)",
         "average": f"{average_label(metrics)}: for each figure (best_of_n, best_of_n_median, mean, median, "
-                   "per_metric_max_of_n), the plain mean of that figure over the metrics",
+        "per_metric_max_of_n), the plain mean of that figure over the metrics",
         "win_rates": "per metric: the fraction of prompts shared with the baseline where the model's per-prompt "
-                     "mean over its images is higher, ties count half; 'average': of the raw mean of the "
-                     "metrics",
-        "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt"}
+        "mean over its images is higher, ties count half; 'average': of the raw mean of the "
+        "metrics",
+        "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt",
+    }
 
 
 def summarize(rows_by_model, inputs, metrics, hps_version, skipped, weights, mp):
@@ -1032,27 +1143,54 @@ def summarize(rows_by_model, inputs, metrics, hps_version, skipped, weights, mp)
     for m in models:
         picked = sorted(select_best_of_n(rows_by_model[m], metrics).items(), key=lambda kv: kv[0][0])
         selected[m] = {str(key[0]): r["image_index"] for key, r in picked}
-    counts = {m: {"images_listed": len(inputs.metadata[m]), "images_scored": len(rows_by_model[m]),
-                  "images_skipped": len(skipped[m]), "skipped": skipped[m]} for m in models}
+    counts = {
+        m: {
+            "images_listed": len(inputs.metadata[m]),
+            "images_scored": len(rows_by_model[m]),
+            "images_skipped": len(skipped[m]),
+            "skipped": skipped[m],
+        }
+        for m in models
+    }
     return {
-        "models": models, "metrics": metrics, "hps_version": hps_version, "baseline": baseline,
-        "summary": summary, "average": {m: average_scores(summary[m], metrics) for m in models},
+        "models": models,
+        "metrics": metrics,
+        "hps_version": hps_version,
+        "baseline": baseline,
+        "summary": summary,
+        "average": {m: average_scores(summary[m], metrics) for m in models},
         "win_rates": win_rates(rows_by_model, baseline, metrics, on="mean"),
         "win_rates_best_of_n": win_rates(rows_by_model, baseline, metrics, on="best_of_n"),
-        "best_of_n_selection": {"label": selection_label(metrics, n), "metrics": metrics,
-                                "image_index_by_prompt_index": selected},
-        "counts": counts, "weights": weights, "mixed_precision": mp,
-        "same_seeds_as_baseline": {m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models
-                                   if m != baseline},
-        "aggregation": aggregation_text(metrics, n)}
+        "best_of_n_selection": {
+            "label": selection_label(metrics, n),
+            "metrics": metrics,
+            "image_index_by_prompt_index": selected,
+        },
+        "counts": counts,
+        "weights": weights,
+        "mixed_precision": mp,
+        "same_seeds_as_baseline": {
+            m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models if m != baseline
+        },
+        "aggregation": aggregation_text(metrics, n),
+    }
 
 
 def write_tables(out, report):
     """summary.json and summary.md (the model card's table and the win rates)."""
     write_json_atomic(out / "summary.json", report)
-    (out / "summary.md").write_text(markdown_summary(
-        report["summary"], report["models"], report["metrics"], report["baseline"], report["win_rates"],
-        report["hps_version"], report["average"], report["win_rates_best_of_n"]))
+    (out / "summary.md").write_text(
+        markdown_summary(
+            report["summary"],
+            report["models"],
+            report["metrics"],
+            report["baseline"],
+            report["win_rates"],
+            report["hps_version"],
+            report["average"],
+            report["win_rates_best_of_n"],
+        )
+    )
 
 
 def main(argv=None):
@@ -1072,11 +1210,18 @@ def main(argv=None):
     # Score every image not scored yet.
     scorers = load_all_scorers(args, metrics, device, dtype)
     done = {(r["model"], r["file_name"]) for r in kept}
-    todo = [Item(folder, r) for folder in inputs.dirs for r in inputs.metadata[folder.name]
-            if (folder.name, r["file_name"]) not in done]
+    todo = [
+        Item(folder, r)
+        for folder in inputs.dirs
+        for r in inputs.metadata[folder.name]
+        if (folder.name, r["file_name"]) not in done
+    ]
     skipped = {m: [] for m in inputs.models}
-    print(f"scoring {len(todo)} images ({len(done)} already scored) from {len(inputs.models)} model(s) with "
-          f"{', '.join(metrics)} on {device} ({mp})", flush=True)
+    print(
+        f"scoring {len(todo)} images ({len(done)} already scored) from {len(inputs.models)} model(s) with "
+        f"{', '.join(metrics)} on {device} ({mp})",
+        flush=True,
+    )
     rows = kept + score_images(todo, scorers, metrics, args, out / "scores.jsonl", skipped)
 
     # Aggregate, compare with the baseline, write the tables.
@@ -1088,8 +1233,10 @@ def main(argv=None):
     write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config, weights=weights, counts=counts))
     print((out / "summary.md").read_text())
     n_skipped = sum(len(v) for v in skipped.values())
-    print(f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
-          + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else ""))
+    print(
+        f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
+        + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else "")
+    )
 
 
 # ---- plumbing: image folders in, weights files by hub id or local path ----
@@ -1110,8 +1257,10 @@ def find_model_dirs(paths):
         elif not p.exists():
             raise UserError(f"{p}: no such folder")
         else:
-            raise UserError(f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
-                            "sample.py or generate.py")
+            raise UserError(
+                f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
+                "sample.py or generate.py"
+            )
     names = [d.name for d in dirs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -1198,11 +1347,15 @@ def load_strict(module, state_dict, what):
     expected = module.state_dict()
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
-        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + \
-                ([f"unexpected {describe_keys(unexpected)}"] if unexpected else [])
+        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + (
+            [f"unexpected {describe_keys(unexpected)}"] if unexpected else []
+        )
         raise UserError(f"{what}: checkpoint does not match the model: {'; '.join(parts)}")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
-           if tuple(v.shape) != tuple(expected[k].shape)]
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if bad:
         raise UserError(f"{what}: checkpoint shapes do not match the model config: {describe_keys(bad, 2)}")
     module.load_state_dict(state_dict, strict=True)
@@ -1227,8 +1380,11 @@ def cli(main):
         sys.exit(130)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
-                  "finished work is kept", file=sys.stderr)
+            print(
+                f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
+                "finished work is kept",
+                file=sys.stderr,
+            )
             sys.exit(28)
         raise
 
@@ -1263,8 +1419,14 @@ def run_config(stage, args, **extra):
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-            "args": dict(vars(args)), "versions": versions, **extra}
+    return {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "args": dict(vars(args)),
+        "versions": versions,
+        **extra,
+    }
 
 
 def check_model_path(path, what="--pretrained_model_name_or_path"):
@@ -1282,8 +1444,11 @@ def decode_image(value):
     try:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        img = value if isinstance(value, Image.Image) else Image.open(
-            io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img = (
+            value
+            if isinstance(value, Image.Image)
+            else Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        )
         img.load()
         return to_rgb(img)
     except Exception:
@@ -1324,9 +1489,13 @@ def quiet_known_noise():
     processors instead (what we want: torchvision is not a dependency)."""
     import logging
 
-    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
-                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
+    for logger, text in (
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+        ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    ):
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+
+
 # ---- end shared helpers ----
 
 

@@ -18,6 +18,7 @@ Output (train_spin.py reads it):
 Every image's noise comes from its own seed, image_seed(seed, prompt_index, image_index), so the result does
 not depend on batch size, process count or where a killed run was resumed. Rerun the same command to resume.
 """
+
 import argparse
 import hashlib
 import itertools
@@ -35,51 +36,87 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-
 # ---- flags ----
 # --scheduler names -> diffusers classes (None keeps the pipeline's own scheduler).
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-              "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
-              "unipc": "UniPCMultistepScheduler"}
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 # Flags that change the pixels. A folder made with other values is refused, never mixed. Not here: --batch_size
 # (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
-IMAGE_SETTINGS = ("num_images_per_prompt", "num_inference_steps", "guidance_scale", "resolution", "scheduler", "seed",
-                  "mixed_precision")
+IMAGE_SETTINGS = (
+    "num_images_per_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "resolution",
+    "scheduler",
+    "seed",
+    "mixed_precision",
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
-                   "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
-                   "StableDiffusionXLPipeline")
-    p.add_argument("--unet", default="base", help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
-                   "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
+        "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
+        "StableDiffusionXLPipeline",
+    )
+    p.add_argument(
+        "--unet",
+        default="base",
+        help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
+        "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'",
+    )
     p.add_argument("--dataset", help="prompts: unique captions of a dataset (hub id or local), Pick-a-Pic ties dropped")
     p.add_argument("--split", default="train")
     p.add_argument("--caption_column", default="caption")
     p.add_argument("--prompts_file", help="prompts: one per line (instead of --dataset)")
     p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
-    p.add_argument("--max_train_samples", type=int, help="read only the first N usable rows of --dataset (after "
-                   "dropping ties), as train_spin.py does: pass both scripts the same value")
+    p.add_argument(
+        "--max_train_samples",
+        type=int,
+        help="read only the first N usable rows of --dataset (after "
+        "dropping ties), as train_spin.py does: pass both scripts the same value",
+    )
     p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
-    p.add_argument("--per_row", action="store_true", help="one prompt per usable training row (duplicate captions "
-                   "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
-                   "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
-                   "times fewer images), each caption's rows sharing its images")
+    p.add_argument(
+        "--per_row",
+        action="store_true",
+        help="one prompt per usable training row (duplicate captions "
+        "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
+        "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
+        "times fewer images), each caption's rows sharing its images",
+    )
     p.add_argument("--num_images_per_prompt", type=int, default=1)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 "
-                   "for SD-2.1, 1024 for SDXL)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL)",
+    )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA, no on CPU")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
-    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "max_train_samples",
-                 "resolution"):
+    for name in (
+        "num_images_per_prompt",
+        "num_inference_steps",
+        "batch_size",
+        "max_prompts",
+        "max_train_samples",
+        "resolution",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     return args
@@ -93,12 +130,20 @@ def parse_args(argv=None):
 # addition embedding it drives (SDXL's UNet takes pooled text + size/crop ids: "text_time"). SD-1.x and SD-2.x
 # (768-v: v-prediction is the scheduler's business) are StableDiffusionPipeline.
 PIPELINES = {
-    "StableDiffusionPipeline": {"load": {"safety_checker": None, "requires_safety_checker": False},
-                                "upcast_vae": False, "micro_conditioning": False, "latents_mean_std": False,
-                                "unet_addition_embed_type": None},
-    "StableDiffusionXLPipeline": {"load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
-                                  "upcast_vae": True, "micro_conditioning": True, "latents_mean_std": True,
-                                  "unet_addition_embed_type": "text_time"},
+    "StableDiffusionPipeline": {
+        "load": {"safety_checker": None, "requires_safety_checker": False},
+        "upcast_vae": False,
+        "micro_conditioning": False,
+        "latents_mean_std": False,
+        "unet_addition_embed_type": None,
+    },
+    "StableDiffusionXLPipeline": {
+        "load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
+        "upcast_vae": True,
+        "micro_conditioning": True,
+        "latents_mean_std": True,
+        "unet_addition_embed_type": "text_time",
+    },
 }
 BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
 
@@ -145,8 +190,11 @@ def micro_conditioning(pipe, resolution):
     training side conditions synthetic images on the size they were generated at). {} for other pipelines."""
     if not PIPELINES[type(pipe).__name__]["micro_conditioning"]:
         return {}
-    return {"original_size": (resolution, resolution), "crops_coords_top_left": (0, 0),
-            "target_size": (resolution, resolution)}
+    return {
+        "original_size": (resolution, resolution),
+        "crops_coords_top_left": (0, 0),
+        "target_size": (resolution, resolution),
+    }
 
 
 def model_record(pipe):
@@ -159,8 +207,12 @@ def folder_settings(args, pipe, prompts, fingerprint):
     pretrained = args.pretrained_model_name_or_path
     if Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    settings = {"pretrained_model_name_or_path": pretrained, "unet_fingerprint": fingerprint,
-                "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts)}
+    settings = {
+        "pretrained_model_name_or_path": pretrained,
+        "unet_fingerprint": fingerprint,
+        "prompts_sha256": prompts_digest(prompts),
+        "num_prompts": len(prompts),
+    }
     settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
     settings["scheduler"] = type(pipe.scheduler).__name__
     extra = micro_conditioning(pipe, args.resolution)
@@ -185,15 +237,26 @@ def decode_latents(pipe, latents):
     return vae.decode(latents, return_dict=False)[0]
 
 
-def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", caption_column="caption",
-                 max_prompts=None, max_train_samples=None, streaming=False, per_row=False):
+def load_prompts(
+    prompts=None,
+    prompts_file=None,
+    dataset=None,
+    split="train",
+    caption_column="caption",
+    max_prompts=None,
+    max_train_samples=None,
+    streaming=False,
+    per_row=False,
+):
     """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
     prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
     of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
     given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
     if len(given) != 1:
-        raise UserError(f"give the prompts with exactly one of --dataset, --prompts_file"
-                        f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})")
+        raise UserError(
+            f"give the prompts with exactly one of --dataset, --prompts_file"
+            f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})"
+        )
     if per_row and not dataset:
         raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
     if dataset and per_row:
@@ -202,8 +265,9 @@ def load_prompts(prompts=None, prompts_file=None, dataset=None, split="train", c
         out = [ex["caption"] for ex in itertools.islice(rows, limit)]
     elif dataset:
         # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
-        out = unique_prompts(open_dataset(dataset, split, streaming), caption_column, max_prompts,
-                             max_rows=max_train_samples)
+        out = unique_prompts(
+            open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples
+        )
     else:
         if prompts_file:
             try:
@@ -225,11 +289,15 @@ def pipeline_class_name(pretrained):
     try:
         name = DiffusionPipeline.load_config(pretrained).get("_class_name")
     except (OSError, ValueError) as e:
-        raise UserError(f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
-                        f"{str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     if name not in PIPELINES:
-        raise UserError(f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
-                        f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)")
+        raise UserError(
+            f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
+            f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)"
+        )
     return name
 
 
@@ -238,8 +306,10 @@ def check_unet_fits(unet, class_name, where="--unet"):
     any image is made."""
     want, got = PIPELINES[class_name]["unet_addition_embed_type"], unet.config.get("addition_embed_type")
     if got != want:
-        raise UserError(f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
-                        f"(which needs {want!r}): pass a UNet of the base's model family")
+        raise UserError(
+            f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
+            f"(which needs {want!r}): pass a UNet of the base's model family"
+        )
 
 
 def cast_unet(unet, dtype, device=None):
@@ -266,7 +336,8 @@ def load_pipeline(pretrained, unet, scheduler, dtype, device, class_name=None, u
     transformers.utils.logging.disable_progress_bar()
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(
-            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"])
+            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"]
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}") from None
     if scheduler:
@@ -282,17 +353,28 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
     """Run the pipeline over `jobs` [(prompt_index, image_index)] in batches and hand results to `writer`.
     Returns counts; non-finite results are not written, all-black ones are written and listed."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
-             args.resolution // pipe.vae_scale_factor)
+    shape = (
+        pipe.unet.config.in_channels,
+        args.resolution // pipe.vae_scale_factor,
+        args.resolution // pipe.vae_scale_factor,
+    )
     stats = {"written": 0, "nonfinite": [], "black": []}
     extra = micro_conditioning(pipe, args.resolution)
     for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
+        batch = jobs[start : start + args.batch_size]
         seeds = [image_seed(args.seed, p, i) for p, i in batch]
         noise, gens = initial_noise(seeds, shape)
-        latents = pipe(prompt=[prompts[p] for p, _ in batch], latents=noise.to(device, dtype), generator=gens,
-                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       height=args.resolution, width=args.resolution, output_type="latent", **extra).images
+        latents = pipe(
+            prompt=[prompts[p] for p, _ in batch],
+            latents=noise.to(device, dtype),
+            generator=gens,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="latent",
+            **extra,
+        ).images
         # Decode ourselves: one pipeline call gives both the final latent and the image.
         x = decode_latents(pipe, latents)
         finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
@@ -317,9 +399,10 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
 
 class FolderRun(NamedTuple):
     """What fill_folder did in this process."""
-    stats: dict        # make_images' counts: written, and the keys of non-finite and all-black results
+
+    stats: dict  # make_images' counts: written, and the keys of non-finite and all-black results
     skipped_done: int  # images the folder held already, from an earlier run
-    seconds: float     # time spent making images
+    seconds: float  # time spent making images
 
 
 def fill_folder(folder, config, pipe, prompts, args, state, with_latents, desc):
@@ -353,10 +436,19 @@ def folder_stats(old, all_stats, run, expected, present, processes):
     written = sum(s["written"] for s in all_stats)
     nonfinite = sorted(k for s in all_stats for k in s["nonfinite"])
     black = sorted(set(old.get("black_keys", [])) | {k for s in all_stats for k in s["black"]})
-    return {"images_expected": expected, "images_present": present, "last_run": {
-            "written": written, "skipped_done": run.skipped_done, "seconds": round(run.seconds, 2),
-            "images_per_s": round(written / max(run.seconds, 1e-9), 3), "processes": processes,
-            "nonfinite_keys": nonfinite}, "black_keys": black}
+    return {
+        "images_expected": expected,
+        "images_present": present,
+        "last_run": {
+            "written": written,
+            "skipped_done": run.skipped_done,
+            "seconds": round(run.seconds, 2),
+            "images_per_s": round(written / max(run.seconds, 1e-9), 3),
+            "processes": processes,
+            "nonfinite_keys": nonfinite,
+        },
+        "black_keys": black,
+    }
 
 
 def finish_folder(out, all_stats, run, expected, processes):
@@ -367,15 +459,23 @@ def finish_folder(out, all_stats, run, expected, processes):
     write_json_atomic(out / "stats.json", stats)
     written, nonfinite, black = stats["last_run"]["written"], stats["last_run"]["nonfinite_keys"], stats["black_keys"]
     if nonfinite:
-        print(f"warning: {len(nonfinite)} result(s) had NaN/inf values and were not written (e.g. {nonfinite[0]}); "
-              "try --mixed_precision no or bf16 for them", file=sys.stderr)
+        print(
+            f"warning: {len(nonfinite)} result(s) had NaN/inf values and were not written (e.g. {nonfinite[0]}); "
+            "try --mixed_precision no or bf16 for them",
+            file=sys.stderr,
+        )
     if black:
-        print(f"warning: {len(black)} all-black image(s) (listed in stats.json black_keys): check them before "
-              "training on them", file=sys.stderr)
-    print(f"generate: wrote {written} image(s) in {run.seconds:.1f}s "
-          f"({written / max(run.seconds, 1e-9):.2f} images/s), "
-          f"{run.skipped_done} already there, {len(nonfinite)} non-finite, {len(black)} all-black; "
-          f"{len(rows)}/{expected} images in {out / 'metadata.jsonl'}")
+        print(
+            f"warning: {len(black)} all-black image(s) (listed in stats.json black_keys): check them before "
+            "training on them",
+            file=sys.stderr,
+        )
+    print(
+        f"generate: wrote {written} image(s) in {run.seconds:.1f}s "
+        f"({written / max(run.seconds, 1e-9):.2f} images/s), "
+        f"{run.skipped_done} already there, {len(nonfinite)} non-finite, {len(black)} all-black; "
+        f"{len(rows)}/{expected} images in {out / 'metadata.jsonl'}"
+    )
 
 
 def main():
@@ -385,28 +485,42 @@ def main():
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
     class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
-    prompts = on_main_process(state, lambda: load_prompts(None, args.prompts_file, args.dataset, args.split,
-                                                          args.caption_column, args.max_prompts,
-                                                          args.max_train_samples, args.streaming,
-                                                          per_row=args.per_row))
+    prompts = on_main_process(
+        state,
+        lambda: load_prompts(
+            None,
+            args.prompts_file,
+            args.dataset,
+            args.split,
+            args.caption_column,
+            args.max_prompts,
+            args.max_train_samples,
+            args.streaming,
+            per_row=args.per_row,
+        ),
+    )
 
     # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
     # UNet it trains, so the opponent that made these images is known exactly.
     unet = load_unet(args.unet, args.pretrained_model_name_or_path)
     fingerprint = unet_fingerprint(unet)
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name,
-                         f"--unet {args.unet}")
+    pipe = load_pipeline(
+        args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name, f"--unet {args.unet}"
+    )
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     args.resolution = args.resolution or native
     if args.resolution % pipe.vae_scale_factor:
         raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
 
     out = Path(args.output_dir)
-    model = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "unet": args.unet or "base",
-             "unet_fingerprint": fingerprint, **model_record(pipe)}
-    config = run_config("generate", args, model=model,
-                        settings=folder_settings(args, pipe, prompts, fingerprint))
+    model = {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "unet": args.unet or "base",
+        "unet_fingerprint": fingerprint,
+        **model_record(pipe),
+    }
+    config = run_config("generate", args, model=model, settings=folder_settings(args, pipe, prompts, fingerprint))
     run = fill_folder(out, config, pipe, prompts, args, state, with_latents=True, desc="generate")
 
     all_stats = [run.stats]
@@ -420,7 +534,7 @@ def main():
 
 
 # ---- plumbing: resumable image folders, several processes ----
-WRITER_THREADS = 4   # PNG encoding + disk writes run here, so the accelerator never waits for the disk
+WRITER_THREADS = 4  # PNG encoding + disk writes run here, so the accelerator never waits for the disk
 
 
 def read_folder_rows(folder):
@@ -467,13 +581,16 @@ def check_folder(folder, config):
     except json.JSONDecodeError:
         raise UserError(f"{cfg} is unreadable: use a new --output_dir") from None
     if old.get("stage") != config["stage"]:
-        raise UserError(f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: "
-                        "use a new folder")
+        raise UserError(
+            f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: use a new folder"
+        )
     was, now = old.get("settings", {}), config["settings"]
     diff = [f"{k}: {was.get(k)!r} there, {now[k]!r} now" for k in now if was.get(k) != now[k]]
     if diff:
-        raise UserError(f"--output_dir {folder} holds images made with other settings ({'; '.join(diff)}); "
-                        "use a new --output_dir, or the original settings to resume")
+        raise UserError(
+            f"--output_dir {folder} holds images made with other settings ({'; '.join(diff)}); "
+            "use a new --output_dir, or the original settings to resume"
+        )
 
 
 def prepare_folder(folder, config, with_latents):
@@ -518,8 +635,10 @@ class FolderWriter:
         for j, row in enumerate(rows):
             save_atomic(self.folder / row["file_name"], lambda p: Image.fromarray(images[j]).save(p, format="PNG"))
             if latents is not None:
-                save_atomic(self.folder / row["latent_file"],
-                            lambda p: save_file({"latent": latents[j].clone().contiguous()}, str(p)))
+                save_atomic(
+                    self.folder / row["latent_file"],
+                    lambda p: save_file({"latent": latents[j].clone().contiguous()}, str(p)),
+                )
             with self.lock:
                 self.images_written += 1
                 if self.kill_after and self.images_written >= self.kill_after:
@@ -593,8 +712,11 @@ def cli(main):
         sys.exit(130)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
-                  "finished work is kept", file=sys.stderr)
+            print(
+                f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
+                "finished work is kept",
+                file=sys.stderr,
+            )
             sys.exit(28)
         raise
 
@@ -629,8 +751,14 @@ def run_config(stage, args, **extra):
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-            "args": dict(vars(args)), "versions": versions, **extra}
+    return {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "args": dict(vars(args)),
+        "versions": versions,
+        **extra,
+    }
 
 
 def check_model_path(path, what="--pretrained_model_name_or_path"):
@@ -648,8 +776,11 @@ def decode_image(value):
     try:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        img = value if isinstance(value, Image.Image) else Image.open(
-            io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        img = (
+            value
+            if isinstance(value, Image.Image)
+            else Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+        )
         img.load()
         return to_rgb(img)
     except Exception:
@@ -690,9 +821,13 @@ def quiet_known_noise():
     processors instead (what we want: torchvision is not a dependency)."""
     import logging
 
-    for logger, text in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
-                         ("transformers.utils.import_utils", "requires torchvision (not installed)")):
+    for logger, text in (
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+        ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    ):
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+
+
 # ---- end shared helpers ----
 
 
@@ -722,8 +857,10 @@ def unet_source(unet_path, base_path):
     if Path(unet_path, "config.json").is_file():
         return unet_path, None
     if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-                        "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'")
+        raise UserError(
+            f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+            "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
+        )
     return unet_path, "unet"
 
 
@@ -736,11 +873,15 @@ def checkpoint_start(ckpt):
         cfg = json.loads(cfg_path.read_text())
         start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
-                        "(model.unet); pass a checkpoint inside a train_spin.py output folder") from None
+        raise UserError(
+            f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
+            "(model.unet); pass a checkpoint inside a train_spin.py output folder"
+        ) from None
     if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
-        raise UserError(f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
-                        "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead")
+        raise UserError(
+            f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
+            "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead"
+        )
     return start, base
 
 
@@ -762,15 +903,19 @@ def load_unet(unet_path, base_path):
             torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
             unet.load_state_dict(state, strict=True)
         except (OSError, RuntimeError) as e:
-            raise UserError(f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
-                            f"{str(e).splitlines()[0]}") from None
+            raise UserError(
+                f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
         return unet.to(torch.float32)
     where, sub = unet_source(unet_path, base_path)
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
-                        f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)") from None
+        raise UserError(
+            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
+            f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
+        ) from None
 
 
 def open_dataset(name, split, streaming=False):
@@ -784,20 +929,26 @@ def open_dataset(name, split, streaming=False):
         raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
     try:
         if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(p.suffix)
+            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(
+                p.suffix
+            )
             if kind is None:
                 raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
             return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
         files = split_files(p, split) if p.is_dir() else []
         if files:
             kind = {".tar": "webdataset", ".parquet": "parquet"}[files[0].suffix]
-            return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming)
+            return datasets.load_dataset(
+                kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming
+            )
         return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not looks_local and (isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")):
+        if not looks_local and (
+            isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")
+        ):
             raise UserError(f"--dataset {name} does not resolve ({msg.rstrip('.')}){unresolved_hint(name)}") from None
         raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
 
@@ -806,10 +957,12 @@ def unresolved_hint(name):
     """What to say after a dataset id that does not resolve: the original Pick-a-Pic is gone, its copies work."""
     if name.strip("/").lower() not in ("yuvalkirstain/pickapic_v2", "yuvalkirstain/pickapic_v1"):
         return ": check the hub id (and HF_HUB_OFFLINE: offline, only cached datasets load) or pass a local folder"
-    return (": the original Pick-a-Pic was removed from the Hugging Face Hub in 2025; copies work in either layout, "
-            "parquet (caption, jpg_0, jpg_1, label_0, label_1) or webdataset tar shards (original_prompt.txt, jpg_0.jpg, "
-            "jpg_1.jpg, label_0.txt, label_1.txt; e.g. sayakpaul/pickapic_v2_webdataset): pass one with --dataset "
-            "(a hub id or a local folder)")
+    return (
+        ": the original Pick-a-Pic was removed from the Hugging Face Hub in 2025; copies work in either layout, "
+        "parquet (caption, jpg_0, jpg_1, label_0, label_1) or webdataset tar shards (original_prompt.txt, jpg_0.jpg, "
+        "jpg_1.jpg, label_0.txt, label_1.txt; e.g. sayakpaul/pickapic_v2_webdataset): pass one with --dataset "
+        "(a hub id or a local folder)"
+    )
 
 
 def split_files(folder, split):
@@ -821,10 +974,15 @@ def split_files(folder, split):
 
     readme = folder / "README.md"
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
-        return []  # the folder's dataset card names the files of each split (a downloaded hub copy): `datasets` reads it
+        return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it
     named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
-    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file()
-                   and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)))
+    files = sorted(
+        f
+        for f in folder.rglob("*")
+        if f.suffix in (".tar", ".parquet")
+        and f.is_file()
+        and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name))
+    )
     return files if len({f.suffix for f in files}) == 1 else []
 
 
@@ -839,7 +997,11 @@ def pickapic_columns(column_names, caption_column="caption"):
     names = list(column_names)
 
     def column(field):  # the original name, else the name with one extension (jpg_0.jpg, label_0.txt)
-        return field if field in names else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
+        return (
+            field
+            if field in names
+            else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
+        )
 
     cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
     if None in cols.values():
@@ -867,8 +1029,10 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
     names = list(ds.column_names or ds.features or [])
     cols = pickapic_columns(names, caption_column)
     if cols and image_column in ("jpg_0", "jpg_1", cols["jpg_0"], cols["jpg_1"]):
-        raise UserError(f"--image_column {image_column}: in Pick-a-Pic the real image is jpg_0 or jpg_1 by each row's "
-                        "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped")
+        raise UserError(
+            f"--image_column {image_column}: in Pick-a-Pic the real image is jpg_0 or jpg_1 by each row's "
+            "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped"
+        )
     pickapic = cols is not None and image_column is None
     if pickapic:
         caption_column = cols["caption"]
@@ -878,8 +1042,10 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
     images = ([cols["jpg_0"], cols["jpg_1"]] if pickapic else [image_column]) if with_images else []
     missing = [c for c in need + images if c not in names]
     if missing:
-        raise UserError(f"dataset has no column(s) {missing} (it has {names}); "
-                        "set --caption_column / --image_column to the right names")
+        raise UserError(
+            f"dataset has no column(s) {missing} (it has {names}); "
+            "set --caption_column / --image_column to the right names"
+        )
     ds = ds.select_columns(need + images)
     for c in images:
         if isinstance((ds.features or {}).get(c), datasets.Image):
@@ -892,8 +1058,10 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
             try:  # the parquet layout holds floats, the webdataset one text ("1.0", "0", "0.5")
                 l0, l1 = float(row[cols["label_0"]]), float(row[cols["label_1"]])
             except (TypeError, ValueError):
-                raise UserError(f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
-                                f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset") from None
+                raise UserError(
+                    f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
+                    f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset"
+                ) from None
             if l0 == l1:
                 stats["ties_dropped"] += 1
                 continue
@@ -905,8 +1073,9 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
         elif with_images:
             ex["image"] = row[image_column]
         if with_loser and "image_lose" not in ex:
-            raise UserError("--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset "
-                            "(jpg_0, jpg_1, label_0, label_1)")
+            raise UserError(
+                "--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset (jpg_0, jpg_1, label_0, label_1)"
+            )
         yield ex
 
 
@@ -936,6 +1105,8 @@ def image_seed(seed, prompt_index, image_index):
 
     digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 # ---- end shared model and data helpers ----
 
 

@@ -8,14 +8,19 @@
 chosen SFT model's path (empty without an SFT family). `plots` writes RUN_DIR/eval/training_curves.png and, unless
 --toy (the demo's scorers are random stand-ins, so their plot would be flat lines), metrics_across_iterations.png.
 """
+
 import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-CURVES = [("loss", "loss"), ("implicit_acc", "implicit accuracy"),
-          ("real_logratio", "real term -(m_r - r_r)"), ("syn_logratio", "synthetic term -(m_s - r_s)")]
+CURVES = [
+    ("loss", "loss"),
+    ("implicit_acc", "implicit accuracy"),
+    ("real_logratio", "real term -(m_r - r_r)"),
+    ("syn_logratio", "synthetic term -(m_s - r_s)"),
+]
 
 
 def family(name):
@@ -43,12 +48,19 @@ def select(run, metric, paths):
     scores = {n: table[n][metric]["mean"]["mean"] for n in paths if n in table}
     unscored = sorted(n for n in paths if scores.get(n) is None)
     if unscored:
-        sys.exit(f"error: validation has no {metric} score for {', '.join(unscored)} (see {run / 'val_eval'}); "
-                 "rerun the loop to finish its samples and scores")
+        sys.exit(
+            f"error: validation has no {metric} score for {', '.join(unscored)} (see {run / 'val_eval'}); "
+            "rerun the loop to finish its samples and scores"
+        )
     best = select_best(scores)
-    selection = {"metric": metric, "statistic": "mean over prompts of the per-prompt mean (higher is better)",
-                 "scores": scores, "best": best, "unets": paths,
-                 "validation": {k: summary.get(k) for k in ("hps_version", "mixed_precision")}}
+    selection = {
+        "metric": metric,
+        "statistic": "mean over prompts of the per-prompt mean (higher is better)",
+        "scores": scores,
+        "best": best,
+        "unets": paths,
+        "validation": {k: summary.get(k) for k in ("hps_version", "mixed_precision")},
+    }
     tmp = run / "val_eval" / f"selection.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(selection, indent=2) + "\n")
     os.replace(tmp, run / "val_eval" / "selection.json")

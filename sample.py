@@ -14,6 +14,7 @@ supported model family - SD-1.x, SD-2.x, SDXL -, resumable image folders) applie
 each model's folder is filled by generate.py's fill_folder, as generate.py fills its own. It imports that machinery,
 so keep generate.py beside it.
 """
+
 import argparse
 import re
 import sys
@@ -24,31 +25,63 @@ from PIL import Image, ImageDraw, ImageFont
 
 try:
     from generate import (  # noqa: F401 (re-exported, as sample.X: image_seed, make_images, FolderWriter)
-        SCHEDULERS, FolderWriter, HelpFormatter, UserError, cast_unet, check_model_path, check_unet_fits, cli,
-        end_processes, fill_folder, folder_settings, image_key, image_seed, load_pipeline, load_prompts, load_unet,
-        make_images, merge_metadata, model_record, on_main_process, pipeline_class_name, resolve_precision,
-        run_config, save_atomic, start_processes, unet_fingerprint)
+        SCHEDULERS,
+        FolderWriter,
+        HelpFormatter,
+        UserError,
+        cast_unet,
+        check_model_path,
+        check_unet_fits,
+        cli,
+        end_processes,
+        fill_folder,
+        folder_settings,
+        image_key,
+        image_seed,
+        load_pipeline,
+        load_prompts,
+        load_unet,
+        make_images,
+        merge_metadata,
+        model_record,
+        on_main_process,
+        pipeline_class_name,
+        resolve_precision,
+        run_config,
+        save_atomic,
+        start_processes,
+        unet_fingerprint,
+    )
 except ModuleNotFoundError as e:
     if e.name != "generate":
         raise
-    print("error: sample.py needs generate.py beside it (it imports generate.py's machinery): copy both files",
-          file=sys.stderr)
+    print(
+        "error: sample.py needs generate.py beside it (it imports generate.py's machinery): copy both files",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
-GRID_CELL_MAX = 256      # grid cells are the images downscaled to at most this many pixels a side
-GRID_LABEL_WIDTH = 200   # left column with the prompts
+GRID_CELL_MAX = 256  # grid cells are the images downscaled to at most this many pixels a side
+GRID_LABEL_WIDTH = 200  # left column with the prompts
 GRID_HEADER_HEIGHT = 24  # top row with the model names
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
-                   "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
-                   "StableDiffusionXLPipeline")
-    p.add_argument("--unet", action="append", help="a model to sample (repeat): 'base', a train_spin.py folder, a "
-                   "bare UNet folder or a hub id, optionally named: iter3=UCLA-AGI/SPIN-Diffusion-iter3 "
-                   "(default: base)")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
+        "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
+        "StableDiffusionXLPipeline",
+    )
+    p.add_argument(
+        "--unet",
+        action="append",
+        help="a model to sample (repeat): 'base', a train_spin.py folder, a "
+        "bare UNet folder or a hub id, optionally named: iter3=UCLA-AGI/SPIN-Diffusion-iter3 "
+        "(default: base)",
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeat)")
     p.add_argument("--prompts_file", help="prompts, one per line")
     p.add_argument("--dataset", help="prompts: unique captions of a dataset (Pick-a-Pic test_unique is the paper's)")
@@ -59,8 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--num_images_per_prompt", type=int, default=5)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 "
-                   "for SD-2.1, 1024 for SDXL)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL)",
+    )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
     p.add_argument("--seed", type=int, default=0)
@@ -77,6 +113,7 @@ def parse_args(argv=None):
 
 class Model(NamedTuple):
     """One --unet to sample: its folder's name under --output_dir, and where its UNet is (see load_unet)."""
+
     name: str
     where: str
 
@@ -126,14 +163,16 @@ def wrap_text(draw, text, font, width, max_lines):
 def make_grid(cells, model_names, prompts, cell):
     """cells[r][c]: PIL image (or None: grey) of prompt r by model c -> one labelled PIL image."""
     font = ImageFont.load_default()
-    grid = Image.new("RGB", (GRID_LABEL_WIDTH + cell * len(model_names), GRID_HEADER_HEIGHT + cell * len(prompts)),
-                     "white")
+    grid = Image.new(
+        "RGB", (GRID_LABEL_WIDTH + cell * len(model_names), GRID_HEADER_HEIGHT + cell * len(prompts)), "white"
+    )
     draw = ImageDraw.Draw(grid)
     safe = lambda s: s.encode("latin-1", "replace").decode("latin-1")  # the bitmap default font is latin-1 only
     line_h = max(10, font.getbbox("Ag")[3] + 2)
     for c, name in enumerate(model_names):
-        draw.text((GRID_LABEL_WIDTH + c * cell + 2, 4), fit_text(draw, safe(name), font, cell - 4), fill="black",
-                  font=font)
+        draw.text(
+            (GRID_LABEL_WIDTH + c * cell + 2, 4), fit_text(draw, safe(name), font, cell - 4), fill="black", font=font
+        )
     for r, prompt in enumerate(prompts):
         y = GRID_HEADER_HEIGHT + r * cell
         lines = wrap_text(draw, safe(prompt), font, GRID_LABEL_WIDTH - 8, max(1, (cell - 4) // line_h))
@@ -155,7 +194,7 @@ def grid_from_folders(out, model_names, prompts, n_rows, resolution):
             f = Path(out, name, "images", image_key(p, 0) + ".png")
             row.append(Image.open(f) if f.is_file() else None)
         cells.append(row)
-    return make_grid(cells, model_names, prompts[:len(cells)], min(resolution, GRID_CELL_MAX))
+    return make_grid(cells, model_names, prompts[: len(cells)], min(resolution, GRID_CELL_MAX))
 
 
 def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
@@ -166,8 +205,15 @@ def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
     unet = load_unet(model.where, args.pretrained_model_name_or_path)
     fingerprint = unet_fingerprint(unet)
     if pipe is None:
-        pipe = load_pipeline(args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device,
-                             class_name, f"--unet {model.where}")
+        pipe = load_pipeline(
+            args.pretrained_model_name_or_path,
+            unet,
+            args.scheduler,
+            dtype,
+            state.device,
+            class_name,
+            f"--unet {model.where}",
+        )
         args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         if args.resolution % pipe.vae_scale_factor:
             raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
@@ -175,17 +221,24 @@ def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
         check_unet_fits(unet, class_name, f"--unet {model.where}")
         pipe.unet = cast_unet(unet, dtype, state.device)
     folder = out / model.name
-    record = {"name": model.name, "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-              "unet": model.where, "unet_fingerprint": fingerprint, **model_record(pipe)}
+    record = {
+        "name": model.name,
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "unet": model.where,
+        "unet_fingerprint": fingerprint,
+        **model_record(pipe),
+    }
     config = run_config("sample", args, model=record, settings=folder_settings(args, pipe, prompts, fingerprint))
     run = fill_folder(folder, config, pipe, prompts, args, state, with_latents=False, desc=model.name)
     state.wait_for_everyone()
     if state.is_main_process:
         rows = merge_metadata(folder)
         written = run.stats["written"]
-        print(f"sample: {model.name}: wrote {written} image(s) in {run.seconds:.1f}s "
-              f"({written / max(run.seconds, 1e-9):.2f} images/s), {run.skipped_done} already there; "
-              f"{len(rows)}/{len(prompts) * args.num_images_per_prompt} images in {folder}")
+        print(
+            f"sample: {model.name}: wrote {written} image(s) in {run.seconds:.1f}s "
+            f"({written / max(run.seconds, 1e-9):.2f} images/s), {run.skipped_done} already there; "
+            f"{len(rows)}/{len(prompts) * args.num_images_per_prompt} images in {folder}"
+        )
     for kind, keys in (("non-finite (not written)", run.stats["nonfinite"]), ("all-black", run.stats["black"])):
         if keys:
             print(f"warning: {model.name}: {len(keys)} {kind} image(s), e.g. {keys[0]}", file=sys.stderr)
@@ -200,9 +253,18 @@ def main():
     check_model_path(args.pretrained_model_name_or_path)
     models = parse_models(args.unet)
     class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
-    prompts = on_main_process(state, lambda: load_prompts(args.prompt, args.prompts_file, args.dataset, args.split,
-                                                          args.caption_column, args.max_prompts,
-                                                          streaming=args.streaming))
+    prompts = on_main_process(
+        state,
+        lambda: load_prompts(
+            args.prompt,
+            args.prompts_file,
+            args.dataset,
+            args.split,
+            args.caption_column,
+            args.max_prompts,
+            streaming=args.streaming,
+        ),
+    )
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
     out = Path(args.output_dir)
 
@@ -214,8 +276,10 @@ def main():
     if state.is_main_process and args.grid_prompts > 0:
         grid = grid_from_folders(out, [m.name for m in models], prompts, args.grid_prompts, args.resolution)
         save_atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
-        print(f"sample: grid of {min(args.grid_prompts, len(prompts))} prompts x {len(models)} models "
-              f"-> {out / 'grid.png'}")
+        print(
+            f"sample: grid of {min(args.grid_prompts, len(prompts))} prompts x {len(models)} models "
+            f"-> {out / 'grid.png'}"
+        )
 
 
 if __name__ == "__main__":

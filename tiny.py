@@ -4,6 +4,7 @@ Used by the tests (through conftest.py fixtures), the benchmark and the offline 
 built in seconds on a CPU and saved exactly as the hub versions are laid out, so the scripts load it
 through the same code path as `stable-diffusion-v1-5/stable-diffusion-v1-5` or `yuvalkirstain/pickapic_v2`.
 """
+
 import io
 import json
 import os
@@ -52,11 +53,16 @@ def tiny_unet(seed=0, sample_size=8, cross_attention_dim=32, block_out_channels=
     torch.manual_seed(seed)
     n = len(block_out_channels)
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=tuple(block_out_channels),
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
 
 
@@ -70,31 +76,57 @@ def build_tiny_pipeline(path, seed=0, resolution=32, prediction_type="epsilon"):
     path = Path(path)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=resolution,
     )
     tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
     unet = tiny_unet(seed, sample_size=resolution // 4)
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(path))
     import shutil
 
     shutil.rmtree(path / "_tokenizer_build")
     return path
-
 
 
 def build_tiny_sd2_pipeline(path, seed=0, resolution=32):
@@ -121,38 +153,78 @@ def build_tiny_sdxl_pipeline(path, seed=0, resolution=32, addition_time_embed_di
     path = Path(path)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=resolution, scaling_factor=0.13025, force_upcast=True,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=resolution,
+        scaling_factor=0.13025,
+        force_upcast=True,
     )
     tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(path / "_tokenizer_build"), model_max_length=77, pad_token="!")
     common = dict(
-        vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, projection_dim=32, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id, **common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=32, projection_dim=32, hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32, projection_dim=32, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id, **common
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=32, projection_dim=32, hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common
+        )
+    )
     hidden = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=hidden, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
-        transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
         addition_time_embed_dim=addition_time_embed_dim,
         projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_encoder_2.config.projection_dim,
     )
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
-        timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
     pipe.save_pretrained(str(path))
@@ -194,7 +266,9 @@ def pickapic_rows(n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,)):
     Rows in `tie_rows` are ties (0.5/0.5); rows in `corrupt_rows` have an undecodable preferred image.
     Captions repeat (as in the real data): 4 distinct captions cycle over the rows."""
     rng = np.random.default_rng(seed)
-    captions = [f"a {c} {s}" for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]]
+    captions = [
+        f"a {c} {s}" for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+    ]
     rows = []
     for i in range(n_rows):
         cap = captions[i % len(captions)]
@@ -226,12 +300,14 @@ def build_pickapic_parquet(path, n_rows=12, size=32, seed=0, tie_rows=(3,), corr
     return path
 
 
-def build_pickapic_webdataset(folder, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,), shards=2, prefix=""):
-    """The same rows as build_pickapic_parquet(), as webdataset tar shards laid out like sayakpaul/pickapic_v2_webdataset
-    (written there by webdataset's TarWriter from the original parquet): shard files 00000.tar, 00001.tar, ...
-    (`prefix` + number), consecutive rows per shard, each sample the files <key>.original_prompt.txt,
-    <key>.jpg_0.jpg, <key>.jpg_1.jpg, <key>.label_0.txt, <key>.label_1.txt with the labels as text (str of the float:
-    "1.0", "0.0", "0.5") and the key the row's index in its shard."""
+def build_pickapic_webdataset(
+    folder, n_rows=12, size=32, seed=0, tie_rows=(3,), corrupt_rows=(5,), shards=2, prefix=""
+):
+    """The same rows as build_pickapic_parquet(), as webdataset tar shards laid out like
+    sayakpaul/pickapic_v2_webdataset (written there by webdataset's TarWriter from the original parquet): shard files
+    00000.tar, 00001.tar, ... (`prefix` + number), consecutive rows per shard, each sample the files
+    <key>.original_prompt.txt, <key>.jpg_0.jpg, <key>.jpg_1.jpg, <key>.label_0.txt, <key>.label_1.txt with the labels
+    as text (str of the float: "1.0", "0.0", "0.5") and the key the row's index in its shard."""
     import tarfile
 
     rows = pickapic_rows(n_rows, size, seed, tie_rows, corrupt_rows)
@@ -240,10 +316,14 @@ def build_pickapic_webdataset(folder, n_rows=12, size=32, seed=0, tie_rows=(3,),
     per = -(-n_rows // shards)
     for s in range(shards):
         with tarfile.open(folder / f"{prefix}{s:05d}.tar", "w") as tar:
-            for key, row in enumerate(rows[s * per:(s + 1) * per]):
-                for name, data in (("original_prompt.txt", row["caption"].encode()), ("jpg_0.jpg", row["jpg_0"]),
-                                   ("jpg_1.jpg", row["jpg_1"]), ("label_0.txt", str(row["label_0"]).encode()),
-                                   ("label_1.txt", str(row["label_1"]).encode())):
+            for key, row in enumerate(rows[s * per : (s + 1) * per]):
+                for name, data in (
+                    ("original_prompt.txt", row["caption"].encode()),
+                    ("jpg_0.jpg", row["jpg_0"]),
+                    ("jpg_1.jpg", row["jpg_1"]),
+                    ("label_0.txt", str(row["label_0"]).encode()),
+                    ("label_1.txt", str(row["label_1"]).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{name}")
                     info.size, info.mtime = len(data), 0
                     tar.addfile(info, io.BytesIO(data))

@@ -10,6 +10,7 @@
 The reference forwards below read those original layouts directly with plain torch ops (no transformers), so
 comparing evaluate.py's scores with them checks the key conversion, the config mapping and the formulas.
 """
+
 import json
 import math
 from pathlib import Path
@@ -27,10 +28,35 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Tiny sizes: image 224 (the official preprocessing) with 32-pixel patches -> 49 patch tokens.
 CLIP_TINY = dict(width=32, layers=2, heads=2, mlp=64, patch=32, image=224, embed=24)
 VIT_TINY = dict(width=128, layers=2, mlp=256, patch=32, image=224)  # BLIP ViT: 64-wide heads -> 2 heads
-BERT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=64)
-BERT_WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "on", "of",
-              "photo", "cat", "dog", "big", "small", "painting", "with", "and", "in", "sky", "##s", "##y"]
+BERT_TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+)
+BERT_WORDS = [
+    "a",
+    "an",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "of",
+    "photo",
+    "cat",
+    "dog",
+    "big",
+    "small",
+    "painting",
+    "with",
+    "and",
+    "in",
+    "sky",
+    "##s",
+    "##y",
+]
 
 
 def _g(seed):
@@ -56,9 +82,34 @@ def _linear(g, prefix, n_out, n_in, sd, bias=True, std=None):
 # A few BPE merges, in rank order, so that tokenisation is not one token per byte: overlapping candidates ("e d</w>"
 # outranks "r e", so "red" is r + ed</w> before red</w>), a repeated pair ("a a"), a merge of the two UTF-8 bytes of
 # "é" (c3 a9 -> "Ã©", what mojibake repair must produce), punctuation runs ("!!") and a contraction.
-CLIP_MERGES = ["e d</w>", "r e", "r ed</w>", "c a", "a t</w>", "ca t</w>", "t h", "th e</w>", "a a", "aa a</w>",
-               "Ã ©</w>", "ca f", "caf Ã©</w>", "! !</w>", "' s</w>", "s q", "sq u", "a r", "ar e</w>",
-               "squ are</w>", "d o", "do g</w>", "b l", "bl u", "blu e</w>", "i n</w>"]
+CLIP_MERGES = [
+    "e d</w>",
+    "r e",
+    "r ed</w>",
+    "c a",
+    "a t</w>",
+    "ca t</w>",
+    "t h",
+    "th e</w>",
+    "a a",
+    "aa a</w>",
+    "Ã ©</w>",
+    "ca f",
+    "caf Ã©</w>",
+    "! !</w>",
+    "' s</w>",
+    "s q",
+    "sq u",
+    "a r",
+    "ar e</w>",
+    "squ are</w>",
+    "d o",
+    "do g</w>",
+    "b l",
+    "bl u",
+    "blu e</w>",
+    "i n</w>",
+]
 
 
 def build_clip_tokenizer(path, merges=CLIP_MERGES, pad_token="<|endoftext|>"):
@@ -72,16 +123,18 @@ def build_clip_tokenizer(path, merges=CLIP_MERGES, pad_token="<|endoftext|>"):
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                     encoding="utf-8")
+    (path / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
+    )
     (path / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
     tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=77, pad_token=pad_token)
     tok.save_pretrained(str(path))
     return tok
 
 
-def build_tiny_clip(path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale=math.log(40.0),
-                    pad_token="<|endoftext|>"):
+def build_tiny_clip(
+    path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale=math.log(40.0), pad_token="<|endoftext|>"
+):
     """A transformers CLIPModel folder with a CLIPProcessor (CLIP image processor + byte-level tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -89,12 +142,28 @@ def build_tiny_clip(path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale
     tok = build_clip_tokenizer(path, pad_token=pad_token)
     c = CLIP_TINY
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=c["width"], intermediate_size=c["mlp"],
-                         num_hidden_layers=c["layers"], num_attention_heads=c["heads"], max_position_embeddings=77,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=c["width"], intermediate_size=c["mlp"], num_hidden_layers=c["layers"],
-                           num_attention_heads=c["heads"], image_size=c["image"], patch_size=c["patch"]),
-        projection_dim=projection_dim, logit_scale_init_value=logit_scale)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=c["width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["layers"],
+            num_attention_heads=c["heads"],
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=c["width"],
+            intermediate_size=c["mlp"],
+            num_hidden_layers=c["layers"],
+            num_attention_heads=c["heads"],
+            image_size=c["image"],
+            patch_size=c["patch"],
+        ),
+        projection_dim=projection_dim,
+        logit_scale_init_value=logit_scale,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(config)
     with torch.no_grad():  # make every weight non-trivial (LayerNorms are 1/0 at init)
@@ -103,8 +172,12 @@ def build_tiny_clip(path, seed=0, projection_dim=CLIP_TINY["embed"], logit_scale
             if "layer_norm" in name or "layrnorm" in name:
                 p.add_(_randn(g, *p.shape))
     model.save_pretrained(str(path))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(
-        size={"shortest_edge": c["image"]}, crop_size={"height": c["image"], "width": c["image"]}), tokenizer=tok)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": c["image"]}, crop_size={"height": c["image"], "width": c["image"]}
+        ),
+        tokenizer=tok,
+    )
     processor.save_pretrained(str(path))
     return path
 
@@ -122,7 +195,7 @@ def build_tiny_hps(path, seed=0, vocab_size=None, prefix="", extra=None, drop=No
         for i in range(c["layers"]):
             b = f"{p}transformer.resblocks.{i}"
             _ln(g, f"{b}.ln_1", W, sd)
-            sd[f"{b}.attn.in_proj_weight"] = _randn(g, 3 * W, W, std=W ** -0.5)
+            sd[f"{b}.attn.in_proj_weight"] = _randn(g, 3 * W, W, std=W**-0.5)
             sd[f"{b}.attn.in_proj_bias"] = _randn(g, 3 * W, std=0.05)
             _linear(g, f"{b}.attn.out_proj", W, W, sd)
             _ln(g, f"{b}.ln_2", W, sd)
@@ -130,14 +203,14 @@ def build_tiny_hps(path, seed=0, vocab_size=None, prefix="", extra=None, drop=No
             _linear(g, f"{b}.mlp.c_proj", W, c["mlp"], sd)
 
     sd["positional_embedding"] = _randn(g, 77, W)
-    sd["text_projection"] = _randn(g, W, E, std=W ** -0.5)
+    sd["text_projection"] = _randn(g, W, E, std=W**-0.5)
     sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
     sd["token_embedding.weight"] = _randn(g, vocab_size, W)
     blocks("")
     _ln(g, "ln_final", W, sd)
     sd["visual.class_embedding"] = _randn(g, W)
     sd["visual.positional_embedding"] = _randn(g, grid * grid + 1, W)
-    sd["visual.proj"] = _randn(g, W, E, std=W ** -0.5)
+    sd["visual.proj"] = _randn(g, W, E, std=W**-0.5)
     sd["visual.conv1.weight"] = _randn(g, W, 3, c["patch"], c["patch"], std=0.02)
     _ln(g, "visual.ln_pre", W, sd)
     blocks("visual.")
@@ -160,6 +233,7 @@ def _heads_attention(q, k, v, n_heads, mask=None):
 
 def ref_open_clip(sd, pixels, tokens, heads=CLIP_TINY["heads"], patch=CLIP_TINY["patch"]):
     """open_clip's CLIP forward on its own state dict: (image features, text features), unnormalised."""
+
     def ln(x, p):
         return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-5)
 
@@ -210,10 +284,21 @@ def build_tiny_imagereward(folder, vocab_size, seed=0, extra=None, drop=None):
     g = _g(seed)
     v, t = VIT_TINY, BERT_TINY
     Wv, Wt, grid = v["width"], t["hidden_size"], v["image"] // v["patch"]
-    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-           "hidden_dropout_prob": 0.1, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "model_type": "bert",
-           "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
-           "encoder_width": 768, "add_cross_attention": True, **t}  # encoder_width is overridden in code, as BLIP
+    med = {
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "model_type": "bert",
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": vocab_size,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+        **t,
+    }  # encoder_width is overridden in code, as BLIP
     sd = {}
     p = "blip.visual_encoder."
     sd[p + "cls_token"] = _randn(g, 1, 1, Wv)
@@ -257,6 +342,7 @@ def build_tiny_imagereward(folder, vocab_size, seed=0, extra=None, drop=None):
 
 def ref_blip_reward(sd, med, pixels, input_ids, attention_mask):
     """ImageReward.score on the BLIP-layout state dict (vit.py + med.py forward), before standardisation."""
+
     def ln(x, p, eps):
         return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
 
@@ -287,16 +373,25 @@ def ref_blip_reward(sd, med, pixels, input_ids, attention_mask):
     i = 0
     while f"{p}encoder.layer.{i}.attention.self.query.weight" in sd:
         b = f"{p}encoder.layer.{i}"
-        a = _heads_attention(lin(h, b + ".attention.self.query"), lin(h, b + ".attention.self.key"),
-                             lin(h, b + ".attention.self.value"), heads_t, mask)
+        a = _heads_attention(
+            lin(h, b + ".attention.self.query"),
+            lin(h, b + ".attention.self.key"),
+            lin(h, b + ".attention.self.value"),
+            heads_t,
+            mask,
+        )
         h = ln(lin(a, b + ".attention.output.dense") + h, b + ".attention.output.LayerNorm", eps)
-        a = _heads_attention(lin(h, b + ".crossattention.self.query"), lin(image, b + ".crossattention.self.key"),
-                             lin(image, b + ".crossattention.self.value"), heads_t)
+        a = _heads_attention(
+            lin(h, b + ".crossattention.self.query"),
+            lin(image, b + ".crossattention.self.key"),
+            lin(image, b + ".crossattention.self.value"),
+            heads_t,
+        )
         h = ln(lin(a, b + ".crossattention.output.dense") + h, b + ".crossattention.output.LayerNorm", eps)
         f = F.gelu(lin(h, b + ".intermediate.dense"))
         h = ln(lin(f, b + ".output.dense") + h, b + ".output.LayerNorm", eps)
         i += 1
-    return ref_head({k[len("mlp."):]: v for k, v in sd.items() if k.startswith("mlp.")}, h[:, 0])
+    return ref_head({k[len("mlp.") :]: v for k, v in sd.items() if k.startswith("mlp.")}, h[:, 0])
 
 
 # ---- MLP heads (ImageReward and aesthetic) ----
@@ -315,10 +410,15 @@ def ref_head(sd, x):
     dims = [sd[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
     mlp = torch.nn.Module()  # the original MLP module: its Sequential is the attribute `layers`
     mlp.layers = torch.nn.Sequential(
-        torch.nn.Linear(dims[0][1], dims[0][0]), torch.nn.Dropout(0.2),
-        torch.nn.Linear(dims[1][1], dims[1][0]), torch.nn.Dropout(0.2),
-        torch.nn.Linear(dims[2][1], dims[2][0]), torch.nn.Dropout(0.1),
-        torch.nn.Linear(dims[3][1], dims[3][0]), torch.nn.Linear(dims[4][1], dims[4][0]))
+        torch.nn.Linear(dims[0][1], dims[0][0]),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(dims[1][1], dims[1][0]),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(dims[2][1], dims[2][0]),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(dims[3][1], dims[3][0]),
+        torch.nn.Linear(dims[4][1], dims[4][0]),
+    )
     mlp.load_state_dict(sd)
     return mlp.eval().layers(x.float())[:, 0]
 
@@ -343,8 +443,18 @@ def build_image_folder(path, prompts, n_images=2, size=(96, 64), seed=0, corrupt
                     (path / name).write_bytes(b"not a png")
                 else:
                     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path / name)
-                f.write(json.dumps({"file_name": name, "prompt": prompt, "prompt_index": pi + prompt_offset,
-                                    "image_index": ii, "seed": 1000 * pi + ii}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "file_name": name,
+                            "prompt": prompt,
+                            "prompt_index": pi + prompt_offset,
+                            "image_index": ii,
+                            "seed": 1000 * pi + ii,
+                        }
+                    )
+                    + "\n"
+                )
     (path / "run_config.json").write_text(json.dumps({"stage": "sample"}))
     return path
 
@@ -362,12 +472,35 @@ def build_all(d):
     bert = build_bert_tokenizer(d / "bert")
     ir_sd, med = build_tiny_imagereward(d / "imagereward", vocab_size=len(bert) + 2, seed=5)
     head_sd = build_aesthetic_head(d / "aesthetic.pth", in_dim=CLIP_TINY["embed"], seed=6)
-    flags = ["--pickscore_model", pick, "--pickscore_processor", pick, "--hps_checkpoint",
-             d / "HPS_v2_compressed.pt", "--hps_clip", hps_clip, "--imagereward_checkpoint", d / "imagereward",
-             "--imagereward_tokenizer", d / "bert", "--aesthetic_clip", aes_clip, "--aesthetic_head",
-             d / "aesthetic.pth"]
-    return dict(dir=d, pick=pick, aes_clip=aes_clip, hps_clip=hps_clip, hps_sd=hps_sd, ir_sd=ir_sd, med=med,
-                head_sd=head_sd, flags=[str(f) for f in flags])
+    flags = [
+        "--pickscore_model",
+        pick,
+        "--pickscore_processor",
+        pick,
+        "--hps_checkpoint",
+        d / "HPS_v2_compressed.pt",
+        "--hps_clip",
+        hps_clip,
+        "--imagereward_checkpoint",
+        d / "imagereward",
+        "--imagereward_tokenizer",
+        d / "bert",
+        "--aesthetic_clip",
+        aes_clip,
+        "--aesthetic_head",
+        d / "aesthetic.pth",
+    ]
+    return dict(
+        dir=d,
+        pick=pick,
+        aes_clip=aes_clip,
+        hps_clip=hps_clip,
+        hps_sd=hps_sd,
+        ir_sd=ir_sd,
+        med=med,
+        head_sd=head_sd,
+        flags=[str(f) for f in flags],
+    )
 
 
 if __name__ == "__main__":  # python tiny_scorers.py DIR: build the demo's (random, meaningless) scorers

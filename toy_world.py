@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""toy_world.py: SPIN-Diffusion's claims, offline on a CPU, through the real scripts, in the paper's setting in miniature.
+"""toy_world.py: SPIN-Diffusion's claims, offline on a CPU, through the real scripts, the paper's setting in miniature.
 
 Claims (arXiv 2402.10210): fine-tuning a pre-trained model on a target data set, SFT improves and then plateaus;
 SPIN beats SFT from iteration 1 and Diffusion-DPO from iteration 2, and each SPIN iteration improves on the last.
 Here the target data is a procedural distribution we know exactly (3 shapes x 4 colours on a light background,
 32x32), and theta_0 is pre-trained on a *shifted* distribution of the same captions (greyer background, muted
-palette, smaller shapes further from the centre), as SD-1.5 was pre-trained on LAION and fine-tuned on Pick-a-Pic. Every arm is
-fine-tuned from theta_0 on the target images: SFT, Diffusion-DPO (target image wins, a shifted image of the same
-caption loses, as Pick-a-Pic's pairs) and SPIN, each under a constant recipe and the paper's per-iteration recipe
-scaled to this world. The models are tiny (a VAE downsampling x4, a frozen random CLIP text encoder, a
+palette, smaller shapes further from the centre), as SD-1.5 was pre-trained on LAION and fine-tuned on Pick-a-Pic.
+Every arm is fine-tuned from theta_0 on the target images: SFT, Diffusion-DPO (target image wins, a shifted image of
+the same caption loses, as Pick-a-Pic's pairs) and SPIN, each under a constant recipe and the paper's per-iteration
+recipe scaled to this world. The models are tiny (a VAE downsampling x4, a frozen random CLIP text encoder, a
 ~0.8M-parameter UNet). Every model is scored on what a viewer checks -- a judge classifier trained on real pictures
 says whether a sample shows the caption's shape and colour and whether it looks like the target data, and an FD on
 the judge's features -- beside the image-space FD on the VAE's latents; every metric has its floors (real vs real,
@@ -17,7 +17,7 @@ real through the decoder). The full record of results is docs/toy_world.md.
 Everything is run through the command lines of generate.py and train_spin.py (as subprocesses), exactly as
 spin_loop.sh runs them on SD-1.5, so the experiment is also an end-to-end check of those scripts.
 
-    python toy_world.py --output_dir runs/toy            # whole experiment: world, theta_0, every arm and schedule, tables, plots
+    python toy_world.py --output_dir runs/toy            # all: world, theta_0, every arm and schedule, tables, plots
     python toy_world.py --output_dir runs/toy_ci --quick --check   # CI size; exits 1 if a check does not hold
     python toy_world.py --output_dir runs/toy --methods spin --schedules paper   # some arms only, in the same world
     python toy_world.py build --output_dir DIR           # only data + pipeline + theta_0 + judge (for spin_loop.sh)
@@ -25,6 +25,7 @@ spin_loop.sh runs them on SD-1.5, so the experiment is also an end-to-end check 
 
 Every stage is skipped when its output exists and is complete, so a rerun only redoes what is missing.
 """
+
 import argparse
 import dataclasses
 import io
@@ -57,37 +58,37 @@ quiet_known_noise()
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 CAPTIONS = [f"a {c} {s}" for s in SHAPES for c in COLOURS]  # 12 captions; their order defines prompt_index
-RESOLUTION = 32   # pixels; the VAE downsamples x4, so latents are 4 x 8 x 8
-POOL = 2          # the metric average-pools latents 2x2: 4 x 4 x 4 = 64 dimensions per image
+RESOLUTION = 32  # pixels; the VAE downsamples x4, so latents are 4 x 8 x 8
+POOL = 2  # the metric average-pools latents 2x2: 4 x 4 x 4 = 64 dimensions per image
 EVAL_SEED = 1234  # initial noise of every evaluation sample: the same for every model (paired comparison)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    train_per_caption: int = 200   # real training images per caption (Pick-a-Pic rows)
-    test_per_caption: int = 64     # held-out real images per caption (the metric's reference)
-    judge_per_caption: int = 100   # real images per caption (and as many shifted ones) the judge classifier learns from
-    pretrain: str = "shifted"      # what theta_0 is pre-trained on: "shifted" (another distribution, like SD-1.5's LAION)
-                                   # or "target" (the training images themselves: the world before, theta_0 = SFT's fixed point)
+    train_per_caption: int = 200  # real training images per caption (Pick-a-Pic rows)
+    test_per_caption: int = 64  # held-out real images per caption (the metric's reference)
+    judge_per_caption: int = 100  # real images per caption (and as many shifted ones) the judge classifier learns from
+    pretrain: str = "shifted"  # what theta_0 is pre-trained on: "shifted" (another distribution, like SD-1.5's LAION)
+    # or "target" (the training images themselves: the world before, theta_0 = SFT's fixed point)
     pretrain_per_caption: int = 200  # pre-training images per caption (pretrain "shifted")
-    vae_steps: int = 600           # VAE decoder training steps (batch 32): enough for recognisable decoded shapes
-    train_encoder: bool = False    # True: train the whole VAE (an easier latent space; see train_vae)
-    theta0_steps: int = 800        # theta_0: SFT from scratch on the pre-training images
+    vae_steps: int = 600  # VAE decoder training steps (batch 32): enough for recognisable decoded shapes
+    train_encoder: bool = False  # True: train the whole VAE (an easier latent space; see train_vae)
+    theta0_steps: int = 800  # theta_0: SFT from scratch on the pre-training images
     theta0_batch: int = 64
     theta0_lr: float = 1e-3
-    caption_dropout: float = 0.1   # theta_0 learns the empty prompt too, so classifier-free guidance works
-    iterations: int = 3            # fine-tuning iterations of every arm
+    caption_dropout: float = 0.1  # theta_0 learns the empty prompt too, so classifier-free guidance works
+    iterations: int = 3  # fine-tuning iterations of every arm
     methods: str = "sft,dpo,spin"  # the arms (METHODS), each fine-tuned from theta_0 on the target data
     schedules: str = "constant,paper"  # per-iteration recipes (SCHEDULES), each run for every method
-    steps: int = 100               # optimizer steps of iteration 1 (later ones: SCHEDULES)
-    batch: int = 32                # pairs (SPIN, DPO) or images (SFT) per step
-    lr: float = 1e-4               # iteration 1's learning rate, every arm (later ones: SCHEDULES)
-    beta: float = 2000.0           # iteration 1's beta (SPIN, DPO; the paper's 2000)
-    opponent_images: int = 32      # synthetic images per caption generated by the opponent each iteration
-    eval_images: int = 64          # evaluation samples per caption (a 64-dim covariance needs >= 64)
-    guidance: float = 7.5          # SD's usual scale, for the opponent and the evaluation
-    sample_steps: int = 10         # DDIM steps, for the opponent and for the evaluation
-    fine_steps: int = 0            # > 0: the final models are also evaluated with this many DDIM steps
+    steps: int = 100  # optimizer steps of iteration 1 (later ones: SCHEDULES)
+    batch: int = 32  # pairs (SPIN, DPO) or images (SFT) per step
+    lr: float = 1e-4  # iteration 1's learning rate, every arm (later ones: SCHEDULES)
+    beta: float = 2000.0  # iteration 1's beta (SPIN, DPO; the paper's 2000)
+    opponent_images: int = 32  # synthetic images per caption generated by the opponent each iteration
+    eval_images: int = 64  # evaluation samples per caption (a 64-dim covariance needs >= 64)
+    guidance: float = 7.5  # SD's usual scale, for the opponent and the evaluation
+    sample_steps: int = 10  # DDIM steps, for the opponent and for the evaluation
+    fine_steps: int = 0  # > 0: the final models are also evaluated with this many DDIM steps
     synthetic_latent: str = "sampler"  # train_spin.py --synthetic_latent: sampler latent / PNG re-encoded (see above)
     independent_pair_noise: bool = False  # train_spin.py --independent_pair_noise (default: one t and noise per pair)
 
@@ -147,6 +148,7 @@ def run_script(script, *args, threads=None):
     log("$ " + " ".join(cmd[1:]))
     t0 = time.time()
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+
     def lines(text):  # without progress bars
         return [line for line in text.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
 
@@ -181,8 +183,8 @@ def png_bytes(img):
 
 def draw_shifted(caption, rng):
     """One image of `caption` from the shifted distribution theta_0 is pre-trained on (the toy's LAION): the same
-    shapes and colour names, but a greyer background, a muted palette, and smaller shapes further from the centre. A viewer
-    still reads "a red circle"; the target data (draw) differs in background, palette, size and place."""
+    shapes and colour names, but a greyer background, a muted palette, and smaller shapes further from the centre.
+    A viewer still reads "a red circle"; the target data (draw) differs in background, palette, size and place."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -242,8 +244,10 @@ def real_images(path):
     from train_spin import decode_image
 
     t = pq.read_table(str(path)).to_pydict()
-    return [(c, decode_image(j0 if l0 > l1 else j1))
-            for c, j0, j1, l0, l1 in zip(t["caption"], t["jpg_0"], t["jpg_1"], t["label_0"], t["label_1"])]
+    return [
+        (c, decode_image(j0 if l0 > l1 else j1))
+        for c, j0, j1, l0, l1 in zip(t["caption"], t["jpg_0"], t["jpg_1"], t["label_0"], t["label_1"])
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,14 +269,21 @@ def train_vae(images, steps, seed, train_encoder=False, kl_weight=1e-4, batch=32
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=RESOLUTION)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
     x = torch.stack([preprocess_image(img, RESOLUTION) for img in images])
 
     def encode_all():
         with torch.no_grad():
-            return torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+            return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
 
     frozen = None if train_encoder else encode_all()
     params = vae.parameters() if train_encoder else [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
@@ -295,7 +306,7 @@ def train_vae(images, steps, seed, train_encoder=False, kl_weight=1e-4, batch=32
     vae.eval()
     mean = encode_all()
     with torch.no_grad():
-        rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)])
+        rec = torch.cat([vae.decode(mean[i : i + 256]).sample for i in range(0, len(mean), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     return vae, float((rec - x).pow(2).mean())
 
@@ -313,15 +324,40 @@ def build_pipeline(path, vae, seed):
 
     torch.manual_seed(seed)
     tokenizer = tiny.build_clip_tokenizer(path / "_tokenizer_build")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
     unet = tiny.tiny_unet(seed, sample_size=RESOLUTION // 4)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp))
@@ -344,7 +380,7 @@ def encode_real(pipeline, parquet):
     items = real_images(parquet)
     for cap in CAPTIONS:
         x = torch.stack([preprocess_image(img, RESOLUTION) for c, img in items if c == cap])
-        out[cap] = torch.cat([encode_images(vae, x[i:i + 256]) for i in range(0, len(x), 256)])
+        out[cap] = torch.cat([encode_images(vae, x[i : i + 256]) for i in range(0, len(x), 256)])
     return out
 
 
@@ -385,8 +421,10 @@ def gaussian(x):
 
 def fd_per_caption(generated, reference):
     """{caption: FD} between two {caption: latents} dicts, over the captions of `reference`."""
-    return {cap: frechet_distance(*gaussian(features(generated[cap])), *gaussian(features(reference[cap])))
-            for cap in reference}
+    return {
+        cap: frechet_distance(*gaussian(features(generated[cap])), *gaussian(features(reference[cap])))
+        for cap in reference
+    }
 
 
 def fd_table_row(per_caption):
@@ -414,10 +452,18 @@ def judge_net():
         def __init__(self):
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(32 * (RESOLUTION // 8) ** 2, JUDGE_FEATURES))
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(32 * (RESOLUTION // 8) ** 2, JUDGE_FEATURES),
+            )
             self.caption = nn.Linear(JUDGE_FEATURES, len(CAPTIONS))
             self.target = nn.Linear(JUDGE_FEATURES, 1)
             # per-feature std on the judge's training images, set after training: features in units of the real spread
@@ -436,7 +482,10 @@ def pixels(images):
     import numpy as np
     import torch
 
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return (
+        torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 127.5
+        - 1
+    )
 
 
 def train_judge(path, sizes, seed, steps=1000, batch=64, vae=None):
@@ -466,13 +515,15 @@ def train_judge(path, sizes, seed, steps=1000, batch=64, vae=None):
     for step in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         _, logits, t = net(x[idx])
-        loss = torch.nn.functional.cross_entropy(logits, y[idx]) + torch.nn.functional.binary_cross_entropy_with_logits(t, z[idx])
+        loss = torch.nn.functional.cross_entropy(logits, y[idx]) + torch.nn.functional.binary_cross_entropy_with_logits(
+            t, z[idx]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():
-        net.scale.copy_(torch.cat([net(x[i:i + 512])[0] for i in range(0, len(x), 512)]).std(0).clamp_min(1e-6))
+        net.scale.copy_(torch.cat([net(x[i : i + 512])[0] for i in range(0, len(x), 512)]).std(0).clamp_min(1e-6))
     log(f"  judge: {steps} steps, last loss {loss.item():.4f}")
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
@@ -512,8 +563,14 @@ def judge_fd(feats, reference):
     """Mean over captions of the FD between judge features (no pooling: 32 dimensions)."""
     import numpy as np
 
-    return float(np.mean([frechet_distance(*gaussian(feats[c].double().numpy()), *gaussian(reference[c].double().numpy()))
-                          for c in reference]))
+    return float(
+        np.mean(
+            [
+                frechet_distance(*gaussian(feats[c].double().numpy()), *gaussian(reference[c].double().numpy()))
+                for c in reference
+            ]
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,9 +578,9 @@ def judge_fd(feats, reference):
 # The sampler's final latent (generate.py's latents/ file) is NOT what a user sees: the decoder discards part of it
 # (seed 0: theta_0's sampled latents have 63% more neighbour-difference energy than real ones; the same samples
 # decoded and re-encoded match the real statistics), and SPIN learns to remove exactly that energy, which halves the
-# sampler-latent FD while the pictures' FD falls 4-17% (issue 14; docs/toy_world.md). So the FD is computed in
-# image space: the PNG generate.py saved, encoded exactly as train_spin.py encodes a real image (preprocess_image +
-# encode_images, the VAE posterior mean). The random frozen encoder is then a fixed random feature map of the picture, the same for
+# sampler-latent FD while the pictures' FD falls 4-17% (docs/toy_world.md). So the FD is computed in image space:
+# the PNG generate.py saved, encoded exactly as train_spin.py encodes a real image (preprocess_image + encode_images,
+# the VAE posterior mean). The random frozen encoder is then a fixed random feature map of the picture, the same for
 # real and generated images. The sampler-latent FD stays as a second column so the difference stays visible.
 # ---------------------------------------------------------------------------------------------------------
 _VAES = {}
@@ -546,7 +603,7 @@ def encode_pil(vae, images):
     from train_spin import encode_images, preprocess_image
 
     x = torch.stack([preprocess_image(img, RESOLUTION) for img in images])
-    return torch.cat([encode_images(vae, x[i:i + 256]) for i in range(0, len(x), 256)])
+    return torch.cat([encode_images(vae, x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
 def to_pil(vae, latents):
@@ -555,7 +612,9 @@ def to_pil(vae, latents):
     from PIL import Image
 
     with torch.no_grad():
-        x = torch.cat([vae.decode(latents[i:i + 256] / vae.config.scaling_factor).sample for i in range(0, len(latents), 256)])
+        x = torch.cat(
+            [vae.decode(latents[i : i + 256] / vae.config.scaling_factor).sample for i in range(0, len(latents), 256)]
+        )
     pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in pixels]
 
@@ -581,15 +640,35 @@ def folder_image_latents(folder, vae, images=None):
 # ---------------------------------------------------------------------------------------------------------
 # Stages. Each one returns at once when its output is already complete.
 # ---------------------------------------------------------------------------------------------------------
-WORLD_KEYS = ("train_per_caption", "test_per_caption", "judge_per_caption", "pretrain", "pretrain_per_caption", "vae_steps",
-              "train_encoder", "theta0_steps", "theta0_batch", "theta0_lr", "caption_dropout")
+WORLD_KEYS = (
+    "train_per_caption",
+    "test_per_caption",
+    "judge_per_caption",
+    "pretrain",
+    "pretrain_per_caption",
+    "vae_steps",
+    "train_encoder",
+    "theta0_steps",
+    "theta0_batch",
+    "theta0_lr",
+    "caption_dropout",
+)
 
 
 def world_paths(d):
     d = Path(d)
-    return {"dir": d, "pipeline": d / "pipeline", "train": d / "data" / "train.parquet", "test": d / "data" / "test.parquet",
-            "pretrain": d / "data" / "pretrain.parquet", "theta0": d / "theta0", "cache": d / "cache",
-            "real": d / "real_latents.safetensors", "judge": d / "judge.safetensors", "json": d / "world.json"}
+    return {
+        "dir": d,
+        "pipeline": d / "pipeline",
+        "train": d / "data" / "train.parquet",
+        "test": d / "data" / "test.parquet",
+        "pretrain": d / "data" / "pretrain.parquet",
+        "theta0": d / "theta0",
+        "cache": d / "cache",
+        "real": d / "real_latents.safetensors",
+        "judge": d / "judge.safetensors",
+        "json": d / "world.json",
+    }
 
 
 def check_world(p, seed, sizes):
@@ -601,20 +680,67 @@ def check_world(p, seed, sizes):
         if "pretrain" not in have:
             diff = ["made by an older toy_world.py (theta_0 pre-trained on the training images)"]
         if diff:
-            raise SystemExit(f"error: {p['dir']} holds a world made with other settings ({'; '.join(diff)}): "
-                             "use another --output_dir")
+            raise SystemExit(
+                f"error: {p['dir']} holds a world made with other settings ({'; '.join(diff)}): "
+                "use another --output_dir"
+            )
     return want
 
 
-def train_args(p, *, unet, loss, steps, batch, lr, seed, output_dir, caption_dropout=0.0, beta=None, synthetic_dir=None,
-               synthetic_latent=None, reference=None, independent_pair_noise=False, dataset=None):
+def train_args(
+    p,
+    *,
+    unet,
+    loss,
+    steps,
+    batch,
+    lr,
+    seed,
+    output_dir,
+    caption_dropout=0.0,
+    beta=None,
+    synthetic_dir=None,
+    synthetic_latent=None,
+    reference=None,
+    independent_pair_noise=False,
+    dataset=None,
+):
     """train_spin.py's flags, the same for theta_0, SPIN and SFT: constant learning rate without warmup (the
     runs are short, and each SPIN iteration starts from a trained model), float32, no checkpoints."""
-    a = ["--pretrained_model_name_or_path", p["pipeline"], "--dataset", dataset or p["train"], "--resolution", RESOLUTION,
-         "--cache_dir", p["cache"], "--unet", unet, "--loss", loss, "--max_train_steps", steps, "--train_batch_size", batch,
-         "--learning_rate", lr, "--lr_scheduler", "constant", "--lr_warmup_steps", 0, "--seed", seed,
-         "--caption_dropout", caption_dropout, "--mixed_precision", "no", "--checkpointing_steps", 10**9,
-         "--output_dir", output_dir]
+    a = [
+        "--pretrained_model_name_or_path",
+        p["pipeline"],
+        "--dataset",
+        dataset or p["train"],
+        "--resolution",
+        RESOLUTION,
+        "--cache_dir",
+        p["cache"],
+        "--unet",
+        unet,
+        "--loss",
+        loss,
+        "--max_train_steps",
+        steps,
+        "--train_batch_size",
+        batch,
+        "--learning_rate",
+        lr,
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        0,
+        "--seed",
+        seed,
+        "--caption_dropout",
+        caption_dropout,
+        "--mixed_precision",
+        "no",
+        "--checkpointing_steps",
+        10**9,
+        "--output_dir",
+        output_dir,
+    ]
     if beta is not None:
         a += ["--beta", beta]
     if synthetic_dir is not None:
@@ -629,15 +755,41 @@ def train_args(p, *, unet, loss, steps, batch, lr, seed, output_dir, caption_dro
 
 
 def generate_args(p, *, unet, prompts, n, steps, guidance, seed, output_dir):
-    return ["--pretrained_model_name_or_path", p["pipeline"], "--unet", unet, "--dataset", prompts,
-            "--num_images_per_prompt", n, "--num_inference_steps", steps, "--guidance_scale", guidance,
-            "--resolution", RESOLUTION, "--scheduler", "ddim", "--seed", seed, "--batch_size", 128,
-            "--mixed_precision", "no", "--output_dir", output_dir]
+    return [
+        "--pretrained_model_name_or_path",
+        p["pipeline"],
+        "--unet",
+        unet,
+        "--dataset",
+        prompts,
+        "--num_images_per_prompt",
+        n,
+        "--num_inference_steps",
+        steps,
+        "--guidance_scale",
+        guidance,
+        "--resolution",
+        RESOLUTION,
+        "--scheduler",
+        "ddim",
+        "--seed",
+        seed,
+        "--batch_size",
+        128,
+        "--mixed_precision",
+        "no",
+        "--output_dir",
+        output_dir,
+    ]
 
 
 def finished(train_dir):
     rc = Path(train_dir) / "run_config.json"
-    return (Path(train_dir) / "unet" / "config.json").is_file() and rc.is_file() and json.loads(rc.read_text()).get("finished")
+    return (
+        (Path(train_dir) / "unet" / "config.json").is_file()
+        and rc.is_file()
+        and json.loads(rc.read_text()).get("finished")
+    )
 
 
 def build_world(out, seed, sizes, threads=1):
@@ -663,21 +815,41 @@ def build_world(out, seed, sizes, threads=1):
         t0 = time.time()
         torch.set_num_threads(threads)
         log(f"training the VAE {'' if sizes.train_encoder else 'decoder '}({sizes.vae_steps} steps) ...")
-        # the decoder learns both distributions (as SD's VAE saw far more than Pick-a-Pic): theta_0's pictures decode too
+        # the decoder learns both distributions (SD's VAE saw far more than Pick-a-Pic): theta_0's pictures decode too
         pics = [img for key in ("train", "pretrain") if p[key].is_file() for _, img in real_images(p[key])]
         vae, rec_mse = train_vae(pics, sizes.vae_steps, seed, sizes.train_encoder)
         n_unet = build_pipeline(p["pipeline"], vae, seed)
-        write_json(p["pipeline"] / "toy_world_vae.json", {"reconstruction_mse": rec_mse, "unet_parameters": n_unet,
-                                                         "scaling_factor": vae.config.scaling_factor})
+        write_json(
+            p["pipeline"] / "toy_world_vae.json",
+            {"reconstruction_mse": rec_mse, "unet_parameters": n_unet, "scaling_factor": vae.config.scaling_factor},
+        )
         times["pipeline"] = round(time.time() - t0, 1)
-        log(f"pipeline -> {p['pipeline']} (VAE reconstruction MSE {rec_mse:.4f} in [-1, 1] pixels, UNet {n_unet:,} parameters)")
+        log(
+            f"pipeline -> {p['pipeline']} (VAE reconstruction MSE {rec_mse:.4f} in [-1, 1] pixels, UNet {n_unet:,} "
+            "parameters)"
+        )
     # theta_0: SFT from the pipeline's random UNet on the pre-training images, with caption dropout so guidance has
     # an unconditional model.
     if not finished(p["theta0"]):
-        times["theta0"] = round(run_script("train_spin.py", *train_args(
-            p, unet="base", loss="sft", steps=sizes.theta0_steps, batch=sizes.theta0_batch, lr=sizes.theta0_lr,
-            seed=seed, caption_dropout=sizes.caption_dropout, output_dir=p["theta0"],
-            dataset=p["pretrain"] if sizes.pretrain == "shifted" else p["train"]), threads=threads), 1)
+        times["theta0"] = round(
+            run_script(
+                "train_spin.py",
+                *train_args(
+                    p,
+                    unet="base",
+                    loss="sft",
+                    steps=sizes.theta0_steps,
+                    batch=sizes.theta0_batch,
+                    lr=sizes.theta0_lr,
+                    seed=seed,
+                    caption_dropout=sizes.caption_dropout,
+                    output_dir=p["theta0"],
+                    dataset=p["pretrain"] if sizes.pretrain == "shifted" else p["train"],
+                ),
+                threads=threads,
+            ),
+            1,
+        )
     if not p["judge"].is_file():
         t0 = time.time()
         torch.set_num_threads(threads)
@@ -695,18 +867,32 @@ def build_world(out, seed, sizes, threads=1):
         tmp = p["real"].with_name(p["real"].name + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, p["real"])
-    write_json(p["json"], {
-        "what": "toy world of toy_world.py: 12 captions 'a {colour} {shape}', 32x32 images, 4x8x8 latents",
-        "captions": CAPTIONS, "settings": settings, "seconds": times,
-        "pipeline": str(p["pipeline"]), "train": str(p["train"]), "test": str(p["test"]), "theta0": str(p["theta0"]),
-        "pretrain": str(p["pretrain"]) if sizes.pretrain == "shifted" else None, "judge": str(p["judge"]),
-        "cache_dir": str(p["cache"]), "real_latents": str(p["real"]),
-        "eval": {"guidance": sizes.guidance, "sample_steps": sizes.sample_steps, "eval_images": sizes.eval_images},
-        "notes": "test.parquet is the held-out real set and its captions are the held-out prompts; train.parquet is "
-                 "Pick-a-Pic-layout pairs (jpg_0/jpg_1/label_0/label_1): the target image labelled 1, a shifted-distribution "
-                 "image of the same caption labelled 0 (Diffusion-DPO's loser); theta0 is a train_spin.py folder (theta0/unet/) "
-                 "trained with --loss sft from the random UNet on pretrain.parquet (the shifted distribution) or, with "
-                 "pretrain 'target', on train.parquet; judge.safetensors is the judge classifier (toy_world.judge_net)"})
+    write_json(
+        p["json"],
+        {
+            "what": "toy world of toy_world.py: 12 captions 'a {colour} {shape}', 32x32 images, 4x8x8 latents",
+            "captions": CAPTIONS,
+            "settings": settings,
+            "seconds": times,
+            "pipeline": str(p["pipeline"]),
+            "train": str(p["train"]),
+            "test": str(p["test"]),
+            "theta0": str(p["theta0"]),
+            "pretrain": str(p["pretrain"]) if sizes.pretrain == "shifted" else None,
+            "judge": str(p["judge"]),
+            "cache_dir": str(p["cache"]),
+            "real_latents": str(p["real"]),
+            "eval": {"guidance": sizes.guidance, "sample_steps": sizes.sample_steps, "eval_images": sizes.eval_images},
+            "notes": "test.parquet is the held-out real set and its captions are the held-out prompts; train.parquet "
+            "is "
+            "Pick-a-Pic-layout pairs (jpg_0/jpg_1/label_0/label_1): the target image labelled 1, a "
+            "shifted-distribution "
+            "image of the same caption labelled 0 (Diffusion-DPO's loser); theta0 is a train_spin.py folder "
+            "(theta0/unet/) "
+            "trained with --loss sft from the random UNet on pretrain.parquet (the shifted distribution) or, with "
+            "pretrain 'target', on train.parquet; judge.safetensors is the judge classifier (toy_world.judge_net)",
+        },
+    )
     return p
 
 
@@ -767,12 +953,18 @@ def noise_floor(p, n):
         sharp_ref = judge_scores(judge, by_caption(real_images(p["test"])))[0]
         train_pics = {cap: v[:n] for cap, v in by_caption(real_images(p["train"])).items()}
         jr, jd = judge_scores(judge, train_pics), judge_scores(judge, pics)
-        cached[str(n)] = {"real": fd_table_row(fd_per_caption(train, real["test"]))["fd"],
-                          "decoder": fd_table_row(fd_per_caption(through, real["test"]))["fd"],
-                          # judge FD: sharp vs sharp (sampling noise), and decoded vs the decoded reference (the best
-                          # a model can score: the judge FD's reference is the held-out real images through the decoder)
-                          "judge_real": judge_fd(jr[0], sharp_ref), "judge_decoder": judge_fd(jd[0], judge_reference(p)),
-                          "acc_real": jr[1], "acc_decoder": jd[1], "target_real": jr[2], "target_decoder": jd[2]}
+        cached[str(n)] = {
+            "real": fd_table_row(fd_per_caption(train, real["test"]))["fd"],
+            "decoder": fd_table_row(fd_per_caption(through, real["test"]))["fd"],
+            # judge FD: sharp vs sharp (sampling noise), and decoded vs the decoded reference (the best
+            # a model can score: the judge FD's reference is the held-out real images through the decoder)
+            "judge_real": judge_fd(jr[0], sharp_ref),
+            "judge_decoder": judge_fd(jd[0], judge_reference(p)),
+            "acc_real": jr[1],
+            "acc_decoder": jd[1],
+            "target_real": jr[2],
+            "target_decoder": jd[2],
+        }
         write_json(path, cached)
     return cached[str(n)]
 
@@ -795,9 +987,20 @@ def sample_for_eval(p, unet, sizes, steps, threads=1):
     if stats.is_file() and json.loads(stats.read_text())["images_present"] == sizes.eval_images * len(CAPTIONS):
         return out, 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out, run_script("generate.py", *generate_args(
-        p, unet=unet, prompts=p["test"], n=sizes.eval_images, steps=steps, guidance=sizes.guidance, seed=EVAL_SEED,
-        output_dir=out), threads=threads)
+    return out, run_script(
+        "generate.py",
+        *generate_args(
+            p,
+            unet=unet,
+            prompts=p["test"],
+            n=sizes.eval_images,
+            steps=steps,
+            guidance=sizes.guidance,
+            seed=EVAL_SEED,
+            output_dir=out,
+        ),
+        threads=threads,
+    )
 
 
 def folder_latents(folder):
@@ -822,9 +1025,17 @@ def evaluate(p, unet, sizes, steps, threads=1):
     image = fd_table_row(fd_per_caption(folder_image_latents(folder, world_vae(p["pipeline"]), pics), test))
     sampler = fd_table_row(fd_per_caption(folder_latents(folder), test))
     feats, acc, target = judge_scores(load_judge(p["judge"]), pics)
-    return {"fd": image["fd"], "per_caption": image["per_caption"], "fd_sampler": sampler["fd"],
-            "per_caption_sampler": sampler["per_caption"], "fd_judge": judge_fd(feats, judge_reference(p)),
-            "accuracy": acc, "target_rate": target, "samples": str(folder), "seconds": round(seconds, 1)}
+    return {
+        "fd": image["fd"],
+        "per_caption": image["per_caption"],
+        "fd_sampler": sampler["fd"],
+        "per_caption_sampler": sampler["per_caption"],
+        "fd_judge": judge_fd(feats, judge_reference(p)),
+        "accuracy": acc,
+        "target_rate": target,
+        "samples": str(folder),
+        "seconds": round(seconds, 1),
+    }
 
 
 def method_list(sizes):
@@ -890,13 +1101,33 @@ def run_iteration(p, sizes, seed, method, schedule, k, threads=1):
     if method == "sft":
         run_script("train_spin.py", *train_args(p, loss="sft", **common), threads=threads)
     elif method == "dpo":
-        run_script("train_spin.py", *train_args(p, loss="dpo", beta=beta, reference=p["theta0"] if k > 1 else None,
-                                               independent_pair_noise=sizes.independent_pair_noise, **common), threads=threads)
+        run_script(
+            "train_spin.py",
+            *train_args(
+                p,
+                loss="dpo",
+                beta=beta,
+                reference=p["theta0"] if k > 1 else None,
+                independent_pair_noise=sizes.independent_pair_noise,
+                **common,
+            ),
+            threads=threads,
+        )
     else:
         synth = opponent(p, sizes, seed, schedule, k, threads)
-        run_script("train_spin.py", *train_args(
-            p, loss="spin", beta=beta, synthetic_dir=synth, synthetic_latent=sizes.synthetic_latent,
-            independent_pair_noise=sizes.independent_pair_noise, **common), threads=threads)
+        run_script(
+            "train_spin.py",
+            *train_args(
+                p,
+                loss="spin",
+                beta=beta,
+                synthetic_dir=synth,
+                synthetic_latent=sizes.synthetic_latent,
+                independent_pair_noise=sizes.independent_pair_noise,
+                **common,
+            ),
+            threads=threads,
+        )
     return it
 
 
@@ -910,9 +1141,20 @@ def opponent(p, sizes, seed, schedule, k, threads=1):
     if meta.is_file() and sum(1 for line in meta.read_text().splitlines() if line.strip()) >= want:
         return synth
     prev = p["theta0"] if k == 1 else iteration_dir(p, sizes, "spin", schedule, k - 1)
-    run_script("generate.py", *generate_args(
-        p, unet=prev, prompts=p["train"], n=sizes.opponent_images, steps=sizes.sample_steps,
-        guidance=sizes.guidance, seed=seed * 1000 + k, output_dir=synth), threads=threads)
+    run_script(
+        "generate.py",
+        *generate_args(
+            p,
+            unet=prev,
+            prompts=p["train"],
+            n=sizes.opponent_images,
+            steps=sizes.sample_steps,
+            guidance=sizes.guidance,
+            seed=seed * 1000 + k,
+            output_dir=synth,
+        ),
+        threads=threads,
+    )
     return synth
 
 
@@ -920,6 +1162,7 @@ def run_arms(p, sizes, seed, threads=1, jobs=2):
     """Every (method, schedule) chain: iteration 1 of each method first (shared by the schedules), then the chains
     side by side. Returns {model key: folder}."""
     methods, schedules, K = method_list(sizes), schedule_list(sizes), sizes.iterations
+
     def first(m):
         run_iteration(p, sizes, seed, m, schedules[0], 1, threads)
         if m == "spin" and K >= 2:  # iteration 2's opponent is iteration 1 under every schedule: generated once
@@ -932,7 +1175,12 @@ def run_arms(p, sizes, seed, threads=1, jobs=2):
             run_iteration(p, sizes, seed, m, s, k, threads)
 
     in_parallel(jobs, *[lambda m=m, s=s: chain(m, s) for m in methods for s in schedules])
-    return {model_key(m, s, k): iteration_dir(p, sizes, m, s, k) for m in methods for s in schedules for k in range(1, K + 1)}
+    return {
+        model_key(m, s, k): iteration_dir(p, sizes, m, s, k)
+        for m in methods
+        for s in schedules
+        for k in range(1, K + 1)
+    }
 
 
 def in_parallel(jobs, *calls):
@@ -984,17 +1232,23 @@ def run_experiment(out, seed, sizes, threads=1, jobs=2):
     times["total"] = round(time.time() - t_start, 1)
     save_timings(p)
     results = {
-        "seed": seed, "sizes": dataclasses.asdict(sizes), "world": str(p["dir"]),
-        "metric": "fd_judge: FD per caption on the judge's 32 features; accuracy: the judge reads the caption's shape and "
-                  "colour; target_rate: the judge calls the picture target data; fd: image space (generate.py's PNGs "
-                  "encoded as real images are); fd_sampler: the sampler's latents",
+        "seed": seed,
+        "sizes": dataclasses.asdict(sizes),
+        "world": str(p["dir"]),
+        "metric": "fd_judge: FD per caption on the judge's 32 features; accuracy: the judge reads the caption's "
+        "shape and "
+        "colour; target_rate: the judge calls the picture target data; fd: image space (generate.py's PNGs "
+        "encoded as real images are); fd_sampler: the sampler's latents",
         **{m: {n: by_dir[str(d)][m] for n, d in models.items()} for m in METRICS},
         "fd_per_caption": {n: by_dir[str(d)]["per_caption"] for n, d in models.items()},
         "fine": {n: {m: fine[str(d)][m] for m in METRICS} for n, d in models.items() if str(d) in fine},
-        "floor": floor, "models": {k: str(v) for k, v in models.items()},
+        "floor": floor,
+        "models": {k: str(v) for k, v in models.items()},
         "samples": {n: by_dir[str(d)]["samples"] for n, d in models.items()},
         "train_metrics": {n: train_metrics(d) for n, d in arms.items()},
-        "iteration_settings": {s: [iteration_settings(sizes, s, k) for k in range(1, K + 1)] for s in schedule_list(sizes)},
+        "iteration_settings": {
+            s: [iteration_settings(sizes, s, k) for k in range(1, K + 1)] for s in schedule_list(sizes)
+        },
         "seconds": {**times, "world_stages": json.loads(p["json"].read_text())["seconds"]},
     }
     results["captions_better"] = captions_better(results["fd_per_caption"])
@@ -1030,10 +1284,20 @@ def save_timings(p):
     return {**old, **TIMINGS}
 
 
-LABELS = {"fd_judge": "judge FD", "accuracy": "caption accuracy", "target_rate": "judged target", "fd": "image-space FD",
-          "fd_sampler": "sampler-latent FD"}
-FLOORS = {"fd_judge": ("judge_real", "judge_decoder"), "accuracy": ("acc_real", "acc_decoder"),
-          "target_rate": ("target_real", "target_decoder"), "fd": ("real", "decoder"), "fd_sampler": ("real", None)}
+LABELS = {
+    "fd_judge": "judge FD",
+    "accuracy": "caption accuracy",
+    "target_rate": "judged target",
+    "fd": "image-space FD",
+    "fd_sampler": "sampler-latent FD",
+}
+FLOORS = {
+    "fd_judge": ("judge_real", "judge_decoder"),
+    "accuracy": ("acc_real", "acc_decoder"),
+    "target_rate": ("target_real", "target_decoder"),
+    "fd": ("real", "decoder"),
+    "fd_sampler": ("real", None),
+}
 
 
 def arm_columns(r):
@@ -1046,25 +1310,43 @@ def print_table(r):
     K, fl = r["sizes"]["iterations"], r["floor"]
     cols = arm_columns(r)
     log("")
-    log(f"seed {r['seed']}: theta_0 pre-trained on the {r['sizes']['pretrain']} distribution, then {K} iterations of each "
+    log(
+        f"seed {r['seed']}: theta_0 pre-trained on the {r['sizes']['pretrain']} distribution, then {K} iterations of "
+        "each "
         f"arm on the target data (DDIM {r['sizes']['sample_steps']}, guidance {r['sizes']['guidance']:g}, "
-        f"{r['sizes']['eval_images']} samples per caption, the same seeds for every model)")
+        f"{r['sizes']['eval_images']} samples per caption, the same seeds for every model)"
+    )
     for s, rows in r["iteration_settings"].items():
-        log(f"  schedule {s}: " + ", ".join(f"iteration {k} lr {lr:g} beta {b:g} {n} steps" for k, (lr, b, n) in enumerate(rows, 1)))
+        log(
+            f"  schedule {s}: "
+            + ", ".join(f"iteration {k} lr {lr:g} beta {b:g} {n} steps" for k, (lr, b, n) in enumerate(rows, 1))
+        )
     for m in METRICS:
         real, dec = FLOORS[m]
         lower = m.startswith("fd")
-        log(f"{LABELS[m]} ({'lower' if lower else 'higher'} is better; floors: real vs real {fl[real]:.3g}"
-            + (f", real through the decoder {fl[dec]:.3g}" if dec else "") + ")")
+        log(
+            f"{LABELS[m]} ({'lower' if lower else 'higher'} is better; floors: real vs real {fl[real]:.3g}"
+            + (f", real through the decoder {fl[dec]:.3g}" if dec else "")
+            + ")"
+        )
         log(f"{'iteration':>10} " + " ".join(f"{a + '/' + s:>16}" for a, s in cols))
         for k in range(K + 1):
             cells = [r[m]["theta_0"] if k == 0 else r[m][model_key(a, s, k)] for a, s in cols]
             log(f"{k:>10} " + " ".join(f"{v:>16.3f}" for v in cells) + ("   (theta_0)" if k == 0 else ""))
     for sch in r["iteration_settings"]:  # the paper's claims on the judge FD (docs/toy_world.md counts them over seeds)
-        log(f"claims, judge FD, {sch}: " + "; ".join(f"{c}: {'yes' if ok else 'no'}" for c, ok in claims(r, "fd_judge", sch).items()))
-    log("first loss of iteration 1: " + ", ".join(
-        f"{n} {t['first']['loss']:.6f}" for n, t in r["train_metrics"].items() if n.endswith("_1") and "sft" not in n)
-        + f" (ln 2 = {math.log(2):.6f})")
+        log(
+            f"claims, judge FD, {sch}: "
+            + "; ".join(f"{c}: {'yes' if ok else 'no'}" for c, ok in claims(r, "fd_judge", sch).items())
+        )
+    log(
+        "first loss of iteration 1: "
+        + ", ".join(
+            f"{n} {t['first']['loss']:.6f}"
+            for n, t in r["train_metrics"].items()
+            if n.endswith("_1") and "sft" not in n
+        )
+        + f" (ln 2 = {math.log(2):.6f})"
+    )
     log("seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items() if not isinstance(v, dict)))
 
 
@@ -1082,8 +1364,15 @@ def plot_fd(r, path):
     for ax, m in zip(axes, ("fd_judge", "accuracy", "target_rate", "fd")):
         for a, s in arm_columns(r):
             ys = [r[m]["theta_0"]] + [r[m][model_key(a, s, k)] for k in range(1, K + 1)]
-            ax.plot(range(K + 1), ys, marker="o", ms=3, color=colours[a], ls="-" if s == "constant" else "--",
-                    label=f"{METHODS[a]} ({s})")
+            ax.plot(
+                range(K + 1),
+                ys,
+                marker="o",
+                ms=3,
+                color=colours[a],
+                ls="-" if s == "constant" else "--",
+                label=f"{METHODS[a]} ({s})",
+            )
         real, dec = FLOORS[m]
         ax.axhline(fl[real], color="gray", ls=":", lw=1, label="real vs real")
         if dec:
@@ -1097,8 +1386,10 @@ def plot_fd(r, path):
         else:
             ax.set_ylim(0, 1.02)
     axes[0].legend(fontsize=5.5)
-    fig.suptitle(f"toy world, seed {r['seed']}: theta_0 pre-trained on a shifted distribution, fine-tuned on the target",
-                 fontsize=8)
+    fig.suptitle(
+        f"toy world, seed {r['seed']}: theta_0 pre-trained on a shifted distribution, fine-tuned on the target",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -1113,8 +1404,19 @@ def sample_grid(folder, columns):
     from train_spin import read_jsonl
 
     rows = {(r["prompt_index"], r["image_index"]): r for r in read_jsonl(Path(folder) / "metadata.jsonl")}
-    return np.concatenate([np.concatenate([np.asarray(Image.open(Path(folder) / rows[(i, j)]["file_name"]).convert("RGB"))
-                                           for j in range(columns)], 1) for i in range(len(CAPTIONS))], 0)
+    return np.concatenate(
+        [
+            np.concatenate(
+                [
+                    np.asarray(Image.open(Path(folder) / rows[(i, j)]["file_name"]).convert("RGB"))
+                    for j in range(columns)
+                ],
+                1,
+            )
+            for i in range(len(CAPTIONS))
+        ],
+        0,
+    )
 
 
 def plot_samples(p, folders, path, columns=4, dpi=150, small=False):
@@ -1156,15 +1458,27 @@ def plot_samples(p, folders, path, columns=4, dpi=150, small=False):
 def checks(r):
     """[(description, passed)] for a results dict (see docs/toy_world.md, "What CI checks")."""
     ln2, fl = math.log(2), r["floor"]
-    out = [(f"{n}: first loss ln 2 ({t['first']['loss']:.6f})", abs(t["first"]["loss"] - ln2) < 1e-4)
-           for n, t in r["train_metrics"].items() if not n.startswith("sft") and (n.endswith("_1") or n.startswith("spin"))]
+    out = [
+        (f"{n}: first loss ln 2 ({t['first']['loss']:.6f})", abs(t["first"]["loss"] - ln2) < 1e-4)
+        for n, t in r["train_metrics"].items()
+        if not n.startswith("sft") and (n.endswith("_1") or n.startswith("spin"))
+    ]
     values = [v for m in METRICS for v in r[m].values()] + [v for v in fl.values()]
     out += [
-        ("every metric and training loss is finite", all(math.isfinite(v) for v in values)
-         and all(math.isfinite(t["last"]["loss"]) for t in r["train_metrics"].values())),
-        (f"floors: image FD through the decoder {fl['decoder']:.2f} > real vs real {fl['real']:.2f}", fl["decoder"] > fl["real"]),
-        (f"the judge reads held-out real images: accuracy {fl['acc_real']:.2f} >= 0.95, judged target {fl['target_real']:.2f} >= 0.95",
-         fl["acc_real"] >= 0.95 and fl["target_real"] >= 0.95),
+        (
+            "every metric and training loss is finite",
+            all(math.isfinite(v) for v in values)
+            and all(math.isfinite(t["last"]["loss"]) for t in r["train_metrics"].values()),
+        ),
+        (
+            f"floors: image FD through the decoder {fl['decoder']:.2f} > real vs real {fl['real']:.2f}",
+            fl["decoder"] > fl["real"],
+        ),
+        (
+            f"the judge reads held-out real images: accuracy {fl['acc_real']:.2f} >= 0.95, judged target "
+            f"{fl['target_real']:.2f} >= 0.95",
+            fl["acc_real"] >= 0.95 and fl["target_real"] >= 0.95,
+        ),
     ]
     return out + claim_checks(r)
 
@@ -1189,12 +1503,16 @@ def claims(r, metric, schedule="constant"):
     if have("spin") and have("sft"):
         out["SPIN 1 > SFT 1"] = better(metric, v[key("spin", 1)], v[key("sft", 1)])
         best_sft = min if metric.startswith("fd") else max
-        out["SPIN 1 > best SFT iterate"] = better(metric, v[key("spin", 1)], best_sft(v[key("sft", k)] for k in range(1, K + 1)))
+        out["SPIN 1 > best SFT iterate"] = better(
+            metric, v[key("spin", 1)], best_sft(v[key("sft", k)] for k in range(1, K + 1))
+        )
     if have("spin") and have("dpo") and K >= 2:
         out["SPIN 2 > Diffusion-DPO 2"] = better(metric, v[key("spin", 2)], v[key("dpo", 2)])
     if have("spin"):
         for k in range(1, K + 1):
-            out[f"SPIN {k} > {'theta_0' if k == 1 else f'SPIN {k - 1}'}"] = better(metric, v[key("spin", k)], v[key("spin", k - 1)])
+            out[f"SPIN {k} > {'theta_0' if k == 1 else f'SPIN {k - 1}'}"] = better(
+                metric, v[key("spin", k)], v[key("spin", k - 1)]
+            )
     return out
 
 
@@ -1216,10 +1534,18 @@ def claim_checks(r):
         if n not in fd:
             continue
         if factor is not None:
-            out.append((f"{n}: judge FD {fd[n]:.2f} <= {factor} x theta_0's {fd['theta_0']:.2f}",
-                        fd[n] <= factor * fd["theta_0"]))
-        out.append((f"{n}: judged target {tr[n]:.3f} >= theta_0's {tr['theta_0']:.3f} + {delta}",
-                    tr[n] >= tr["theta_0"] + delta))
+            out.append(
+                (
+                    f"{n}: judge FD {fd[n]:.2f} <= {factor} x theta_0's {fd['theta_0']:.2f}",
+                    fd[n] <= factor * fd["theta_0"],
+                )
+            )
+        out.append(
+            (
+                f"{n}: judged target {tr[n]:.3f} >= theta_0's {tr['theta_0']:.3f} + {delta}",
+                tr[n] >= tr["theta_0"] + delta,
+            )
+        )
     return out
 
 
@@ -1227,9 +1553,13 @@ def claim_checks(r):
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 def add_common(ap):
-    ap.add_argument("--seed", type=int, default=0, help="world (data, VAE, random UNet/text encoder, judge) and training seeds")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="world (data, VAE, random UNet/text encoder, judge) and training seeds"
+    )
     ap.add_argument("--quick", action="store_true", help="CI size (see QUICK at the top of the file)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per job (OpenMP spinning on shared cores is slow)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per job (OpenMP spinning on shared cores is slow)"
+    )
     for f in dataclasses.fields(Sizes):
         default = f"default {getattr(FULL, f.name)} ({getattr(QUICK, f.name)} with --quick)"
         if f.type in (bool, "bool"):
@@ -1237,10 +1567,16 @@ def add_common(ap):
         elif f.name in CHOICES:
             ap.add_argument("--" + f.name, choices=CHOICES[f.name], default=None, help=default)
         elif f.name in LISTS:
-            ap.add_argument("--" + f.name, type=comma_list(LISTS[f.name]), default=None,
-                            help=f"comma-separated, of {', '.join(LISTS[f.name])}; {default}")
+            ap.add_argument(
+                "--" + f.name,
+                type=comma_list(LISTS[f.name]),
+                default=None,
+                help=f"comma-separated, of {', '.join(LISTS[f.name])}; {default}",
+            )
         else:
-            ap.add_argument("--" + f.name, type=f.type if callable(f.type) else type(f.default), default=None, help=default)
+            ap.add_argument(
+                "--" + f.name, type=f.type if callable(f.type) else type(f.default), default=None, help=default
+            )
 
 
 def comma_list(allowed):
@@ -1250,13 +1586,15 @@ def comma_list(allowed):
         if bad or not items:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(allowed)}")
         return ",".join(items)
+
     return parse
 
 
 def sizes_from(args):
     base = QUICK if args.quick else FULL
-    return dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)
-                                        if getattr(args, f.name) is not None})
+    return dataclasses.replace(
+        base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes) if getattr(args, f.name) is not None}
+    )
 
 
 def main(argv=None):
@@ -1278,7 +1616,9 @@ def main(argv=None):
         ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the world's guidance)")
         ap.add_argument("--json", default=None, help="where to write the table (default: WORLD/fd.json)")
         ap.add_argument("--plot", default=None, help="also write FD per model (in --unet order) to this PNG")
-        ap.add_argument("--grid", default=None, help="also write a grid of real images and each model's samples to this PNG")
+        ap.add_argument(
+            "--grid", default=None, help="also write a grid of real images and each model's samples to this PNG"
+        )
         ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
         ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -1307,7 +1647,9 @@ def fd_command(args):
     """FD table of given UNets in an existing world (the evaluation of spin_loop.sh's runs)."""
     p = world_paths(args.world)
     if not p["json"].is_file():
-        raise SystemExit(f"error: --world {args.world}: no world.json; run `toy_world.py build --output_dir {args.world}` first")
+        raise SystemExit(
+            f"error: --world {args.world}: no world.json; run `toy_world.py build --output_dir {args.world}` first"
+        )
     w = json.loads(p["json"].read_text())
     sizes = dataclasses.replace(FULL, **{k: v for k, v in w.get("eval", {}).items()})
     if args.guidance is not None:
@@ -1319,18 +1661,34 @@ def fd_command(args):
     preload(p)
     rows = in_parallel(args.jobs, *[lambda u=u: evaluate(p, u, sizes, steps, args.threads) for u in args.unet])
     floor = noise_floor(p, sizes.eval_images)
-    table = {"steps": steps, "guidance": sizes.guidance, "eval_images": sizes.eval_images, "floor": floor,
-             "metric": "fd: image space (generate.py's PNGs encoded as real images are); fd_sampler: sampler latents",
-             "fd": {n: r["fd"] for n, r in zip(names, rows)}, "per_caption": {n: r["per_caption"] for n, r in zip(names, rows)},
-             "fd_sampler": {n: r["fd_sampler"] for n, r in zip(names, rows)},
-             **{m: {n: r[m] for n, r in zip(names, rows)} for m in ("fd_judge", "accuracy", "target_rate")},
-             "samples": {n: r["samples"] for n, r in zip(names, rows)}, "unets": dict(zip(names, args.unet))}
+    table = {
+        "steps": steps,
+        "guidance": sizes.guidance,
+        "eval_images": sizes.eval_images,
+        "floor": floor,
+        "metric": "fd: image space (generate.py's PNGs encoded as real images are); fd_sampler: sampler latents",
+        "fd": {n: r["fd"] for n, r in zip(names, rows)},
+        "per_caption": {n: r["per_caption"] for n, r in zip(names, rows)},
+        "fd_sampler": {n: r["fd_sampler"] for n, r in zip(names, rows)},
+        **{m: {n: r[m] for n, r in zip(names, rows)} for m in ("fd_judge", "accuracy", "target_rate")},
+        "samples": {n: r["samples"] for n, r in zip(names, rows)},
+        "unets": dict(zip(names, args.unet)),
+    }
     log(f"{'model':>20} {'judge FD':>9} {'accuracy':>9} {'target':>7} {'FD image':>9} {'FD sampler':>11}")
     for n, r in zip(names, rows):
-        log(f"{n:>20} {r['fd_judge']:>9.2f} {r['accuracy']:>9.3f} {r['target_rate']:>7.3f} {r['fd']:>9.2f} {r['fd_sampler']:>11.2f}")
-    log(f"{'floor: real':>20} {floor['judge_real']:>9.2f} {floor['acc_real']:>9.3f} {floor['target_real']:>7.3f} {floor['real']:>9.2f}")
-    log(f"{'floor: decoder':>20} {floor['judge_decoder']:>9.2f} {floor['acc_decoder']:>9.3f} {floor['target_decoder']:>7.3f} "
-        f"{floor['decoder']:>9.2f}   (real images decoded and re-encoded)")
+        log(
+            f"{n:>20} {r['fd_judge']:>9.2f} {r['accuracy']:>9.3f} {r['target_rate']:>7.3f} {r['fd']:>9.2f} "
+            f"{r['fd_sampler']:>11.2f}"
+        )
+    log(
+        f"{'floor: real':>20} {floor['judge_real']:>9.2f} {floor['acc_real']:>9.3f} {floor['target_real']:>7.3f} "
+        f"{floor['real']:>9.2f}"
+    )
+    log(
+        f"{'floor: decoder':>20} {floor['judge_decoder']:>9.2f} {floor['acc_decoder']:>9.3f} "
+        f"{floor['target_decoder']:>7.3f} "
+        f"{floor['decoder']:>9.2f}   (real images decoded and re-encoded)"
+    )
     out = Path(args.json or p["dir"] / "fd.json")
     write_json(out, table)
     log(f"-> {out}")
@@ -1360,8 +1718,13 @@ def plot_fd_models(table, path):
         ax.axhline(fl["judge_decoder"], color="C3", ls=":", lw=1, label="judge FD floor: real through the decoder")
         for m, colour, what in (("accuracy", "C2", "caption accuracy"), ("target_rate", "C4", "judged target")):
             bx.plot(x, [table[m][n] for n in names], "o-", color=colour, label=what)
-            bx.axhline(fl["acc_decoder" if m == "accuracy" else "target_decoder"], color=colour, ls=":", lw=1,
-                       label=f"{what}: real through the decoder")
+            bx.axhline(
+                fl["acc_decoder" if m == "accuracy" else "target_decoder"],
+                color=colour,
+                ls=":",
+                lw=1,
+                label=f"{what}: real through the decoder",
+            )
         bx.set_ylim(0, 1.02)
         bx.set_xticks(x, names, fontsize=7)
         bx.legend(fontsize=6)

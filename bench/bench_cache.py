@@ -10,6 +10,7 @@ tensors and metadata). The
 tiny test pipeline's VAE is used at --resolution 64, so the time is mostly reading and decoding the 512x512 JPEGs
 (what each process no longer repeats for the others); on a GPU the SD VAE adds its own share.
 """
+
 import argparse
 import os
 import re
@@ -34,16 +35,40 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     pipe = tiny.build_tiny_pipeline(work / "pipe")
     for i in range(args.files):  # one tie per 16 rows, as real data has
-        tiny.build_pickapic_parquet(work / "data" / f"train-{i:05d}-of-{args.files:05d}.parquet", n_rows=args.rows,
-                                    size=args.size, seed=i, tie_rows=tuple(range(3, args.rows, 16)), corrupt_rows=())
+        tiny.build_pickapic_parquet(
+            work / "data" / f"train-{i:05d}-of-{args.files:05d}.parquet",
+            n_rows=args.rows,
+            size=args.size,
+            seed=i,
+            tie_rows=tuple(range(3, args.rows, 16)),
+            corrupt_rows=(),
+        )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     results = {}
     for nproc in (1, args.nproc):
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-        cmd = [sys.executable, *launcher, str(HERE.parent / "train_spin.py"), "--pretrained_model_name_or_path", str(pipe),
-               "--dataset", str(work / "data"), "--streaming", "--loss", "sft", "--resolution", "64",
-               "--train_batch_size", "1", "--max_train_steps", "1", "--output_dir", str(work / f"out{nproc}"),
-               "--cache_dir", str(work / f"cache{nproc}")]
+        cmd = [
+            sys.executable,
+            *launcher,
+            str(HERE.parent / "train_spin.py"),
+            "--pretrained_model_name_or_path",
+            str(pipe),
+            "--dataset",
+            str(work / "data"),
+            "--streaming",
+            "--loss",
+            "sft",
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "1",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            str(work / f"out{nproc}"),
+            "--cache_dir",
+            str(work / f"cache{nproc}"),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         m = re.search(r"encoded (\d+) rows in ([\d.]+)s \(([\d.]+) rows/s", p.stdout)
         if p.returncode or not m:
@@ -51,8 +76,10 @@ def main():
         results[nproc] = float(m.group(3))
         print(f"{nproc} process(es): {m.group(1)} rows in {m.group(2)} s = {m.group(3)} rows/s", flush=True)
     a, b = (sorted((work / f"cache{n}").glob("latents-*"))[0] for n in (1, args.nproc))
-    print(f"{args.nproc} processes / 1: {results[args.nproc] / results[1]:.2f}x rows/s; "
-          f"same cache (files, tensors, metadata): {same_cache(a, b)}")
+    print(
+        f"{args.nproc} processes / 1: {results[args.nproc] / results[1]:.2f}x rows/s; "
+        f"same cache (files, tensors, metadata): {same_cache(a, b)}"
+    )
 
 
 def same_cache(a, b):

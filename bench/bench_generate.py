@@ -8,6 +8,7 @@ generate.py: make_images() = batched calls across prompts with per-image seeds, 
 in background threads (FolderWriter). Both runs are repeated alternately and the best of each is reported, so
 load from other jobs on the machine hurts both alike.
 """
+
 import argparse
 import json
 import shutil
@@ -28,8 +29,15 @@ def baseline(pipe, prompts, args, out):
     out.mkdir(parents=True)
     for p, prompt in enumerate(prompts):
         g = torch.Generator("cpu").manual_seed(args.seed + p)
-        images = pipe(prompt, num_images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps, guidance_scale=7.5,
-                      height=args.resolution, width=args.resolution, generator=g).images
+        images = pipe(
+            prompt,
+            num_images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            height=args.resolution,
+            width=args.resolution,
+            generator=g,
+        ).images
         for i, img in enumerate(images):
             img.save(out / f"{generate.image_key(p, i)}.png")
 
@@ -37,8 +45,13 @@ def baseline(pipe, prompts, args, out):
 def ours(pipe, prompts, args, out):
     for sub in ("images", "latents"):
         (out / sub).mkdir(parents=True)
-    gen_args = argparse.Namespace(batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
-                                  guidance_scale=7.5, resolution=args.resolution)
+    gen_args = argparse.Namespace(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        resolution=args.resolution,
+    )
     jobs = generate.plan(range(len(prompts)), args.images_per_prompt, set())
     writer = generate.FolderWriter(out, 0)
     generate.make_images(pipe, prompts, jobs, gen_args, writer, with_latents=True)
@@ -69,9 +82,13 @@ def main():
         _, dtype = generate.resolve_precision(args.mixed_precision, device)
         unet = generate.load_unet("base", args.pipeline)
         pipe = generate.load_pipeline(args.pipeline, unet, None, dtype, device)
-        prompts = [f"a {c} {s} number {k}" for k, (c, s) in enumerate(
-            (c, s) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star"))]
-        prompts = (prompts * (args.num_prompts // len(prompts) + 1))[:args.num_prompts]
+        prompts = [
+            f"a {c} {s} number {k}"
+            for k, (c, s) in enumerate(
+                (c, s) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")
+            )
+        ]
+        prompts = (prompts * (args.num_prompts // len(prompts) + 1))[: args.num_prompts]
         n = len(prompts) * args.images_per_prompt
         for f in (baseline, ours):  # warm-up (allocator, kernels, first-call setup)
             f(pipe, prompts[:2], args, tmp / f"warm_{f.__name__}")
@@ -85,16 +102,27 @@ def main():
                 if device == "cuda":
                     torch.cuda.synchronize()
                 best[f.__name__] = max(best.get(f.__name__, 0), n / (time.perf_counter() - t0))
-        print(f"device={device} dtype={dtype} resolution={args.resolution} steps={args.steps} prompts={len(prompts)} "
-              f"images={n} batch_size={args.batch_size} torch_threads={torch.get_num_threads()}")
+        print(
+            f"device={device} dtype={dtype} resolution={args.resolution} steps={args.steps} prompts={len(prompts)} "
+            f"images={n} batch_size={args.batch_size} torch_threads={torch.get_num_threads()}"
+        )
         print(f"baseline (one call per prompt, sync PNG): {best['baseline']:.2f} images/s")
         print(f"generate.py (batched, background writes):  {best['ours']:.2f} images/s")
         print(f"ratio: {best['ours'] / best['baseline']:.2f}x")
         if args.json:
-            result = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "dtype": str(dtype),
-                      "resolution": args.resolution, "steps": args.steps, "guidance_scale": 7.5, "prompts": len(prompts),
-                      "images": n, "batch_size": args.batch_size, "baseline_images_per_s": best["baseline"],
-                      "ours_images_per_s": best["ours"], "ratio": best["ours"] / best["baseline"]}
+            result = {
+                "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+                "dtype": str(dtype),
+                "resolution": args.resolution,
+                "steps": args.steps,
+                "guidance_scale": 7.5,
+                "prompts": len(prompts),
+                "images": n,
+                "batch_size": args.batch_size,
+                "baseline_images_per_s": best["baseline"],
+                "ours_images_per_s": best["ours"],
+                "ratio": best["ours"] / best["baseline"],
+            }
             Path(args.json).write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ loop's thread spends outside it is the host work that can delay the next launch.
   in the pipeline train_spin.StepBatches in DataLoader workers (batch, draws, kept permutation), prefetched: the
                   loop's thread takes a finished batch (and, on a GPU, issues pinned non-blocking copies)
 """
+
 import argparse
 import json
 import statistics
@@ -54,9 +55,12 @@ def in_the_loop(rows, args, gpu_seconds):
 
 
 def in_the_pipeline(rows, args, gpu_seconds):
-    steps = ts.StepBatches(rows, 0, args.per_device * args.processes, 0, args.per_device, args.shape, 1000, "shared", 0.0)
-    loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(args.steps), num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    steps = ts.StepBatches(
+        rows, 0, args.per_device * args.processes, 0, args.per_device, args.shape, 1000, "shared", 0.0
+    )
+    loader = torch.utils.data.DataLoader(
+        steps, batch_size=None, sampler=range(args.steps), num_workers=args.workers, persistent_workers=args.workers > 0
+    )
     host = []
     it = iter(loader)
     for _ in range(args.steps):
@@ -85,12 +89,16 @@ def main():
     for name, fn in (("in the loop", in_the_loop), ("in the pipeline", in_the_pipeline)):
         host = fn(rows, args, args.gpu_ms / 1000)[5:]  # after the workers' start
         result[name] = {"median_ms": 1000 * statistics.median(host), "max_ms": 1000 * max(host)}
-    print(f"host time per micro-step, global batch {args.per_device} x {args.processes}, latents {args.shape}, "
-          f"{args.rows} rows, {args.workers} workers, {args.gpu_ms:.0f} ms of GPU work per micro-step stood in by a sleep")
+    print(
+        f"host time per micro-step, global batch {args.per_device} x {args.processes}, latents {args.shape}, "
+        f"{args.rows} rows, {args.workers} workers, {args.gpu_ms:.0f} ms of GPU work per micro-step stood in by a sleep"
+    )
     for name, r in result.items():
         print(f"  {name:16s} median {r['median_ms']:7.2f} ms   max {r['max_ms']:7.2f} ms")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "shape"}, **result}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": {k: v for k, v in vars(args).items() if k != "shape"}, **result}, indent=2)
+        )
 
 
 if __name__ == "__main__":

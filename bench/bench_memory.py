@@ -17,6 +17,7 @@ resetting the kernel's high-water mark between phases (/proc/PID/clear_refs): se
 until run_config.json appears, the step until metrics.jsonl has its line, then the final save. Only one SDXL process
 runs at a time (fp32 SDXL weights are ~10 GiB).
 """
+
 import argparse
 import json
 import os
@@ -42,8 +43,10 @@ def meta_models(cfg_dir):
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir / "unet"))
-        cache_only = [AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir / "vae")),
-                      CLIPTextModel(CLIPTextConfig.from_pretrained(cfg_dir / "text_encoder"))]
+        cache_only = [
+            AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir / "vae")),
+            CLIPTextModel(CLIPTextConfig.from_pretrained(cfg_dir / "text_encoder")),
+        ]
         if (cfg_dir / "text_encoder_2").is_dir():
             cache_only.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(cfg_dir / "text_encoder_2")))
     return unet, cache_only
@@ -64,14 +67,23 @@ def lora_sizes(unet, rank, targets=("to_k", "to_q", "to_v", "to_out.0")):
     matches train_spin.py's default --lora_target_modules."""
     import torch
 
-    return [s for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple("." + t for t in targets))
-            for s in (rank * m.in_features, m.out_features * rank)]
+    return [
+        s
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(tuple("." + t for t in targets))
+        for s in (rank * m.in_features, m.out_features * rank)
+    ]
 
 
 def norm_params(model):
     import torch
 
-    return numel(p for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for p in m.parameters(recurse=False))
+    return numel(
+        p
+        for m in model.modules()
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for p in m.parameters(recurse=False)
+    )
 
 
 def bytes_table():
@@ -81,45 +93,87 @@ def bytes_table():
     n, n_norm = numel(sd_unet.parameters()), norm_params(sd_unet)
     sizes = [p.numel() for p in sd_unet.parameters()]
     half = (2 * (n - n_norm) + 4 * n_norm) / GiB  # frozen copy in bf16, norms kept in fp32
-    sd = {"weights": 4 * n / GiB, "grads": 4 * n / GiB, "adamw": 8 * n / GiB, "adam8": adam8_bytes(sizes) / GiB,
-          "ref32": 4 * n / GiB, "ref16": half, "cast": 2 * n / GiB, "cache": 2 * numel(p for m in sd_cache for p in m.parameters()) / GiB}
+    sd = {
+        "weights": 4 * n / GiB,
+        "grads": 4 * n / GiB,
+        "adamw": 8 * n / GiB,
+        "adam8": adam8_bytes(sizes) / GiB,
+        "ref32": 4 * n / GiB,
+        "ref16": half,
+        "cast": 2 * n / GiB,
+        "cache": 2 * numel(p for m in sd_cache for p in m.parameters()) / GiB,
+    }
     r = "SD-1.5 full fine-tune"
-    rows += [(r, f"UNet weights, fp32 (trained; {n / 1e6:.0f}M parameters)", sd["weights"], ""),
-             (r, "its gradients, fp32", sd["grads"], ""),
-             (r, "AdamW state: 2 x fp32", sd["adamw"], ""),
-             (r, "8-bit AdamW state: 2 x uint8 + block absmax", sd["adam8"], "--use_8bit_adam"),
-             (r, "frozen reference UNet, fp32", sd["ref32"], ""),
-             (r, "frozen reference UNet, bf16 (norms fp32)", sd["ref16"], ""),
-             (r, "autocast's bf16 copy of the trained weights", sd["cast"], "during each forward+backward"),
-             (r, "text encoder + VAE, bf16", sd["cache"], "cache build only, freed before training")]
+    rows += [
+        (r, f"UNet weights, fp32 (trained; {n / 1e6:.0f}M parameters)", sd["weights"], ""),
+        (r, "its gradients, fp32", sd["grads"], ""),
+        (r, "AdamW state: 2 x fp32", sd["adamw"], ""),
+        (r, "8-bit AdamW state: 2 x uint8 + block absmax", sd["adam8"], "--use_8bit_adam"),
+        (r, "frozen reference UNet, fp32", sd["ref32"], ""),
+        (r, "frozen reference UNet, bf16 (norms fp32)", sd["ref16"], ""),
+        (r, "autocast's bf16 copy of the trained weights", sd["cast"], "during each forward+backward"),
+        (r, "text encoder + VAE, bf16", sd["cache"], "cache build only, freed before training"),
+    ]
 
     xl_unet, xl_cache = meta_models(HERE / "sdxl")
     n, n_norm = numel(xl_unet.parameters()), norm_params(xl_unet)
     lora = lora_sizes(xl_unet, 8)
     nl = sum(lora)
-    xl = {"base32": 4 * n / GiB, "base16": (2 * (n - n_norm) + 4 * n_norm) / GiB, "lora": 4 * nl / GiB, "grads": 4 * nl / GiB,
-          "adamw": 8 * nl / GiB, "adam8": adam8_bytes(lora) / GiB, "cast": 2 * (n - n_norm) / GiB,
-          "cache": 2 * numel(p for m in xl_cache for p in m.parameters()) / GiB}
+    xl = {
+        "base32": 4 * n / GiB,
+        "base16": (2 * (n - n_norm) + 4 * n_norm) / GiB,
+        "lora": 4 * nl / GiB,
+        "grads": 4 * nl / GiB,
+        "adamw": 8 * nl / GiB,
+        "adam8": adam8_bytes(lora) / GiB,
+        "cast": 2 * (n - n_norm) / GiB,
+        "cache": 2 * numel(p for m in xl_cache for p in m.parameters()) / GiB,
+    }
     r = "SDXL LoRA rank 8"
-    rows += [(r, f"frozen base UNet, fp32 ({n / 1e9:.2f}B parameters)", xl["base32"], "also the reference (adapter off)"),
-             (r, "frozen base UNet, bf16 (norms fp32)", xl["base16"], ""),
-             (r, "autocast's bf16 copies of an fp32 base, saved for backward", xl["cast"], "during each step without gradient checkpointing (with it: one block's); none with a bf16 base"),
-             (r, f"LoRA adapter, fp32 ({nl / 1e6:.1f}M parameters)", xl["lora"], ""),
-             (r, "its gradients, fp32", xl["grads"], ""),
-             (r, "AdamW state: 2 x fp32", xl["adamw"], ""),
-             (r, "8-bit AdamW state", xl["adam8"], "--use_8bit_adam"),
-             (r, "text encoders (CLIP-L + OpenCLIP bigG) + VAE, bf16", xl["cache"], "cache build only, freed before training")]
+    rows += [
+        (r, f"frozen base UNet, fp32 ({n / 1e9:.2f}B parameters)", xl["base32"], "also the reference (adapter off)"),
+        (r, "frozen base UNet, bf16 (norms fp32)", xl["base16"], ""),
+        (
+            r,
+            "autocast's bf16 copies of an fp32 base, saved for backward",
+            xl["cast"],
+            "during each step without gradient checkpointing (with it: one block's); none with a bf16 base",
+        ),
+        (r, f"LoRA adapter, fp32 ({nl / 1e6:.1f}M parameters)", xl["lora"], ""),
+        (r, "its gradients, fp32", xl["grads"], ""),
+        (r, "AdamW state: 2 x fp32", xl["adamw"], ""),
+        (r, "8-bit AdamW state", xl["adam8"], "--use_8bit_adam"),
+        (
+            r,
+            "text encoders (CLIP-L + OpenCLIP bigG) + VAE, bf16",
+            xl["cache"],
+            "cache build only, freed before training",
+        ),
+    ]
 
-    # (recipe, setting, held for the whole run, + autocast's bf16 weight copies held through a step without checkpointing)
+    # (recipe, setting, held for the whole run,
+    #  + autocast's bf16 weight copies held through a step without checkpointing)
     totals = []
     for opt in ("adamw", "adam8"):
         for ref in ("ref32", "ref16"):
-            totals.append(("SD-1.5 full fine-tune", f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if ref == 'ref32' else 'bf16'} reference",
-                           sd["weights"] + sd["grads"] + sd[opt] + sd[ref], sd["cast"]))
+            totals.append(
+                (
+                    "SD-1.5 full fine-tune",
+                    f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if ref == 'ref32' else 'bf16'} reference",
+                    sd["weights"] + sd["grads"] + sd[opt] + sd[ref],
+                    sd["cast"],
+                )
+            )
     for opt in ("adamw", "adam8"):
         for base in ("base32", "base16"):
-            totals.append(("SDXL LoRA rank 8", f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if base == 'base32' else 'bf16'} base",
-                           xl[base] + xl["lora"] + xl["grads"] + xl[opt], xl["cast"] if base == "base32" else 0.0))
+            totals.append(
+                (
+                    "SDXL LoRA rank 8",
+                    f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, {'fp32' if base == 'base32' else 'bf16'} base",
+                    xl[base] + xl["lora"] + xl["grads"] + xl[opt],
+                    xl["cast"] if base == "base32" else 0.0,
+                )
+            )
     return rows, totals
 
 
@@ -128,8 +182,10 @@ def print_bytes(rows, totals):
     for r, c, g, note in rows:
         print(f"| {r} | {c} | {g:.2f} | {note or 'whole run'} |")
     print("\nBefore activations (they depend on batch, resolution and checkpointing: bench/gpu.sh measures totals):\n")
-    print("| recipe | optimizer, frozen copy | held for the run, GiB | + autocast copies in a step without checkpointing "
-          "| left of 24 GiB | left of 80 GiB |\n|---|---|---|---|---|---|")
+    print(
+        "| recipe | optimizer, frozen copy | held for the run, GiB | + autocast copies in a step without checkpointing "
+        "| left of 24 GiB | left of 80 GiB |\n|---|---|---|---|---|---|"
+    )
     for r, c, g, cast in totals:
         print(f"| {r} | {c} | {g:.2f} | {cast:.2f} | {24 - g - cast:.1f} | {80 - g - cast:.1f} |")
 
@@ -165,13 +221,17 @@ def measure(cmd, out, env, min_available):
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
     phases, anon, phase, t0, times, reset_ok = {}, {}, "setup", time.time(), {}, True
-    markers = {"setup": lambda: (out / "run_config.json").is_file(),
-               "step": lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0}
+    markers = {
+        "setup": lambda: (out / "run_config.json").is_file(),
+        "step": lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0,
+    }
     while proc.poll() is None:
         if available() < min_available:
             proc.kill()
-            log.append(f"\nkilled by bench_memory.py: the machine's available memory fell under {min_available / GiB:.1f} GiB "
-                       f"during the {phase} phase (peak RSS so far {max(phases.values(), default=0) / GiB:.2f} GiB)")
+            log.append(
+                f"\nkilled by bench_memory.py: the machine's available memory fell under {min_available / GiB:.1f} GiB "
+                f"during the {phase} phase (peak RSS so far {max(phases.values(), default=0) / GiB:.2f} GiB)"
+            )
             break
         s = status(proc.pid)
         if s:
@@ -191,8 +251,15 @@ def measure(cmd, out, env, min_available):
     reader.join()
     times[phase] = time.time() - t0
     whole = max(phases.values(), default=0)  # the phases cover the run, so the largest is the run's peak
-    return (proc.returncode, "".join(log), {k: v / GiB for k, v in phases.items()}, whole / GiB, times,
-            {k: v / GiB for k, v in anon.items()}, reset_ok)
+    return (
+        proc.returncode,
+        "".join(log),
+        {k: v / GiB for k, v in phases.items()},
+        whole / GiB,
+        times,
+        {k: v / GiB for k, v in anon.items()},
+        reset_ok,
+    )
 
 
 def rss(args):
@@ -202,26 +269,62 @@ def rss(args):
     out, cache = work / "out", work / "cache"
     for d in (out, cache):  # a fresh cache: every measured run builds it, as a first iteration does
         shutil.rmtree(d, ignore_errors=True)
-    cmd = [sys.executable, str(Path(args.train_spin).resolve()), "--pretrained_model_name_or_path", str(pipe),
-           "--dataset", str(data), "--synthetic_dir", str(synth), "--allow_opponent_mismatch",
-           "--output_dir", str(out), "--cache_dir", str(cache), "--resolution", str(args.resolution), "--train_batch_size", "1",
-           "--max_train_steps", "1", "--lr_warmup_steps", "0", "--lora_rank", "8", "--mixed_precision", "bf16",
-           *args.extra]
+    cmd = [
+        sys.executable,
+        str(Path(args.train_spin).resolve()),
+        "--pretrained_model_name_or_path",
+        str(pipe),
+        "--dataset",
+        str(data),
+        "--synthetic_dir",
+        str(synth),
+        "--allow_opponent_mismatch",
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        "1",
+        "--lr_warmup_steps",
+        "0",
+        "--lora_rank",
+        "8",
+        "--mixed_precision",
+        "bf16",
+        *args.extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     print("$ " + " ".join(cmd), flush=True)
     rc, log, phases, whole, times, anon, reset_ok = measure(cmd, out, env, args.min_available_gib * GiB)
     if rc:
         sys.exit(log[-4000:] + f"\nerror: train_spin.py exited with {rc}")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    result = {"train_spin": str(Path(args.train_spin).resolve()), "resolution": args.resolution, "batch": 1,
-              "lora_rank": 8, "mixed_precision": "bf16", "extra": args.extra, "peak_rss_gib": whole,
-              "phase_peak_rss_gib": phases, "phase_peaks_reset_between_phases": reset_ok,
-              "phase_max_anon_rss_gib": anon, "phase_end_s": times, "first_loss": first["loss"],
-              "step_s": 1 / first["pairs_per_s"], "torch_threads": os.environ.get("OMP_NUM_THREADS")}
+    result = {
+        "train_spin": str(Path(args.train_spin).resolve()),
+        "resolution": args.resolution,
+        "batch": 1,
+        "lora_rank": 8,
+        "mixed_precision": "bf16",
+        "extra": args.extra,
+        "peak_rss_gib": whole,
+        "phase_peak_rss_gib": phases,
+        "phase_peaks_reset_between_phases": reset_ok,
+        "phase_max_anon_rss_gib": anon,
+        "phase_end_s": times,
+        "first_loss": first["loss"],
+        "step_s": 1 / first["pairs_per_s"],
+        "torch_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     print(json.dumps(result, indent=1))
-    print(f"peak RSS {whole:.2f} GiB (setup {phases.get('setup', 0):.2f}, training step {phases.get('step', 0):.2f}, "
-          f"final save {phases.get('save', 0):.2f}); anonymous RSS at most {anon.get('setup', 0):.2f} / "
-          f"{anon.get('step', 0):.2f} / {anon.get('save', 0):.2f}; step {result['step_s']:.0f} s at {args.resolution}px")
+    print(
+        f"peak RSS {whole:.2f} GiB (setup {phases.get('setup', 0):.2f}, training step {phases.get('step', 0):.2f}, "
+        f"final save {phases.get('save', 0):.2f}); anonymous RSS at most {anon.get('setup', 0):.2f} / "
+        f"{anon.get('step', 0):.2f} / {anon.get('save', 0):.2f}; step {result['step_s']:.0f} s at {args.resolution}px"
+    )
     if args.json:
         tmp = Path(args.json + ".tmp")
         tmp.write_text(json.dumps(result, indent=1))
@@ -236,11 +339,18 @@ def main():
     b = sub.add_parser("bytes", help="weights / gradients / optimizer state per component (meta device)")
     b.add_argument("--json", default=None)
     r = sub.add_parser("rss", help="peak RSS of one SDXL LoRA step through train_spin.py's command line")
-    r.add_argument("--train_spin", required=True, help="the train_spin.py to measure (e.g. a saved copy of an older one)")
+    r.add_argument(
+        "--train_spin", required=True, help="the train_spin.py to measure (e.g. a saved copy of an older one)"
+    )
     r.add_argument("--work", required=True, help="folder for the SDXL pipeline, data and caches (reused across runs)")
     r.add_argument("--resolution", type=int, default=512)
     r.add_argument("--json", default=None, help="also write the result here")
-    r.add_argument("--min_available_gib", type=float, default=1.5, help="kill the run if the machine's available memory falls under this")
+    r.add_argument(
+        "--min_available_gib",
+        type=float,
+        default=1.5,
+        help="kill the run if the machine's available memory falls under this",
+    )
     r.add_argument("--keep_output", action="store_true", help="keep the output_dir (its merged unet/ is ~10 GiB)")
     r.add_argument("extra", nargs="*", help="more train_spin.py flags, after --")
     args = ap.parse_args()

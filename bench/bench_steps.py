@@ -14,6 +14,7 @@ out of memory is recorded as OOM (and larger batches of that variant are skipped
 after --warmup, from metrics.jsonl. The data: a Pick-a-Pic-format parquet (tiny.py) of max(batch) rows and a
 generate.py-format synthetic_dir with random latents (so --allow_opponent_mismatch: the weights are random anyway).
 """
+
 import argparse
 import contextlib
 import gc
@@ -57,12 +58,33 @@ def build_data(work, pipe, n_rows, resolution):
         with open(synth / "metadata.jsonl", "w") as f:
             for i, cap in enumerate(CAPTIONS):
                 key = f"p{i:07d}_i000"  # generate.py's image_key
-                save_file({"latent": torch.randn((4, lat, lat), generator=g)}, str(synth / "latents" / f"{key}.safetensors"))
-                Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(synth / "images" / f"{key}.png")
-                f.write(json.dumps({"file_name": f"images/{key}.png", "latent_file": f"latents/{key}.safetensors",
-                                    "prompt": cap, "prompt_index": i, "image_index": 0, "seed": i}) + "\n")
-        (synth / "run_config.json").write_text(json.dumps({"stage": "generate", "model": {
-            "pretrained_model_name_or_path": str(pipe), "unet": "base", "unet_fingerprint": None}}))
+                save_file(
+                    {"latent": torch.randn((4, lat, lat), generator=g)}, str(synth / "latents" / f"{key}.safetensors")
+                )
+                Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
+                    synth / "images" / f"{key}.png"
+                )
+                f.write(
+                    json.dumps(
+                        {
+                            "file_name": f"images/{key}.png",
+                            "latent_file": f"latents/{key}.safetensors",
+                            "prompt": cap,
+                            "prompt_index": i,
+                            "image_index": 0,
+                            "seed": i,
+                        }
+                    )
+                    + "\n"
+                )
+        (synth / "run_config.json").write_text(
+            json.dumps(
+                {
+                    "stage": "generate",
+                    "model": {"pretrained_model_name_or_path": str(pipe), "unet": "base", "unet_fingerprint": None},
+                }
+            )
+        )
     return data, synth
 
 
@@ -90,7 +112,12 @@ def watch(out, steps, cuda, marks, stop):
             marks["setup"] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else None
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-        if "setup" in marks and "steps" not in marks and metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+        if (
+            "setup" in marks
+            and "steps" not in marks
+            and metrics.is_file()
+            and len(metrics.read_text().splitlines()) >= steps
+        ):
             marks["steps"] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else None
             return
         time.sleep(0.02)
@@ -133,7 +160,9 @@ def run_one(ts, argv, out, steps, warmup):
     if "error" not in row:
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         timed = lines[warmup:] or lines[-1:]
-        row["s_per_step"] = sum(1 / r["pairs_per_s"] for r in timed) / len(timed) * int(argv[argv.index("--train_batch_size") + 1])
+        row["s_per_step"] = (
+            sum(1 / r["pairs_per_s"] for r in timed) / len(timed) * int(argv[argv.index("--train_batch_size") + 1])
+        )
         row["first_loss"] = lines[0]["loss"]
     shutil.rmtree(out, ignore_errors=True)  # the unet/ it wrote (3-10 GiB)
     return row
@@ -141,7 +170,9 @@ def run_one(ts, argv, out, steps, warmup):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pipeline", required=True, help="pipeline folder (bench/make_sd15.py, bench/make_sdxl.py or tiny.py)")
+    ap.add_argument(
+        "--pipeline", required=True, help="pipeline folder (bench/make_sd15.py, bench/make_sdxl.py or tiny.py)"
+    )
     ap.add_argument("--train_spin", default=str(HERE.parent / "train_spin.py"))
     ap.add_argument("--resolution", type=int, required=True)
     ap.add_argument("--batch_sizes", default="1,8,16")
@@ -163,8 +194,16 @@ def main():
     ts = load_train_spin(args.train_spin)
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    table = {"device": device, "pipeline": str(args.pipeline), "resolution": args.resolution, "common": args.common,
-             "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__, "rows": []}
+    table = {
+        "device": device,
+        "pipeline": str(args.pipeline),
+        "resolution": args.resolution,
+        "common": args.common,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "rows": [],
+    }
     for spec in args.variants.split(";"):
         name, _, flags = spec.partition("=")
         oom = False
@@ -173,11 +212,31 @@ def main():
             if oom or (args.deadline and time.time() > args.deadline):
                 row["error"] = "skipped (a smaller batch ran out of memory)" if oom else "skipped (out of time)"
             else:
-                argv = ["--pretrained_model_name_or_path", str(args.pipeline), "--dataset", str(data), "--synthetic_dir",
-                        str(synth), "--allow_opponent_mismatch", "--output_dir", str(out), "--cache_dir",
-                        str(work / "cache"), "--resolution", str(args.resolution), "--train_batch_size", str(b),
-                        "--max_train_steps", str(args.steps), "--lr_warmup_steps", "0", "--checkpointing_steps",
-                        str(10**9), *args.common.split(), *flags.split()]
+                argv = [
+                    "--pretrained_model_name_or_path",
+                    str(args.pipeline),
+                    "--dataset",
+                    str(data),
+                    "--synthetic_dir",
+                    str(synth),
+                    "--allow_opponent_mismatch",
+                    "--output_dir",
+                    str(out),
+                    "--cache_dir",
+                    str(work / "cache"),
+                    "--resolution",
+                    str(args.resolution),
+                    "--train_batch_size",
+                    str(b),
+                    "--max_train_steps",
+                    str(args.steps),
+                    "--lr_warmup_steps",
+                    "0",
+                    "--checkpointing_steps",
+                    str(10**9),
+                    *args.common.split(),
+                    *flags.split(),
+                ]
                 row.update(run_one(ts, argv, out, args.steps, args.warmup))
                 oom = row.get("error") == "OOM"
                 if "s_per_step" in row:

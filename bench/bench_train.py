@@ -13,6 +13,7 @@ Rows, per batch size (pairs per device):
                   step, separate policy calls for real and synthetic, an fp16 reference (fp32 on CPU) called twice
 Variants of ours: --gradient_checkpointing and/or --use_8bit_adam (each combination listed in --variants).
 """
+
 import argparse
 import copy
 import io
@@ -58,8 +59,11 @@ def make_data(batch, resolution, latent_shape, text_dim, device):
     img.save(jpg, format="JPEG")
     img.save(png, format="PNG")
     return {
-        "jpeg": [jpg.getvalue()] * batch, "png": [png.getvalue()] * batch, "captions": ["a photo of a cat"] * batch,
-        "real": torch.randn(batch, *latent_shape, device=device), "syn": torch.randn(batch, *latent_shape, device=device),
+        "jpeg": [jpg.getvalue()] * batch,
+        "png": [png.getvalue()] * batch,
+        "captions": ["a photo of a cat"] * batch,
+        "real": torch.randn(batch, *latent_shape, device=device),
+        "syn": torch.randn(batch, *latent_shape, device=device),
         "text": torch.randn(batch, 77, text_dim, device=device),
     }
 
@@ -71,7 +75,11 @@ def encode_bytes(vae, blobs, resolution):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny (built on the spot), sd15 (SD-1.5 architecture, random weights) or a pipeline folder")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (built on the spot), sd15 (SD-1.5 architecture, random weights) or a pipeline folder",
+    )
     p.add_argument("--resolution", type=int, default=None, help="default 32 for tiny, 512 otherwise")
     p.add_argument("--batch_sizes", default="1,4,8")
     p.add_argument("--variants", default="plain,gc,8bit,gc+8bit", help="comma list of ours' variants")
@@ -104,16 +112,29 @@ def main():
     else:
         model_dir, res = Path(args.model), args.resolution or 512
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
-    half = torch.float16 if device.type == "cuda" else torch.float32  # the DPO code's fp16 reference; CPU lacks fast fp16
+    half = (
+        torch.float16 if device.type == "cuda" else torch.float32
+    )  # the DPO code's fp16 reference; CPU lacks fast fp16
 
     sched = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     tok = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     enc_dtype = amp or torch.float32
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=enc_dtype).to(device).requires_grad_(False)
-    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=enc_dtype).to(device).requires_grad_(False)
+    vae = (
+        AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=enc_dtype)
+        .to(device)
+        .requires_grad_(False)
+    )
+    te = (
+        CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=enc_dtype)
+        .to(device)
+        .requires_grad_(False)
+    )
     base = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
-    latent_shape = (4, res // (2 ** (len(vae.config.block_out_channels) - 1)),) * 1
+    latent_shape = (
+        4,
+        res // (2 ** (len(vae.config.block_out_channels) - 1)),
+    ) * 1
     latent_shape = (4, latent_shape[1], latent_shape[1])
     text_dim = te.config.hidden_size
 
@@ -206,21 +227,46 @@ def main():
             finally:
                 del unet, opt
             base_dt = base_dt or dt
-            rows.append({"batch": b, "step": f"ours {variant}", "s_per_step": dt, "pairs_per_s": b / dt, "peak_gib": peak,
-                         "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak_rate if peak_rate else None})
+            rows.append(
+                {
+                    "batch": b,
+                    "step": f"ours {variant}",
+                    "s_per_step": dt,
+                    "pairs_per_s": b / dt,
+                    "peak_gib": peak,
+                    "tflops": flops / dt / 1e12,
+                    "mfu": flops / dt / 1e12 / peak_rate if peak_rate else None,
+                }
+            )
         if "plain" in args.variants.split(","):
             unet, opt = make_policy(False, False)
             dt, peak = timed(lambda: step_ours(unet, ref, opt, d, True))
-            rows.append({"batch": b, "step": "ours+encode (no cache)", "s_per_step": dt, "pairs_per_s": b / dt,
-                         "peak_gib": peak, "ours_speedup": dt / base_dt})
+            rows.append(
+                {
+                    "batch": b,
+                    "step": "ours+encode (no cache)",
+                    "s_per_step": dt,
+                    "pairs_per_s": b / dt,
+                    "peak_gib": peak,
+                    "ours_speedup": dt / base_dt,
+                }
+            )
             del unet, opt
         if args.straightforward:
             unet, opt = make_policy(False, False)
             ref_half = copy.deepcopy(base).to(device, half).requires_grad_(False).eval()
             try:
                 dt, peak = timed(lambda: step_straightforward(unet, ref_half, opt, d))
-                rows.append({"batch": b, "step": "straightforward", "s_per_step": dt, "pairs_per_s": b / dt,
-                             "peak_gib": peak, "ours_speedup": dt / base_dt})
+                rows.append(
+                    {
+                        "batch": b,
+                        "step": "straightforward",
+                        "s_per_step": dt,
+                        "pairs_per_s": b / dt,
+                        "peak_gib": peak,
+                        "ours_speedup": dt / base_dt,
+                    }
+                )
             except torch.OutOfMemoryError:
                 rows.append({"batch": b, "step": "straightforward", "error": "out of memory"})
             del unet, opt, ref_half
@@ -228,17 +274,22 @@ def main():
             torch.cuda.empty_cache()
 
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\ntrain step, model {args.model}, {res}px, mixed precision {args.mixed_precision}, {dev_name}, "
-          f"torch {torch.__version__}" + (f", measured bf16 matmul {peak_rate:.0f} TFLOP/s" if peak_rate else ""))
+    print(
+        f"\ntrain step, model {args.model}, {res}px, mixed precision {args.mixed_precision}, {dev_name}, "
+        f"torch {torch.__version__}" + (f", measured bf16 matmul {peak_rate:.0f} TFLOP/s" if peak_rate else "")
+    )
     print("| pairs/device | step | ms/step | pairs/s | peak GiB | TFLOP/s | of bf16 peak | ours is x faster |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['batch']} | {r['step']} | {r['error']} | | | | | |")
             continue
-        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None and r[k] == r[k] else "")  # noqa: E731
-        print(f"| {r['batch']} | {r['step']} | {r['s_per_step'] * 1e3:.1f} | {r['pairs_per_s']:.2f} | {f('peak_gib', '{:.1f}')} "
-              f"| {f('tflops', '{:.3f}')} | {f('mfu', '{:.0%}')} | {f('ours_speedup', '{:.2f}')} |")
+        f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None and r[k] == r[k] else ""  # noqa: E731
+        print(
+            f"| {r['batch']} | {r['step']} | {r['s_per_step'] * 1e3:.1f} | {r['pairs_per_s']:.2f} | "
+            f"{f('peak_gib', '{:.1f}')} "
+            f"| {f('tflops', '{:.3f}')} | {f('mfu', '{:.0%}')} | {f('ours_speedup', '{:.2f}')} |"
+        )
     # Largest per-device batch within 24 and 80 GiB: peak memory is close to linear in the batch (weights and
     # optimizer state + activations per pair), so fit the measured peaks and solve; say it is a fit.
     if device.type == "cuda":
@@ -248,8 +299,10 @@ def main():
                 (b0, m0), (b1, m1) = pts[0], pts[-1]
                 per_pair = (m1 - m0) / (b1 - b0)
                 fits = {cap: int((cap - (m0 - per_pair * b0)) / per_pair) for cap in (24, 80)}
-                print(f"ours {variant}: {m0 - per_pair * b0:.1f} GiB fixed + {per_pair:.2f} GiB/pair -> largest batch "
-                      f"in 24 GiB ~{fits[24]}, in 80 GiB ~{fits[80]} (linear fit of the measured peaks)")
+                print(
+                    f"ours {variant}: {m0 - per_pair * b0:.1f} GiB fixed + {per_pair:.2f} GiB/pair -> largest batch "
+                    f"in 24 GiB ~{fits[24]}, in 80 GiB ~{fits[80]} (linear fit of the measured peaks)"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev_name, "model": args.model, "rows": rows}, indent=1))
 

@@ -6,6 +6,7 @@
 Speed and memory do not depend on weight values, so this measures what the real SD-1.5 would. The tokenizer is
 the offline byte-level CLIP tokenizer of tiny.py (token ids < 514, all valid for the 49408-entry embedding).
 """
+
 import sys
 from pathlib import Path
 
@@ -29,8 +30,16 @@ def build_sd15(out):
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
     scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(cfg / "scheduler"))
     tokenizer = tiny.build_clip_tokenizer(out / "_tok")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(out))
     import shutil
 

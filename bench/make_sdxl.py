@@ -9,6 +9,7 @@ speed or memory. Tokenizers: the offline byte-level CLIP tokenizer of tiny.py (i
 49408-entry embeddings), tokenizer_2 padding with "!" as SDXL's does. Components are built and saved one at a time
 (on the GPU when there is one: faster init), so the builder holds at most the UNet (10.3 GB in fp32).
 """
+
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +44,9 @@ def build_sdxl(out):
             model = build()
         model.to("cpu").save_pretrained(str(tmp / name), safe_serialization=True)
         del model
-    EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(cfg / "scheduler")).save_pretrained(str(tmp / "scheduler"))
+    EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(cfg / "scheduler")).save_pretrained(
+        str(tmp / "scheduler")
+    )
     tiny.build_clip_tokenizer(tmp / "tokenizer")
     CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"), pad_token="!").save_pretrained(str(tmp / "tokenizer_2"))
     shutil.copy(cfg / "model_index.json", tmp / "model_index.json")

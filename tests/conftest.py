@@ -1,4 +1,5 @@
 """Session-wide tiny fixtures: built once per test run, offline, in seconds."""
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """Pick-a-Pic in the layouts its copies come in (the original was removed from the Hub in 2025): parquet with the
 original columns, and webdataset tar shards (sayakpaul/pickapic_v2_webdataset's layout, built by tiny.py with
 tarfile), through every stage; dataset ids that do not resolve; splits named by the files of a local copy."""
+
 import http.server
 import json
 import math
@@ -12,26 +13,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import error_line, make_synthetic_dir, metrics, train, train_args
 
 import tiny
 import train_spin as ts
-from test_train import error_line, make_synthetic_dir, metrics, train, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 REMOVED = "removed from the Hugging Face Hub in 2025"
-LAYOUTS = ("caption, jpg_0, jpg_1, label_0, label_1", "original_prompt.txt, jpg_0.jpg, jpg_1.jpg, label_0.txt, label_1.txt")
+LAYOUTS = (
+    "caption, jpg_0, jpg_1, label_0, label_1",
+    "original_prompt.txt, jpg_0.jpg, jpg_1.jpg, label_0.txt, label_1.txt",
+)
 
 
 def cli(script, *args, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def rows(ds, with_loser=True):
     stats = {}
-    out = [(ex["caption"], bytes_of(ex["image"]), bytes_of(ex.get("image_lose")))
-           for ex in ts.iter_examples(ds, with_loser=with_loser, stats=stats)]
+    out = [
+        (ex["caption"], bytes_of(ex["image"]), bytes_of(ex.get("image_lose")))
+        for ex in ts.iter_examples(ds, with_loser=with_loser, stats=stats)
+    ]
     return out, stats
 
 
@@ -45,8 +57,12 @@ def test_webdataset_shards_give_the_parquet_rows(pickapic_parquet, pickapic_webd
     want, want_stats = rows(ts.open_dataset(str(pickapic_parquet), "train"))
     got, stats = rows(ts.open_dataset(str(pickapic_webdataset), "train", streaming))
     assert got == want and stats == want_stats == {"rows_read": 12, "ties_dropped": 1}
-    assert ts.unique_prompts(ts.open_dataset(str(pickapic_webdataset), "train", streaming)) == \
-        ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    assert ts.unique_prompts(ts.open_dataset(str(pickapic_webdataset), "train", streaming)) == [
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow circle",
+    ]
 
 
 def test_each_process_reads_only_its_shards(pickapic_parquet, pickapic_webdataset):
@@ -73,8 +89,11 @@ def test_labels_as_text_and_bad_labels(tmp_path, names):
     import io
     import tarfile
 
-    fields = (("original_prompt.txt", "jpg_0.jpg", "jpg_1.jpg", "label_0.txt", "label_1.txt") if names == "with_extensions"
-              else ("caption", "jpg_0", "jpg_1", "label_0", "label_1"))
+    fields = (
+        ("original_prompt.txt", "jpg_0.jpg", "jpg_1.jpg", "label_0.txt", "label_1.txt")
+        if names == "with_extensions"
+        else ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+    )
     folder = tmp_path / "wds"
     folder.mkdir()
     with tarfile.open(folder / "00000.tar", "w") as tar:
@@ -85,16 +104,18 @@ def test_labels_as_text_and_bad_labels(tmp_path, names):
                 tar.addfile(info, io.BytesIO(data))
     ds = ts.open_dataset(str(folder), "train")
     examples = ts.iter_examples(ds, with_loser=True, stats=(stats := {}))
-    assert [(ex["caption"], bytes_of(ex["image"]), bytes_of(ex["image_lose"])) for ex in (next(examples), next(examples))] \
-        == [("p0", b"a", b"b"), ("p1", b"b", b"a")]
+    assert [
+        (ex["caption"], bytes_of(ex["image"]), bytes_of(ex["image_lose"])) for ex in (next(examples), next(examples))
+    ] == [("p0", b"a", b"b"), ("p1", b"b", b"a")]
     with pytest.raises(ts.UserError, match=r"row 4: Pick-a-Pic labels b?'x', b?'1' are not numbers"):
         next(examples)
     assert stats == {"rows_read": 4, "ties_dropped": 1}
 
 
 @pytest.mark.parametrize("loss", ["spin", "sft", "dpo"])
-def test_every_loss_trains_on_webdataset_shards_as_on_parquet(loss, tiny_pipeline, pickapic_parquet, pickapic_webdataset,
-                                                             tmp_path):
+def test_every_loss_trains_on_webdataset_shards_as_on_parquet(
+    loss, tiny_pipeline, pickapic_parquet, pickapic_webdataset, tmp_path
+):
     """train_spin.py on the tars (streamed: cut by shard) caches what it caches from the parquet of the same rows:
     the same counters, captions and latents (winner and, for dpo, loser), and trains from ln 2."""
     from safetensors.torch import load_file
@@ -110,14 +131,20 @@ def test_every_loss_trains_on_webdataset_shards_as_on_parquet(loss, tiny_pipelin
             assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         (lat,) = cache.glob("latents-*")
         shards = [load_file(str(f)) for f in sorted(lat.glob("shard-*.safetensors"))]
-        runs[name] = {"data": json.loads((out / "run_config.json").read_text())["data"],
-                      "captions": json.loads((lat / "captions.json").read_text()),
-                      "tensors": {k: torch.cat([s[k] for s in shards]) for k in shards[0]}, "shards": len(shards)}
+        runs[name] = {
+            "data": json.loads((out / "run_config.json").read_text())["data"],
+            "captions": json.loads((lat / "captions.json").read_text()),
+            "tensors": {k: torch.cat([s[k] for s in shards]) for k in shards[0]},
+            "shards": len(shards),
+        }
     a, b = runs["parquet"], runs["tars"]
     assert b["shards"] == 2 and a["shards"] == 1  # the tars were cut by file
     assert a["data"] == b["data"] and a["captions"] == b["captions"]
-    assert a["tensors"].keys() == b["tensors"].keys() == ({"latents", "valid", "image_hw"} |
-                                                            ({"latents_lose", "image_hw_lose"} if loss == "dpo" else set()))
+    assert (
+        a["tensors"].keys()
+        == b["tensors"].keys()
+        == ({"latents", "valid", "image_hw"} | ({"latents_lose", "image_hw_lose"} if loss == "dpo" else set()))
+    )
     assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
     # the cache key follows the tars' files: rewritten shards are another cache
     before = ts.source_fingerprint(str(tiny.build_pickapic_webdataset(tmp_path / "copy")))
@@ -126,19 +153,51 @@ def test_every_loss_trains_on_webdataset_shards_as_on_parquet(loss, tiny_pipelin
 
 def test_image_column_on_pickapic_is_refused(tiny_pipeline, pickapic_webdataset, tmp_path):
     """--image_column jpg_0.jpg would train on jpg_0 whatever the labels say."""
-    p = train(*train_args(tiny_pipeline, pickapic_webdataset, tmp_path / "out", tmp_path / "cache", "--loss", "sft",
-                          "--image_column", "jpg_0.jpg"), check=False)
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_webdataset,
+            tmp_path / "out",
+            tmp_path / "cache",
+            "--loss",
+            "sft",
+            "--image_column",
+            "jpg_0.jpg",
+        ),
+        check=False,
+    )
     assert "drop --image_column" in error_line(p) and not (tmp_path / "out" / "unet").exists()
 
 
 def test_sample_takes_prompts_from_webdataset_shards(tiny_pipeline, pickapic_webdataset, tmp_path):
     """sample.py's evaluation prompts from a split of the tars, streamed (generate.py: test_from_a_hub_id...)."""
-    p = cli("sample.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_webdataset, "--split",
-            "train", "--streaming", "--max_prompts", "2", "--resolution", "32", "--num_inference_steps", "1",
-            "--num_images_per_prompt", "1", "--grid_prompts", "0", "--output_dir", tmp_path / "samples")
+    p = cli(
+        "sample.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--dataset",
+        pickapic_webdataset,
+        "--split",
+        "train",
+        "--streaming",
+        "--max_prompts",
+        "2",
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "1",
+        "--num_images_per_prompt",
+        "1",
+        "--grid_prompts",
+        "0",
+        "--output_dir",
+        tmp_path / "samples",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [r["prompt"] for r in ts.read_jsonl(tmp_path / "samples" / "base" / "metadata.jsonl")] == \
-        ["a red circle", "a blue square"]
+    assert [r["prompt"] for r in ts.read_jsonl(tmp_path / "samples" / "base" / "metadata.jsonl")] == [
+        "a red circle",
+        "a blue square",
+    ]
 
 
 @pytest.mark.parametrize("layout", ["prefix", "folders"])
@@ -149,7 +208,9 @@ def test_a_split_is_the_files_named_by_it(tmp_path, layout):
     root = tmp_path / "copy"
     for split, seed in (("train", 0), ("test", 1), ("test_unique", 2)):
         where, prefix = (root, f"{split}_") if layout == "prefix" else (root / split, "")
-        tiny.build_pickapic_webdataset(where, n_rows=4, seed=seed, tie_rows=(), corrupt_rows=(), shards=1, prefix=prefix)
+        tiny.build_pickapic_webdataset(
+            where, n_rows=4, seed=seed, tie_rows=(), corrupt_rows=(), shards=1, prefix=prefix
+        )
     for split, seed in (("test_unique", 2), ("test", 1), ("train", 0)):
         assert rows(ts.open_dataset(str(root), split, streaming=True))[0] == twin_rows(tmp_path, seed), split
     with pytest.raises(ts.UserError, match="Unknown split"):
@@ -161,14 +222,18 @@ def test_a_dataset_card_that_lists_the_files_wins(tmp_path):
     root = tmp_path / "copy"
     tiny.build_pickapic_webdataset(root, n_rows=4, seed=0, tie_rows=(), corrupt_rows=(), shards=1, prefix="train_")
     tiny.build_pickapic_webdataset(root / "other", n_rows=4, seed=2, tie_rows=(), corrupt_rows=(), shards=1)
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
-                                    "    path: other/*.tar\n---\n# a copy\n")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: other/*.tar\n---\n# a copy\n"
+    )
     assert rows(ts.open_dataset(str(root), "train"))[0] == twin_rows(tmp_path, 2)
 
 
 def twin_rows(tmp_path, seed):
-    """The rows build_pickapic_webdataset(n_rows=4, seed=seed, no ties or corrupt images) writes, from a parquet twin."""
-    twin = tiny.build_pickapic_parquet(tmp_path / f"twin_{seed}.parquet", n_rows=4, seed=seed, tie_rows=(), corrupt_rows=())
+    """The rows build_pickapic_webdataset(n_rows=4, seed=seed, no ties or corrupt images) writes, from a parquet "
+    "twin."""
+    twin = tiny.build_pickapic_parquet(
+        tmp_path / f"twin_{seed}.parquet", n_rows=4, seed=seed, tie_rows=(), corrupt_rows=()
+    )
     return rows(ts.open_dataset(str(twin), "train"))[0]
 
 
@@ -210,27 +275,49 @@ class LocalHub:
                     return self.missing()
                 if api and parts[4:5] in ([], ["revision"]):
                     files = [{"rfilename": str(f.relative_to(root))} for f in sorted(root.rglob("*")) if f.is_file()]
-                    return self.reply(200, json.dumps({"id": repo, "sha": hub.SHA, "siblings": files, "cardData": {},
-                                                       "tags": [], "private": False}).encode())
+                    return self.reply(
+                        200,
+                        json.dumps(
+                            {
+                                "id": repo,
+                                "sha": hub.SHA,
+                                "siblings": files,
+                                "cardData": {},
+                                "tags": [],
+                                "private": False,
+                            }
+                        ).encode(),
+                    )
                 if api and parts[4:5] == ["tree"]:
                     where = root.joinpath(*parts[6:])
                     if not where.is_dir():
                         return self.missing("EntryNotFound")
                     deep = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
-                    tree = [{"type": "directory", "path": str(f.relative_to(root)), "oid": "0" * 40} if f.is_dir() else
-                            {"type": "file", "path": str(f.relative_to(root)), "size": f.stat().st_size,
-                             "oid": hashlib.sha1(f.read_bytes()).hexdigest()}
-                            for f in sorted(where.rglob("*") if deep else where.iterdir())]
+                    tree = [
+                        {"type": "directory", "path": str(f.relative_to(root)), "oid": "0" * 40}
+                        if f.is_dir()
+                        else {
+                            "type": "file",
+                            "path": str(f.relative_to(root)),
+                            "size": f.stat().st_size,
+                            "oid": hashlib.sha1(f.read_bytes()).hexdigest(),
+                        }
+                        for f in sorted(where.rglob("*") if deep else where.iterdir())
+                    ]
                     return self.reply(200, json.dumps(tree).encode())
                 if not api and parts[3:4] == ["resolve"] and root.joinpath(*parts[5:]).is_file():
                     data = root.joinpath(*parts[5:]).read_bytes()
-                    headers = {"X-Repo-Commit": hub.SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+                    headers = {
+                        "X-Repo-Commit": hub.SHA,
+                        "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                        "Accept-Ranges": "bytes",
+                    }
                     ranged = self.headers.get("Range", "")
                     if ranged.startswith("bytes="):
                         start, end = ranged[6:].split("-")
                         start, end = int(start), min(int(end) if end else len(data) - 1, len(data) - 1)
                         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-                        return self.reply(206, data[start:end + 1], headers, "application/octet-stream")
+                        return self.reply(206, data[start : end + 1], headers, "application/octet-stream")
                     return self.reply(200, data, headers, "application/octet-stream")
                 return self.missing("EntryNotFound")
 
@@ -243,7 +330,11 @@ class LocalHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def env(self, home):
-        return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}", "HF_HOME": str(home)}
+        return {
+            "HF_HUB_OFFLINE": "0",
+            "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
+            "HF_HOME": str(home),
+        }
 
     def __enter__(self):
         return self
@@ -257,36 +348,74 @@ def test_from_a_hub_id_streamed_and_not(tiny_pipeline, pickapic_parquet, pickapi
     """The tars as a hub repository: train_spin.py streams it cut by shard file, generate.py downloads it (with
     --max_train_samples, the same cut as training); both read the Pick-a-Pic rows the parquet gives."""
     with LocalHub({"someone/pickapic_v2_webdataset": pickapic_webdataset}) as hub:
-        p = cli("train_spin.py", *train_args(tiny_pipeline, "someone/pickapic_v2_webdataset", tmp_path / "iter_1",
-                                             tmp_path / "cache", "--loss", "dpo", "--streaming")[1:], env=hub.env(tmp_path / "hf"))
+        p = cli(
+            "train_spin.py",
+            *train_args(
+                tiny_pipeline,
+                "someone/pickapic_v2_webdataset",
+                tmp_path / "iter_1",
+                tmp_path / "cache",
+                "--loss",
+                "dpo",
+                "--streaming",
+            )[1:],
+            env=hub.env(tmp_path / "hf"),
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         assert "10 usable rows of 12 read (1 ties dropped, 1 undecodable images skipped)" in p.stdout
-        assert "2 piece(s) of the dataset" in p.stdout and metrics(tmp_path / "iter_1")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        p = cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", "someone/pickapic_v2_webdataset",
-                "--max_train_samples", "3", "--resolution", "32", "--num_inference_steps", "1",
-                "--num_images_per_prompt", "1", "--output_dir", tmp_path / "synth", env=hub.env(tmp_path / "hf"))
+        assert "2 piece(s) of the dataset" in p.stdout and metrics(tmp_path / "iter_1")[0]["loss"] == pytest.approx(
+            math.log(2), abs=1e-6
+        )
+        p = cli(
+            "generate.py",
+            "--pretrained_model_name_or_path",
+            tiny_pipeline,
+            "--dataset",
+            "someone/pickapic_v2_webdataset",
+            "--max_train_samples",
+            "3",
+            "--resolution",
+            "32",
+            "--num_inference_steps",
+            "1",
+            "--num_images_per_prompt",
+            "1",
+            "--output_dir",
+            tmp_path / "synth",
+            env=hub.env(tmp_path / "hf"),
+        )
         assert p.returncode == 0, p.stderr[-3000:]
-    assert [r["prompt"] for r in ts.read_jsonl(tmp_path / "synth" / "metadata.jsonl")] == \
-        ts.unique_prompts(ts.open_dataset(str(pickapic_parquet), "train"), max_rows=3) == \
-        ["a red circle", "a blue square", "a green triangle"]
+    assert (
+        [r["prompt"] for r in ts.read_jsonl(tmp_path / "synth" / "metadata.jsonl")]
+        == ts.unique_prompts(ts.open_dataset(str(pickapic_parquet), "train"), max_rows=3)
+        == ["a red circle", "a blue square", "a green triangle"]
+    )
 
 
 def test_a_dataset_id_that_does_not_resolve_is_one_line(tiny_pipeline, tmp_path):
     """Offline (not cached) and online (the Hub's 404): one line; for the removed Pick-a-Pic ids it says so and names
     the layouts of the copies that work. train_spin.py and generate.py (whose copy of open_dataset sample.py runs)."""
     base = ["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", tmp_path / "out"]
-    p = train(*train_args(tiny_pipeline, "yuvalkirstain/pickapic_v2", tmp_path / "out", tmp_path / "cache", "--loss", "sft"),
-              check=False)
+    p = train(
+        *train_args(tiny_pipeline, "yuvalkirstain/pickapic_v2", tmp_path / "out", tmp_path / "cache", "--loss", "sft"),
+        check=False,
+    )
     line = error_line(p)
     assert "does not resolve" in line and REMOVED in line and all(layout in line for layout in LAYOUTS), line
     with pytest.raises(ts.UserError, match=f"pickapic_v1 does not resolve .*{REMOVED}"):
         ts.open_dataset("yuvalkirstain/pickapic_v1", "test_unique")
-    line = error_line(train(*train_args(tiny_pipeline, "nobody/no_such_dataset", tmp_path / "out", tmp_path / "cache",
-                                        "--loss", "sft"), check=False))
+    line = error_line(
+        train(
+            *train_args(tiny_pipeline, "nobody/no_such_dataset", tmp_path / "out", tmp_path / "cache", "--loss", "sft"),
+            check=False,
+        )
+    )
     assert "nobody/no_such_dataset does not resolve" in line and REMOVED not in line
     assert not (tmp_path / "out" / "unet").exists()
 
     with LocalHub({}) as hub:  # online: the Hub's own answer for a removed repository
-        p = cli("generate.py", *base, "--dataset", "yuvalkirstain/pickapic_v2", "--streaming", env=hub.env(tmp_path / "hf"))
+        p = cli(
+            "generate.py", *base, "--dataset", "yuvalkirstain/pickapic_v2", "--streaming", env=hub.env(tmp_path / "hf")
+        )
     line = error_line(p)
     assert "doesn't exist on the Hub" in line and REMOVED in line and all(layout in line for layout in LAYOUTS), line

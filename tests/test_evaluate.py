@@ -1,7 +1,7 @@
 """evaluate.py: preprocessing, key conversion, the four score formulas against independent forwards of the
 original layouts, batching/truncation, aggregation, and the CLI's outputs and one-line errors."""
+
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,8 +26,14 @@ PROMPTS = ["a red circle", "the big blue squares on a painting", "a cat", "yello
 
 def run_cli(*args, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(res, *fragments):
@@ -56,8 +62,10 @@ def scorers(w):
 @pytest.fixture(scope="session")
 def images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)) for wd, h in
-            [(96, 64), (64, 96), (224, 224), (300, 301)]]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8))
+        for wd, h in [(96, 64), (64, 96), (224, 224), (300, 301)]
+    ]
 
 
 # ---- preprocessing ----
@@ -66,8 +74,10 @@ def test_resize_center_crop_is_openai_clip_transform():
     img = Image.fromarray(rng.integers(0, 256, (400, 600, 3), dtype=np.uint8))  # w=600, h=400
     # torchvision Resize(224): shorter side 224, longer int(224 * 600 / 400) = 336; CenterCrop: round(112/2)=56
     want = img.resize((336, 224), Image.BICUBIC).crop((56, 0, 280, 224))
-    want = (torch.tensor(np.asarray(want), dtype=torch.float32).permute(2, 0, 1) / 255
-            - torch.tensor(ts.CLIP_MEAN)[:, None, None]) / torch.tensor(ts.CLIP_STD)[:, None, None]
+    want = (
+        torch.tensor(np.asarray(want), dtype=torch.float32).permute(2, 0, 1) / 255
+        - torch.tensor(ts.CLIP_MEAN)[:, None, None]
+    ) / torch.tensor(ts.CLIP_STD)[:, None, None]
     got = ev.resize_center_crop(img)
     assert got.shape == (3, 224, 224) and torch.allclose(got, want, atol=1e-6)
     tall = Image.fromarray(rng.integers(0, 256, (301, 200, 3), dtype=np.uint8))  # int(224*301/200)=337 -> top 56
@@ -101,15 +111,18 @@ def test_resize_longest_pad_is_hps_transform():
 def test_open_clip_conversion_splits_qkv_and_transposes_projections():
     W = 8
     qkv = torch.arange(3 * W * W, dtype=torch.float32).reshape(3 * W, W)
-    sd = {"module.transformer.resblocks.0.attn.in_proj_weight": qkv,
-          "module.visual.transformer.resblocks.1.attn.in_proj_bias": torch.arange(3 * W, dtype=torch.float32),
-          "module.text_projection": torch.randn(W, 4), "module.visual.proj": torch.randn(W, 5),
-          "module.visual.transformer.resblocks.1.mlp.c_fc.weight": torch.randn(16, W),
-          "module.something.else": torch.zeros(1)}
+    sd = {
+        "module.transformer.resblocks.0.attn.in_proj_weight": qkv,
+        "module.visual.transformer.resblocks.1.attn.in_proj_bias": torch.arange(3 * W, dtype=torch.float32),
+        "module.text_projection": torch.randn(W, 4),
+        "module.visual.proj": torch.randn(W, 5),
+        "module.visual.transformer.resblocks.1.mlp.c_fc.weight": torch.randn(16, W),
+        "module.something.else": torch.zeros(1),
+    }
     out = ev.open_clip_to_transformers(sd)
     assert torch.equal(out["text_model.encoder.layers.0.self_attn.q_proj.weight"], qkv[:W])
-    assert torch.equal(out["text_model.encoder.layers.0.self_attn.k_proj.weight"], qkv[W:2 * W])
-    assert torch.equal(out["text_model.encoder.layers.0.self_attn.v_proj.weight"], qkv[2 * W:])
+    assert torch.equal(out["text_model.encoder.layers.0.self_attn.k_proj.weight"], qkv[W : 2 * W])
+    assert torch.equal(out["text_model.encoder.layers.0.self_attn.v_proj.weight"], qkv[2 * W :])
     assert torch.equal(out["vision_model.encoder.layers.1.self_attn.v_proj.bias"], torch.arange(2 * W, 3 * W).float())
     assert torch.equal(out["text_projection.weight"], sd["module.text_projection"].T)
     assert torch.equal(out["visual_projection.weight"], sd["module.visual.proj"].T)
@@ -126,8 +139,13 @@ def test_blip_conversion_names(w):
     assert "embeddings.position_ids" not in text
     assert sorted(head) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
     cfg = ev.blip_vision_config(vision)
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size, cfg.image_size, cfg.num_hidden_layers) == \
-           (128, 2, 32, 224, 2)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size, cfg.image_size, cfg.num_hidden_layers) == (
+        128,
+        2,
+        32,
+        224,
+        2,
+    )
 
 
 # ---- each scorer equals an independent computation on the original layout ----
@@ -187,7 +205,7 @@ def test_batched_equals_one_at_a_time(scorers, images, metric):
     s = scorers[metric]
     pixels = torch.stack([s.prepare(im) for im in images])
     batched = s(pixels, PROMPTS)
-    single = torch.cat([s(pixels[i:i + 1], [PROMPTS[i]]) for i in range(len(images))])
+    single = torch.cat([s(pixels[i : i + 1], [PROMPTS[i]]) for i in range(len(images))])
     assert torch.allclose(batched, single, atol=1e-5), (batched, single)
 
 
@@ -218,9 +236,18 @@ def test_prompt_truncation(scorers, images):
 # Prompts on which the Hugging Face CLIPTokenizer and open_clip disagree (or might): curly quotes, HTML entities
 # (also double-escaped), mojibake, whitespace runs, a literal "!" (laion's pad token), "!!" (a merge), an empty
 # prompt, a literal open_clip special, contractions and digits, and one longer than 77 tokens.
-TRICKY_PROMPTS = ["A “Red” cat’s square", "cats &amp; dogs &amp;amp; the sky &lt;3", "cafÃ© on a SQUARE",
-                  "  a\tred \n\n circle\r\n  with   the  cat ", "a cat! the dog!!", "", "<end_of_text> red dogs",
-                  "it's 3 cats; aaaa aaa", "ÉCOLE ﬁne 日本 🙂", " ".join(["the red cat"] * 30)]
+TRICKY_PROMPTS = [
+    "A “Red” cat’s square",
+    "cats &amp; dogs &amp;amp; the sky &lt;3",
+    "cafÃ© on a SQUARE",
+    "  a\tred \n\n circle\r\n  with   the  cat ",
+    "a cat! the dog!!",
+    "",
+    "<end_of_text> red dogs",
+    "it's 3 cats; aaaa aaa",
+    "ÉCOLE ﬁne 日本 🙂",
+    " ".join(["the red cat"] * 30),
+]
 OPEN_CLIP_PATTERN = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
@@ -263,7 +290,7 @@ def ref_open_clip_tokenize(prompts, folder, length=77):
         if len(ids) > length:
             ids = ids[:length]
             ids[-1] = eot
-        out[row, :len(ids)] = torch.tensor(ids)
+        out[row, : len(ids)] = torch.tensor(ids)
     return out
 
 
@@ -283,8 +310,7 @@ def test_bpe_merges_lowest_rank_everywhere(w):
     assert ev.bpe("aaaa", tok.ranks) == ["aa", "a", "a</w>"]  # a a merged left to right, without overlap
     assert ev.bpe("x", tok.ranks) == ["x</w>"]
     # by hand: 'a "red" cat!! café' -> a | " | red | " | cat | !! | café (c3 a9 -> Ã©)
-    want = ["<|startoftext|>", "a</w>", '"</w>', "red</w>", '"</w>', "cat</w>", "!!</w>", "cafÃ©</w>",
-            "<|endoftext|>"]
+    want = ["<|startoftext|>", "a</w>", '"</w>', "red</w>", '"</w>', "cat</w>", "!!</w>", "cafÃ©</w>", "<|endoftext|>"]
     ids = tok(["A “Red” cat!! cafÃ©"])[0].tolist()
     assert ids == [vocab[t] for t in want] + [0] * (77 - len(want))
 
@@ -338,7 +364,7 @@ def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
     ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(w["hps_clip"])))
     assert ours(TRICKY_PROMPTS).tolist() == oc.SimpleTokenizer(str(tmp_path / "tiny.txt.gz"))(TRICKY_PROMPTS).tolist()
 
-    real = gzip.open(real_bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    real = gzip.open(real_bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     chars = list(tiny.bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in real]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -346,8 +372,16 @@ def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
     (tmp_path / "real" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (tmp_path / "real" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(real) + "\n", encoding="utf-8")
     rng = random.Random(0)
-    alphabet = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), 0x2019, 0x201C, 0x201D, 0x1F642]] + \
-        ["\n", "\t", "&amp;", "&#39;", "Ã©", "  ", "'s", "!"]
+    alphabet = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), 0x2019, 0x201C, 0x201D, 0x1F642]] + [
+        "\n",
+        "\t",
+        "&amp;",
+        "&#39;",
+        "Ã©",
+        "  ",
+        "'s",
+        "!",
+    ]
     prompts = TRICKY_PROMPTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))) for _ in range(200)]
     ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(tmp_path / "real")))
     assert ours(prompts).tolist() == oc.tokenize(prompts).tolist()
@@ -418,8 +452,19 @@ def test_head_keys_and_shapes_are_checked():
 # ---- aggregation ----
 def rows(model, table):
     """table: {prompt_index: [scores]} -> score rows."""
-    return [{"model": model, "prompt_index": p, "prompt": f"prompt {p}", "image_index": i, "seed": i,
-             "file_name": f"p{p}_i{i}.png", "hps": s} for p, scores in table.items() for i, s in enumerate(scores)]
+    return [
+        {
+            "model": model,
+            "prompt_index": p,
+            "prompt": f"prompt {p}",
+            "image_index": i,
+            "seed": i,
+            "file_name": f"p{p}_i{i}.png",
+            "hps": s,
+        }
+        for p, scores in table.items()
+        for i, s in enumerate(scores)
+    ]
 
 
 def test_aggregate_per_prompt_then_over_prompts():
@@ -435,8 +480,10 @@ def test_aggregate_per_prompt_then_over_prompts():
 
 
 def test_win_rates_ties_half_and_common_prompts_only():
-    by_model = {"base": rows("base", {0: [1.0, 1.0], 1: [2.0], 2: [3.0], 3: [9.0]}),
-                "new": rows("new", {0: [0.0, 3.0], 1: [2.0], 2: [2.0], 4: [100.0]})}
+    by_model = {
+        "base": rows("base", {0: [1.0, 1.0], 1: [2.0], 2: [3.0], 3: [9.0]}),
+        "new": rows("new", {0: [0.0, 3.0], 1: [2.0], 2: [2.0], 4: [100.0]}),
+    }
     # prompt 0: 1.5 > 1 win; 1: tie; 2: loss; 3 and 4 not shared
     out = ev.win_rates(by_model, "base", ["hps"])
     assert out["hps"]["new"] == {"win_rate": pytest.approx(0.5), "n_prompts": 3}
@@ -456,19 +503,33 @@ def test_win_rates_ties_half_and_common_prompts_only():
 #   new  p0: i0 27.125/4          i1 27.625/4           -> i1
 #        p1: i0 28.625/4          i1 26.125/4           -> i0
 #        p2: i0 26.75/4           i1 29.5/4             -> i1 (the same with three metrics)
-BASE = {0: [(0.5, 5.0, 0.0, 20.0), (0.25, 6.0, 1.0, 21.0)],
-        1: [(0.25, 7.0, 0.5, 20.0), (0.5, 4.5, 1.5, 20.0)],
-        2: [(0.25, 6.0, 0.25, 21.0), (0.5, 5.75, 0.25, 21.0)]}
-NEW = {0: [(0.375, 5.5, 0.75, 20.5), (0.375, 5.5, 0.25, 21.5)],
-       1: [(0.125, 6.5, 2.0, 20.0), (0.625, 5.5, 0.0, 20.0)],
-       2: [(0.25, 6.0, 0.5, 20.0), (0.5, 6.5, 0.5, 22.0)]}
+BASE = {
+    0: [(0.5, 5.0, 0.0, 20.0), (0.25, 6.0, 1.0, 21.0)],
+    1: [(0.25, 7.0, 0.5, 20.0), (0.5, 4.5, 1.5, 20.0)],
+    2: [(0.25, 6.0, 0.25, 21.0), (0.5, 5.75, 0.25, 21.0)],
+}
+NEW = {
+    0: [(0.375, 5.5, 0.75, 20.5), (0.375, 5.5, 0.25, 21.5)],
+    1: [(0.125, 6.5, 2.0, 20.0), (0.625, 5.5, 0.0, 20.0)],
+    2: [(0.25, 6.0, 0.5, 20.0), (0.5, 6.5, 0.5, 22.0)],
+}
 THREE = ["hps", "imagereward", "pickscore"]
 
 
 def rows4(model, table):
-    return [{"model": model, "prompt_index": p, "prompt": f"prompt {p}", "image_index": i, "seed": i,
-             "file_name": f"p{p}_i{i}.png", **dict(zip(ev.METRICS, s))}
-            for p, images in table.items() for i, s in enumerate(images)]
+    return [
+        {
+            "model": model,
+            "prompt_index": p,
+            "prompt": f"prompt {p}",
+            "image_index": i,
+            "seed": i,
+            "file_name": f"p{p}_i{i}.png",
+            **dict(zip(ev.METRICS, s)),
+        }
+        for p, images in table.items()
+        for i, s in enumerate(images)
+    ]
 
 
 def test_best_of_n_picks_one_image_by_the_raw_mean():
@@ -488,14 +549,26 @@ def test_best_of_n_picks_one_image_by_the_raw_mean():
 def test_aggregates_by_hand():
     summary = {m: ev.aggregate(rows4("base", BASE), m, list(ev.METRICS)) for m in ev.METRICS}
     # best of 2: the images picked above (p0 i1, p1 i0, p2 i0); mean and median over the three prompts
-    want_best = {"hps": ((0.25 + 0.25 + 0.25) / 3, 0.25), "aesthetic": ((6.0 + 7.0 + 6.0) / 3, 6.0),
-                 "imagereward": ((1.0 + 0.5 + 0.25) / 3, 0.5), "pickscore": ((21.0 + 20.0 + 21.0) / 3, 21.0)}
+    want_best = {
+        "hps": ((0.25 + 0.25 + 0.25) / 3, 0.25),
+        "aesthetic": ((6.0 + 7.0 + 6.0) / 3, 6.0),
+        "imagereward": ((1.0 + 0.5 + 0.25) / 3, 0.5),
+        "pickscore": ((21.0 + 20.0 + 21.0) / 3, 21.0),
+    }
     # per-metric max of 2: each metric's own maximum per prompt
-    want_max = {"hps": (0.5 + 0.5 + 0.5) / 3, "aesthetic": (6.0 + 7.0 + 6.0) / 3,
-                "imagereward": (1.0 + 1.5 + 0.25) / 3, "pickscore": (21.0 + 20.0 + 21.0) / 3}
+    want_max = {
+        "hps": (0.5 + 0.5 + 0.5) / 3,
+        "aesthetic": (6.0 + 7.0 + 6.0) / 3,
+        "imagereward": (1.0 + 1.5 + 0.25) / 3,
+        "pickscore": (21.0 + 20.0 + 21.0) / 3,
+    }
     # per-prompt means, then their mean and median
-    want_mean = {"hps": (0.375, 0.375), "aesthetic": ((5.5 + 5.75 + 5.875) / 3, 5.75),
-                 "imagereward": ((0.5 + 1.0 + 0.25) / 3, 0.5), "pickscore": ((20.5 + 20.0 + 21.0) / 3, 20.5)}
+    want_mean = {
+        "hps": (0.375, 0.375),
+        "aesthetic": ((5.5 + 5.75 + 5.875) / 3, 5.75),
+        "imagereward": ((0.5 + 1.0 + 0.25) / 3, 0.5),
+        "pickscore": ((20.5 + 20.0 + 21.0) / 3, 20.5),
+    }
     for m in ev.METRICS:
         s = summary[m]
         assert (s["best_of_n"]["mean"], s["best_of_n"]["median"]) == pytest.approx(want_best[m]), m
@@ -546,17 +619,29 @@ def test_win_rates_on_means_and_on_best_of_n_by_hand():
 def summarise(by_model, metrics, hps_version="2.0"):
     summary = {m: {x: ev.aggregate(r, x, metrics) for x in metrics} for m, r in by_model.items()}
     averages = {m: ev.average_scores(summary[m], metrics) for m in by_model}
-    return ev.markdown_summary(summary, list(by_model), metrics, "base", ev.win_rates(by_model, "base", metrics),
-                               hps_version, averages, ev.win_rates(by_model, "base", metrics, on="best_of_n"))
+    return ev.markdown_summary(
+        summary,
+        list(by_model),
+        metrics,
+        "base",
+        ev.win_rates(by_model, "base", metrics),
+        hps_version,
+        averages,
+        ev.win_rates(by_model, "base", metrics, on="best_of_n"),
+    )
 
 
 def test_markdown_table_has_the_model_card_shape():
-    by_model = {"base": rows("base", {0: [0.2, 0.3], 1: [0.25, 0.27]}),
-                "iter_1": rows("iter_1", {0: [0.3, 0.3], 1: [0.2, 0.2]})}
+    by_model = {
+        "base": rows("base", {0: [0.2, 0.3], 1: [0.25, 0.27]}),
+        "iter_1": rows("iter_1", {0: [0.3, 0.3], 1: [0.2, 0.2]}),
+    }
     lines = summarise(by_model, ["hps"], "2.1").splitlines()
     header = next(ln for ln in lines if ln.startswith("| Metric"))
-    assert header == ("| Metric | base best of 2 (by mean of 1) | base mean | base median | iter_1 best of 2 (by mean "
-                      "of 1) | iter_1 mean | iter_1 median |")
+    assert header == (
+        "| Metric | base best of 2 (by mean of 1) | base mean | base median | iter_1 best of 2 (by mean "
+        "of 1) | iter_1 mean | iter_1 median |"
+    )
     assert "| HPS v2.1 | 0.2850 | 0.2550 | 0.2550 | 0.2500 | 0.2500 | 0.2500 |" in lines
     assert "| HPS v2.1 | 0.500 |" in lines  # win rate: one win, one loss
 
@@ -569,12 +654,18 @@ def test_markdown_tables_by_hand():
     assert "| HPS v2.0 | 0.2500 | 0.3750 | 0.3750 | 0.3333 | 0.3750 | 0.3750 |" in lines
     assert "| PickScore | 20.667 | 20.500 | 20.500 | 21.167 | 20.667 | 21.000 |" in lines
     assert "| avg (4 metrics) | 6.9583 | 6.7917 | 6.7812 | 7.1458 | 6.9062 | 6.9688 |" in lines
-    assert "| Metric | base best of 2 median | base per-metric max of 2 | new best of 2 median | new per-metric max " \
-           "of 2 |" in lines
+    assert (
+        "| Metric | base best of 2 median | base per-metric max of 2 | new best of 2 median | new per-metric max "
+        "of 2 |" in lines
+    )
     assert "| ImageReward | 0.500 | 0.917 | 0.500 | 1.083 |" in lines
     assert md.count("| HPS v2.0 | 0.500 |") == 1 and md.count("| HPS v2.0 | 0.667 |") == 1  # the two win rates
-    assert md.index("on per-prompt means") < md.index("| HPS v2.0 | 0.500 |") < md.index("on the best-of-2 images") \
-           < md.index("| HPS v2.0 | 0.667 |")
+    assert (
+        md.index("on per-prompt means")
+        < md.index("| HPS v2.0 | 0.500 |")
+        < md.index("on the best-of-2 images")
+        < md.index("| HPS v2.0 | 0.667 |")
+    )
     assert "| avg (4 metrics) | 1.000 |" in lines and "| Aesthetic | 0.333 |" in lines
     three = summarise({"base": rows4("base", BASE), "new": rows4("new", NEW)}, THREE)
     assert "best of 2 by the mean of 3 metrics (HPS, ImageReward, PickScore)" in three
@@ -626,27 +717,48 @@ def test_cli_outputs(cli_run, scorers, samples):
     assert summary["same_seeds_as_baseline"]["iter_1"] is True
     base = [r for r in scores if r["model"] == "base"]
     assert summary["summary"]["base"]["aesthetic"]["mean"]["mean"] == pytest.approx(
-        np.mean([np.mean([r["aesthetic"] for r in base if r["prompt_index"] == p]) for p in range(4)]))
+        np.mean([np.mean([r["aesthetic"] for r in base if r["prompt_index"] == p]) for p in range(4)])
+    )
     # best of 2: per prompt the image with the larger sum of its four raw scores, then its scores
-    chosen = [max((r for r in base if r["prompt_index"] == p), key=lambda r: sum(r[m] for m in ev.METRICS))
-              for p in range(4)]
-    assert [r["image_index"] for r in chosen] == [summary["best_of_n_selection"]["image_index_by_prompt_index"]
-                                                  ["base"][str(p)] for p in range(4)]
+    chosen = [
+        max((r for r in base if r["prompt_index"] == p), key=lambda r: sum(r[m] for m in ev.METRICS)) for p in range(4)
+    ]
+    assert [r["image_index"] for r in chosen] == [
+        summary["best_of_n_selection"]["image_index_by_prompt_index"]["base"][str(p)] for p in range(4)
+    ]
     for m in ev.METRICS:
         s = summary["summary"]["base"][m]
         assert s["best_of_n"]["mean"] == pytest.approx(np.mean([r[m] for r in chosen]))
         assert s["per_metric_max_of_n"]["mean"] == pytest.approx(
-            np.mean([max(r[m] for r in base if r["prompt_index"] == p) for p in range(4)]))
+            np.mean([max(r[m] for r in base if r["prompt_index"] == p) for p in range(4)])
+        )
     assert summary["average"]["base"]["best_of_n"] == pytest.approx(
-        np.mean([sum(r[m] for m in ev.METRICS) / 4 for r in chosen]))
+        np.mean([sum(r[m] for m in ev.METRICS) / 4 for r in chosen])
+    )
     assert summary["average"]["base"]["label"] == "avg (4 metrics)"
     assert summary["best_of_n_selection"]["label"] == "best of 2"
     assert summary["win_rates_best_of_n"]["average"]["iter_1"]["n_prompts"] == 3
-    assert set(summary["aggregation"]) == {"best_of_n", "per_metric_max_of_n", "mean", "average", "win_rates",
-                                           "win_rates_best_of_n"}
+    assert set(summary["aggregation"]) == {
+        "best_of_n",
+        "per_metric_max_of_n",
+        "mean",
+        "average",
+        "win_rates",
+        "win_rates_best_of_n",
+    }
     md = (out / "summary.md").read_text()
-    for name in ("HPS v2.0", "Aesthetic", "ImageReward", "PickScore", "base best of 2", "iter_1 median",
-                 "avg (4 metrics)", "base per-metric max of 2", "on per-prompt means", "on the best-of-2 images"):
+    for name in (
+        "HPS v2.0",
+        "Aesthetic",
+        "ImageReward",
+        "PickScore",
+        "base best of 2",
+        "iter_1 median",
+        "avg (4 metrics)",
+        "base per-metric max of 2",
+        "on per-prompt means",
+        "on the best-of-2 images",
+    ):
         assert name in md
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["stage"] == "evaluate" and cfg["scoring"]["hps_version"] == "2.0"
@@ -667,8 +779,17 @@ def test_cli_resume_and_changed_settings(cli_run, w, samples):
 
 
 def test_cli_single_folder_subset_of_metrics(w, samples, tmp_path):
-    res = run_cli("--image_dirs", samples / "iter_1", "--metrics", "aesthetic", "--metrics", "imagereward",
-                  "--output_dir", tmp_path, *w["flags"])
+    res = run_cli(
+        "--image_dirs",
+        samples / "iter_1",
+        "--metrics",
+        "aesthetic",
+        "--metrics",
+        "imagereward",
+        "--output_dir",
+        tmp_path,
+        *w["flags"],
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"] == ["aesthetic", "imagereward"] and summary["models"] == ["iter_1"]
@@ -692,24 +813,42 @@ def test_cli_unknown_metric(samples, w):
 
 def test_cli_missing_checkpoint_file(samples, w, tmp_path):
     flags = w["flags"] + ["--hps_checkpoint", str(tmp_path / "nope.pt")]
-    assert_one_line_error(run_cli(samples, "--metrics", "hps", "--output_dir", tmp_path, *flags), "nope.pt",
-                          "not found")
+    assert_one_line_error(
+        run_cli(samples, "--metrics", "hps", "--output_dir", tmp_path, *flags), "nope.pt", "not found"
+    )
 
 
 def test_cli_hps_checkpoint_missing_and_unexpected_keys(samples, w, tmp_path):
     vocab = w["hps_sd"]["token_embedding.weight"].shape[0]
-    ts.build_tiny_hps(tmp_path / "bad.pt", vocab_size=vocab, drop="visual.ln_post.bias",
-                      extra={"visual.conv1.bias": torch.zeros(32)})  # open_clip's conv1 has no bias
-    res = run_cli(samples, "--metrics", "hps", "--output_dir", tmp_path / "a", *w["flags"],
-                  "--hps_checkpoint", tmp_path / "bad.pt")
+    ts.build_tiny_hps(
+        tmp_path / "bad.pt", vocab_size=vocab, drop="visual.ln_post.bias", extra={"visual.conv1.bias": torch.zeros(32)}
+    )  # open_clip's conv1 has no bias
+    res = run_cli(
+        samples,
+        "--metrics",
+        "hps",
+        "--output_dir",
+        tmp_path / "a",
+        *w["flags"],
+        "--hps_checkpoint",
+        tmp_path / "bad.pt",
+    )
     assert_one_line_error(res, "missing vision_model.post_layernorm.bias", "unexpected visual.conv1.bias")
 
 
 def test_cli_imagereward_unexpected_key(samples, w, tmp_path):
     bert_vocab = w["med"]["vocab_size"]
     ts.build_tiny_imagereward(tmp_path / "ir", vocab_size=bert_vocab, extra={"blip.itm_head.weight": torch.zeros(2)})
-    res = run_cli(samples, "--metrics", "imagereward", "--output_dir", tmp_path / "o", *w["flags"],
-                  "--imagereward_checkpoint", tmp_path / "ir" / "ImageReward.pt")
+    res = run_cli(
+        samples,
+        "--metrics",
+        "imagereward",
+        "--output_dir",
+        tmp_path / "o",
+        *w["flags"],
+        "--imagereward_checkpoint",
+        tmp_path / "ir" / "ImageReward.pt",
+    )
     assert_one_line_error(res, "unexpected blip.itm_head.weight")
 
 
@@ -720,6 +859,7 @@ def test_cli_hps_version_mismatch(samples, w, tmp_path):
 
 def test_loaders_use_weights_only(monkeypatch, tmp_path):
     """A checkpoint that pickles code is refused (torch.load(weights_only=True)), as a one-line UserError."""
+
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))

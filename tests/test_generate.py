@@ -1,5 +1,6 @@
 """generate.py through its CLI on the tiny pipeline: seeds, folder contract, resume after a kill, errors,
 several processes. Every run uses 4 DDIM steps at 32x32, so a run costs about the import time."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,14 @@ COMMON = ["--num_images_per_prompt", "2", "--num_inference_steps", "4", "--seed"
 def run_cli(script, *args, env=None, **kw):
     # One thread per process: the tests run beside other jobs on 2 cores, where OpenMP spinning is very slow.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        **kw,
+    )
 
 
 def assert_user_error(proc, *words):
@@ -46,8 +53,18 @@ def prompts_file(tmp_path_factory):
 def reference(tiny_pipeline, prompts_file, tmp_path_factory):
     """One uninterrupted run (batch size 3) that the other tests compare against."""
     out = tmp_path_factory.mktemp("gen") / "ref"
-    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
-                   *COMMON, "--batch_size", 3, "--output_dir", out)
+    proc = run_cli(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--prompts_file",
+        prompts_file,
+        *COMMON,
+        "--batch_size",
+        3,
+        "--output_dir",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -101,23 +118,49 @@ def test_latent_is_the_pipelines_final_latent(reference, tiny_pipeline):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     noise, _ = generate.initial_noise([generate.image_seed(7, 1, 1)], (4, 8, 8))
-    want = pipe("a blue square", latents=noise, num_inference_steps=4, guidance_scale=7.5, height=32, width=32,
-                output_type="latent").images[0]
+    want = pipe(
+        "a blue square",
+        latents=noise,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        output_type="latent",
+    ).images[0]
     got = load_file(reference / "latents" / f"{generate.image_key(1, 1)}.safetensors")["latent"]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_batch_size_does_not_change_results(reference, tiny_pipeline, prompts_file, tmp_path):
-    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
-                   *COMMON, "--batch_size", 1, "--output_dir", tmp_path / "b1")
+    proc = run_cli(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--prompts_file",
+        prompts_file,
+        *COMMON,
+        "--batch_size",
+        1,
+        "--output_dir",
+        tmp_path / "b1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert_same_set(reference, tmp_path / "b1")
 
 
 def test_killed_run_resumes_to_the_same_set(reference, tiny_pipeline, prompts_file, tmp_path):
     out = tmp_path / "killed"
-    cmd = ["--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file, *COMMON,
-           "--batch_size", 2, "--output_dir", out]
+    cmd = [
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--prompts_file",
+        prompts_file,
+        *COMMON,
+        "--batch_size",
+        2,
+        "--output_dir",
+        out,
+    ]
     # Dies like kill -9 after 3 image files, with their metadata lines not yet written.
     proc = run_cli("generate.py", *cmd, env={"SPIN_TEST_KILL_AFTER_IMAGES": "3"})
     assert proc.returncode == 137, proc.stderr
@@ -140,8 +183,18 @@ def test_killed_run_resumes_to_the_same_set(reference, tiny_pipeline, prompts_fi
 
 def test_folder_with_other_settings_is_refused(reference, tiny_pipeline, prompts_file):
     before = (reference / "metadata.jsonl").read_text()
-    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file,
-                   *COMMON, "--guidance_scale", 3, "--output_dir", reference)
+    proc = run_cli(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--prompts_file",
+        prompts_file,
+        *COMMON,
+        "--guidance_scale",
+        3,
+        "--output_dir",
+        reference,
+    )
     assert_user_error(proc, "other settings", "guidance_scale")
     assert (reference / "metadata.jsonl").read_text() == before
 
@@ -157,8 +210,21 @@ def test_bad_input_is_one_line_error(tiny_pipeline, tmp_path):
 
 def test_dataset_prompts_and_scheduler(tiny_pipeline, pickapic_parquet, tmp_path):
     out = tmp_path / "ds"
-    proc = run_cli("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet,
-                   "--num_inference_steps", 2, "--scheduler", "dpm++", "--max_prompts", 3, "--output_dir", out)
+    proc = run_cli(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--dataset",
+        pickapic_parquet,
+        "--num_inference_steps",
+        2,
+        "--scheduler",
+        "dpm++",
+        "--max_prompts",
+        3,
+        "--output_dir",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     want = generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train"), max_prompts=3)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -172,10 +238,30 @@ def test_two_processes_make_one_consistent_folder(reference, tiny_pipeline, prom
     # CPU processes); torchrun starts real ones, which accelerate's PartialState joins the same way.
     out = tmp_path / "mp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(ROOT / "generate.py"), "--pretrained_model_name_or_path", str(tiny_pipeline), "--prompts_file",
-         str(prompts_file), *COMMON, "--batch_size", "3", "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(ROOT / "generate.py"),
+            "--pretrained_model_name_or_path",
+            str(tiny_pipeline),
+            "--prompts_file",
+            str(prompts_file),
+            *COMMON,
+            "--batch_size",
+            "3",
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "stats.json").read_text())["last_run"]["processes"] == 2
     assert not list(out.glob("metadata.rank*"))
@@ -192,7 +278,7 @@ def test_sharding_and_merge(tmp_path):
     for r in rows[:3]:
         (tmp_path / r["file_name"]).write_bytes(b"png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
-    (tmp_path / "metadata.rank0.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{\"fi")
+    (tmp_path / "metadata.rank0.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + '\n{"fi')
     (tmp_path / "metadata.rank1.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(rows[2]) + "\n")
     merged = generate.merge_metadata(tmp_path)
     assert merged == rows[:3]  # deduplicated, sorted, and rows[3] dropped: its image is missing
@@ -233,7 +319,9 @@ def test_only_the_main_process_reads_the_prompts():
     main = types.SimpleNamespace(is_main_process=True, num_processes=2)
     other = types.SimpleNamespace(is_main_process=False, num_processes=2)
     assert generate.on_main_process(main, lambda: ["a cat"], broadcast) == ["a cat"]
-    assert generate.on_main_process(other, lambda: pytest.fail("a non-main process read the prompts"), broadcast) == ["a cat"]
+    assert generate.on_main_process(other, lambda: pytest.fail("a non-main process read the prompts"), broadcast) == [
+        "a cat"
+    ]
 
     sent.clear()
 
@@ -250,13 +338,35 @@ def test_two_processes_read_prompts_from_a_dataset(tiny_pipeline, pickapic_parqu
     """torchrun with --dataset: the prompts reach the second process from the main one; the folder is complete."""
     out = tmp_path / "mpd"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "generate.py"),
-         "--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset", str(pickapic_parquet), "--resolution", "32",
-         "--num_inference_steps", "2", "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "generate.py"),
+            "--pretrained_model_name_or_path",
+            str(tiny_pipeline),
+            "--dataset",
+            str(pickapic_parquet),
+            "--resolution",
+            "32",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert sorted(r["prompt"] for r in rows) == sorted(generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train")))
+    assert sorted(r["prompt"] for r in rows) == sorted(
+        generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train"))
+    )
 
 
 # ---- model families: SDXL (StableDiffusionXLPipeline) and SD-2.x (v-prediction), and the ones we refuse ----
@@ -270,9 +380,11 @@ def pipelines_own(folder, prompt, seed, steps, **kw):
     import numpy as np
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False) \
-        if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline" \
+    pipe = (
+        DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
         else DiffusionPipeline.from_pretrained(folder, add_watermarker=False)
+    )
     pipe.set_progress_bar_config(disable=True)
     call = dict(num_inference_steps=steps, guidance_scale=7.5, height=32, width=32, **kw)
     noise, _ = generate.initial_noise([seed], (4, 8, 8))
@@ -285,8 +397,11 @@ def assert_pipelines_own(folder, model_folder, key, steps, **kw):
     import numpy as np
     from PIL import Image
 
-    row = next(r for r in (json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines())
-               if (r["prompt_index"], r["image_index"]) == key)
+    row = next(
+        r
+        for r in (json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines())
+        if (r["prompt_index"], r["image_index"]) == key
+    )
     latent, image = pipelines_own(model_folder, row["prompt"], row["seed"], steps, **kw)
     if "latent_file" in row:
         torch.testing.assert_close(load_file(folder / row["latent_file"])["latent"], latent, atol=1e-4, rtol=1e-4)
@@ -297,8 +412,16 @@ def assert_pipelines_own(folder, model_folder, key, steps, **kw):
 def test_sdxl_end_to_end(sdxl_pipeline, prompts_file, tmp_path):
     """An SDXL folder runs its own pipeline class (two text encoders, pooled embedding, micro-conditioning passed
     explicitly and recorded); images and latents are the pipeline's own for each seed, whatever the batch size."""
-    args = ["--pretrained_model_name_or_path", sdxl_pipeline, "--prompts_file", prompts_file, "--num_inference_steps", 2,
-            "--seed", 7]
+    args = [
+        "--pretrained_model_name_or_path",
+        sdxl_pipeline,
+        "--prompts_file",
+        prompts_file,
+        "--num_inference_steps",
+        2,
+        "--seed",
+        7,
+    ]
     proc = run_cli("generate.py", *args, "--batch_size", 3, "--output_dir", tmp_path / "b3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "b3"
@@ -312,8 +435,9 @@ def test_sdxl_end_to_end(sdxl_pipeline, prompts_file, tmp_path):
     for r in rows:
         latent = load_file(out / r["latent_file"])["latent"]
         assert latent.shape == (4, 8, 8) and latent.dtype == torch.float32 and torch.isfinite(latent).all()
-    assert_pipelines_own(out, sdxl_pipeline, (1, 0), 2, original_size=(32, 32), target_size=(32, 32),
-                         crops_coords_top_left=(0, 0))
+    assert_pipelines_own(
+        out, sdxl_pipeline, (1, 0), 2, original_size=(32, 32), target_size=(32, 32), crops_coords_top_left=(0, 0)
+    )
 
     proc = run_cli("generate.py", *args, "--batch_size", 1, "--output_dir", tmp_path / "b1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -324,13 +448,29 @@ def test_sd2_v_prediction_end_to_end(sd2_pipeline, prompts_file, tmp_path):
     """SD-2.x is a StableDiffusionPipeline with a v-prediction scheduler: its folder records the class, and its
     settings have exactly SD-1.5's keys (no micro-conditioning), so SD folders made before keep resuming."""
     out = tmp_path / "sd2"
-    proc = run_cli("generate.py", "--pretrained_model_name_or_path", sd2_pipeline, "--prompts_file", prompts_file,
-                   "--num_inference_steps", 2, "--max_prompts", 2, "--output_dir", out)
+    proc = run_cli(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        sd2_pipeline,
+        "--prompts_file",
+        prompts_file,
+        "--num_inference_steps",
+        2,
+        "--max_prompts",
+        2,
+        "--output_dir",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["model"]["pipeline_class"] == "StableDiffusionPipeline"
-    assert set(cfg["settings"]) == {"pretrained_model_name_or_path", "unet_fingerprint", "prompts_sha256",
-                                    "num_prompts", *generate.IMAGE_SETTINGS}
+    assert set(cfg["settings"]) == {
+        "pretrained_model_name_or_path",
+        "unet_fingerprint",
+        "prompts_sha256",
+        "num_prompts",
+        *generate.IMAGE_SETTINGS,
+    }
     from diffusers import DDIMScheduler
 
     assert DDIMScheduler.from_pretrained(sd2_pipeline, subfolder="scheduler").config.prediction_type == "v_prediction"
@@ -342,33 +482,44 @@ def test_unsupported_pipeline_is_one_line_error(tiny_pipeline, prompts_file, tmp
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0"}))
     base = ["--prompts_file", prompts_file, "--output_dir", tmp_path / "out"]
-    assert_user_error(run_cli("generate.py", "--pretrained_model_name_or_path", other, *base),
-                      "FluxPipeline", "not supported", "StableDiffusionXLPipeline")
+    assert_user_error(
+        run_cli("generate.py", "--pretrained_model_name_or_path", other, *base),
+        "FluxPipeline",
+        "not supported",
+        "StableDiffusionXLPipeline",
+    )
     # a UNet folder instead of a pipeline folder: no model_index.json
-    assert_user_error(run_cli("generate.py", "--pretrained_model_name_or_path", Path(tiny_pipeline) / "unet", *base),
-                      "model_index.json")
+    assert_user_error(
+        run_cli("generate.py", "--pretrained_model_name_or_path", Path(tiny_pipeline) / "unet", *base),
+        "model_index.json",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_sdxl_fp16_decodes_with_an_fp32_vae(sdxl_pipeline, tiny_pipeline):
     """Half precision: SDXL's VAE (config force_upcast) stays float32 and decodes fp16 latents in float32, as
     diffusers' SDXL pipeline decodes; an SD-1.x pipeline keeps its VAE in fp16, as diffusers' does."""
-    pipe = generate.load_pipeline(str(sdxl_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None,
-                                  torch.float16, "cpu")
+    pipe = generate.load_pipeline(
+        str(sdxl_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None, torch.float16, "cpu"
+    )
     assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
     assert generate.model_record(pipe) == {"pipeline_class": "StableDiffusionXLPipeline", "vae_dtype": "float32"}
     x = generate.decode_latents(pipe, torch.randn(1, 4, 8, 8, dtype=torch.float16))
     assert x.dtype == torch.float32 and x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
-    sd = generate.load_pipeline(str(tiny_pipeline), generate.load_unet("base", str(tiny_pipeline)), None,
-                                torch.float16, "cpu")
+    sd = generate.load_pipeline(
+        str(tiny_pipeline), generate.load_unet("base", str(tiny_pipeline)), None, torch.float16, "cpu"
+    )
     assert sd.vae.dtype == torch.float16 and generate.model_record(sd)["vae_dtype"] == "float16"
 
 
 def test_micro_conditioning_follows_the_resolution():
     sdxl, sd = type("StableDiffusionXLPipeline", (), {})(), type("StableDiffusionPipeline", (), {})()
     assert generate.micro_conditioning(sdxl, 1024) == {
-        "original_size": (1024, 1024), "crops_coords_top_left": (0, 0), "target_size": (1024, 1024)}
+        "original_size": (1024, 1024),
+        "crops_coords_top_left": (0, 0),
+        "target_size": (1024, 1024),
+    }
     assert generate.micro_conditioning(sd, 512) == {}
 
 
@@ -378,5 +529,6 @@ def test_unet_of_another_family_is_refused(sdxl_pipeline, tiny_pipeline):
     with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionXLPipeline"):
         generate.load_pipeline(str(sdxl_pipeline), sd_unet, None, torch.float32, "cpu", unet_where="--unet x")
     with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionPipeline"):
-        generate.load_pipeline(str(tiny_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None,
-                               torch.float32, "cpu")
+        generate.load_pipeline(
+            str(tiny_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None, torch.float32, "cpu"
+        )

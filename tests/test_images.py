@@ -1,6 +1,7 @@
 """The user's own photos: every stage reads an image as the RGB picture a viewer sees (decode_image / to_rgb, the same
 text in every script): EXIF-rotated JPEGs upright, transparency over white, 16-bit greyscale scaled, palette, CMYK
 and greyscale converted. Real files, written by Pillow's own encoders."""
+
 import numpy as np
 import pytest
 import torch

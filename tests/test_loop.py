@@ -1,5 +1,6 @@
 """spin_loop.sh's settings, through --dry_run 1 (every stage's command printed, nothing run): per-iteration values,
 the sd15 recipe's Appendix A.1 schedule, the baselines, validation and the launch. The demo runs it for real (CI)."""
+
 import os
 import shlex
 import subprocess
@@ -10,8 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def loop(tmp_path, *flags, **env):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run(["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"),
-                           *flags], capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        ["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"), *flags],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def commands(p, script):
@@ -22,7 +29,7 @@ def commands(p, script):
         if line.startswith("+ ") and f" {script} " in line:
             words = shlex.split(line[2:])
             i = words.index(script)
-            flags, rest = {}, words[i + 1:]
+            flags, rest = {}, words[i + 1 :]
             for j, w in enumerate(rest):
                 if w.startswith("--"):
                     value = rest[j + 1] if j + 1 < len(rest) and not rest[j + 1].startswith("--") else True
@@ -42,7 +49,9 @@ def test_sd15_recipe_is_appendix_a1_per_iteration(tmp_path):
     assert all(int(c["train_batch_size"]) * int(c["gradient_accumulation_steps"]) == 2048 for c in train)
     # plain AdamW and no gradient checkpointing by default (80 GB cards); each is one setting
     assert not any("use_8bit_adam" in c or "gradient_checkpointing" in c for c in train)
-    train = commands(loop(tmp_path, "--recipe", "sd15", "--gradient_checkpointing", "1", "--adam8bit", "1"), "train_spin.py")
+    train = commands(
+        loop(tmp_path, "--recipe", "sd15", "--gradient_checkpointing", "1", "--adam8bit", "1"), "train_spin.py"
+    )
     assert all("use_8bit_adam" in c and "gradient_checkpointing" in c for c in train)
     # the model card's single recipe is one setting away
     card = commands(loop(tmp_path, "--recipe", "sd15", "--schedule", "card"), "train_spin.py")
@@ -50,8 +59,11 @@ def test_sd15_recipe_is_appendix_a1_per_iteration(tmp_path):
 
 
 def test_per_iteration_values_and_their_count(tmp_path):
-    train = [c for c in commands(loop(tmp_path, ITERATIONS="2", BETA="100,200", STEPS="7", TRAIN_SEED="5"), "train_spin.py")
-             if "synthetic_dir" in c]  # the SPIN iterations (the demo also trains its baselines)
+    train = [
+        c
+        for c in commands(loop(tmp_path, ITERATIONS="2", BETA="100,200", STEPS="7", TRAIN_SEED="5"), "train_spin.py")
+        if "synthetic_dir" in c
+    ]  # the SPIN iterations (the demo also trains its baselines)
     assert [(c["beta"], c["max_train_steps"], c["seed"]) for c in train] == [("100", "7", "5"), ("200", "7", "5")]
     for bad in ("1,2", "1,,3", "1,2,3,4"):
         p = loop(tmp_path, "--beta", bad)
@@ -67,7 +79,12 @@ def test_baselines_validation_and_launch(tmp_path):
     train = commands(p, "train_spin.py")
     sft = next(c for c in train if c.get("loss") == "sft")
     dpo = next(c for c in train if c.get("loss") == "dpo")
-    assert (sft["learning_rate"], sft["lr_scheduler"], sft["lr_warmup_steps"], sft["unet"]) == ("1e-5", "constant_with_warmup", "500", "base")
+    assert (sft["learning_rate"], sft["lr_scheduler"], sft["lr_warmup_steps"], sft["unet"]) == (
+        "1e-5",
+        "constant_with_warmup",
+        "500",
+        "base",
+    )
     assert int(sft["train_batch_size"]) * int(sft["gradient_accumulation_steps"]) * 8 == 512
     assert "checkpoints_total_limit" not in sft and sft["checkpointing_steps"] == "500"  # every candidate kept
     assert (dpo["learning_rate"], dpo["beta"], dpo["max_train_steps"], dpo["unet"]) == ("2e-5", "2000", "350", "base")
@@ -91,10 +108,14 @@ def test_recipes_use_dataloader_workers_and_refuse_lora_sft_checkpoints(tmp_path
     train = commands(loop(tmp_path, "--recipe", "sd15"), "train_spin.py")
     assert all(c["dataloader_num_workers"] == "4" for c in train)
     # a LoRA run's checkpoints hold only the adapter: SFT candidates from them would fail at validation, hours later
-    for flags, env in ((["--recipe", "sdxl", "--baselines", "sft", "--sft_checkpoint_steps", "500"], {}),
-                       (["--recipe", "sd15", "--baselines", "sft"], {"EXTRA_TRAIN_ARGS": "--lora_rank 4"})):
+    for flags, env in (
+        (["--recipe", "sdxl", "--baselines", "sft", "--sft_checkpoint_steps", "500"], {}),
+        (["--recipe", "sd15", "--baselines", "sft"], {"EXTRA_TRAIN_ARGS": "--lora_rank 4"}),
+    ):
         p = loop(tmp_path, *flags, **env)
-        assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, p.stderr
+        assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, (
+            p.stderr
+        )
     assert loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft").returncode == 0  # its default: the final SFT only
 
 
@@ -104,16 +125,34 @@ def test_recipes_are_files_a_user_copies_and_edits(tmp_path):
     for name in ("demo", "sd15", "sd21", "sdxl"):
         assert (ROOT / "recipes" / f"{name}.sh").is_file()
     mine = tmp_path / "my_sdxl.sh"
-    mine.write_text((ROOT / "recipes" / "sdxl.sh").read_text().replace("LORA_RANK=${LORA_RANK:-8}", "LORA_RANK=${LORA_RANK:-4}"))
-    p = subprocess.run(["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"),
-                        "--recipe", "my_sdxl.sh"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    mine.write_text(
+        (ROOT / "recipes" / "sdxl.sh").read_text().replace("LORA_RANK=${LORA_RANK:-8}", "LORA_RANK=${LORA_RANK:-4}")
+    )
+    p = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "spin_loop.sh"),
+            "--dry_run",
+            "1",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--recipe",
+            "my_sdxl.sh",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     train = commands(p, "train_spin.py")
     assert [c["lora_rank"] for c in train] == ["4"] * 3 and train[0]["resolution"] == "1024"
     schedule = tmp_path / "slow.sh"
     schedule.write_text("LR=${LR:-1e-6}; BETA=${BETA:-9000}; STEPS=${STEPS:-10,20,30}\n")
     train = commands(loop(tmp_path, "--recipe", "sd15", "--schedule", str(schedule)), "train_spin.py")
-    assert [(c["learning_rate"], c["beta"], c["max_train_steps"]) for c in train] == [("1e-6", "9000", s) for s in ("10", "20", "30")]
+    assert [(c["learning_rate"], c["beta"], c["max_train_steps"]) for c in train] == [
+        ("1e-6", "9000", s) for s in ("10", "20", "30")
+    ]
     for flags, what in ((("--recipe", "nope"), "--recipe"), (("--recipe", "sd15", "--schedule", "nope"), "--schedule")):
         p = loop(tmp_path, *flags)
         assert p.returncode == 2 and p.stderr.startswith(f"error: {what} must be") and len(p.stderr.splitlines()) == 1
@@ -126,15 +165,26 @@ def test_validation_selects_the_best_of_each_family(tmp_path):
 
     (tmp_path / "val_eval").mkdir()
     scores = {"base": 1.0, "iter_1": 2.0, "iter_2": 1.5, "sft-100": 2.5, "sft-200": 0.5, "dpo": 0.1}
-    summary = {"metrics": ["pickscore"], "summary": {n: {"pickscore": {"mean": {"mean": s}}} for n, s in scores.items()}}
+    summary = {
+        "metrics": ["pickscore"],
+        "summary": {n: {"pickscore": {"mean": {"mean": s}}} for n, s in scores.items()},
+    }
     (tmp_path / "val_eval" / "summary.json").write_text(json.dumps(summary))
     unets = [w for n in scores for w in ("--unet", f"{n}=/models/{n}")]
-    p = subprocess.run(["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "pickscore", *unets],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "pickscore", *unets],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "/models/sft-100"
     best = json.loads((tmp_path / "val_eval" / "selection.json").read_text())["best"]
     assert best == {"spin": "iter_1", "sft": "sft-100", "dpo": "dpo", "overall": "sft-100"}
-    p = subprocess.run(["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "hps", *unets],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["python", str(ROOT / "loop_report.py"), "select", str(tmp_path), "hps", *unets],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1 and p.stderr.startswith("error: --val_metric hps was not scored")

@@ -1,5 +1,6 @@
 """sample.py through its CLI on the tiny pipeline: paired seeds across models, per-model folders in
 generate.py's schema, resume, the comparison grid, errors."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 def run_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # 1 thread: fast beside other jobs
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def rows_of(folder):
@@ -46,8 +48,19 @@ def test_models_share_seeds_and_grid(tiny_pipeline, perturbed_unet, tmp_path):
     from PIL import Image
 
     out = tmp_path / "samples"
-    common = ["--pretrained_model_name_or_path", tiny_pipeline, *sum([["--prompt", p] for p in PROMPTS], []),
-              "--num_images_per_prompt", 2, "--num_inference_steps", 4, "--batch_size", 4, "--output_dir", out]
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        *sum([["--prompt", p] for p in PROMPTS], []),
+        "--num_images_per_prompt",
+        2,
+        "--num_inference_steps",
+        4,
+        "--batch_size",
+        4,
+        "--output_dir",
+        out,
+    ]
     proc = run_cli(*common, "--unet", "base", "--unet", perturbed_unet)
     assert proc.returncode == 0, proc.stderr
 
@@ -81,20 +94,34 @@ def test_models_share_seeds_and_grid(tiny_pipeline, perturbed_unet, tmp_path):
 
 
 def test_bad_input_is_one_line_error(tiny_pipeline, tmp_path):
-    for args, words in [(["--unet", "base", "--unet", "base"], "name them"),
-                        (["--unet", tmp_path / "no_such_run"], "no UNet there")]:
-        proc = run_cli("--pretrained_model_name_or_path", tiny_pipeline, "--prompt", "a cat",
-                       "--output_dir", tmp_path / "out", *args)
+    for args, words in [
+        (["--unet", "base", "--unet", "base"], "name them"),
+        (["--unet", tmp_path / "no_such_run"], "no UNet there"),
+    ]:
+        proc = run_cli(
+            "--pretrained_model_name_or_path",
+            tiny_pipeline,
+            "--prompt",
+            "a cat",
+            "--output_dir",
+            tmp_path / "out",
+            *args,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and words in errors[0], proc.stderr
 
 
 def test_model_names():
-    assert sample.parse_models(["base", "runs/x/iter_1", "runs/x/iter_2/unet/", "UCLA-AGI/SPIN-Diffusion-iter3",
-                                "best=runs/x/iter_2"]) == [
-        ("base", "base"), ("iter_1", "runs/x/iter_1"), ("iter_2", "runs/x/iter_2/unet/"),
-        ("SPIN-Diffusion-iter3", "UCLA-AGI/SPIN-Diffusion-iter3"), ("best", "runs/x/iter_2")]
+    assert sample.parse_models(
+        ["base", "runs/x/iter_1", "runs/x/iter_2/unet/", "UCLA-AGI/SPIN-Diffusion-iter3", "best=runs/x/iter_2"]
+    ) == [
+        ("base", "base"),
+        ("iter_1", "runs/x/iter_1"),
+        ("iter_2", "runs/x/iter_2/unet/"),
+        ("SPIN-Diffusion-iter3", "UCLA-AGI/SPIN-Diffusion-iter3"),
+        ("best", "runs/x/iter_2"),
+    ]
     with pytest.raises(sample.UserError):
         sample.parse_models(["a/iter_1", "b/iter_1"])
 
@@ -116,12 +143,21 @@ def pipelines_own_image(folder, prompt, seed, steps=2, **kw):
     from diffusers import DiffusionPipeline
 
     is_sd = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    pipe = DiffusionPipeline.from_pretrained(folder, **({"safety_checker": None, "requires_safety_checker": False}
-                                                        if is_sd else {"add_watermarker": False}))
+    pipe = DiffusionPipeline.from_pretrained(
+        folder, **({"safety_checker": None, "requires_safety_checker": False} if is_sd else {"add_watermarker": False})
+    )
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed))[None]
-    image = pipe(prompt, latents=noise, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
-                 output_type="np", **kw).images[0]
+    image = pipe(
+        prompt,
+        latents=noise,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        output_type="np",
+        **kw,
+    ).images[0]
     return np.round(image * 255).astype(np.uint8)
 
 
@@ -140,9 +176,26 @@ def test_sdxl_models_share_seeds(sdxl_pipeline, tmp_path):
     unet.save_pretrained(tmp_path / "run" / "iter_1" / "unet")
 
     out = tmp_path / "samples"
-    proc = run_cli("--pretrained_model_name_or_path", pipeline, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                   "--num_images_per_prompt", 1, "--num_inference_steps", 2, "--batch_size", 2, "--output_dir", out,
-                   "--unet", "base", "--unet", tmp_path / "run" / "iter_1")
+    proc = run_cli(
+        "--pretrained_model_name_or_path",
+        pipeline,
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--num_images_per_prompt",
+        1,
+        "--num_inference_steps",
+        2,
+        "--batch_size",
+        2,
+        "--output_dir",
+        out,
+        "--unet",
+        "base",
+        "--unet",
+        tmp_path / "run" / "iter_1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     base, iter1 = rows_of(out / "base"), rows_of(out / "iter_1")
     assert base == iter1 and [(r["prompt_index"], r["image_index"]) for r in base] == [(0, 0), (1, 0)]
@@ -150,10 +203,19 @@ def test_sdxl_models_share_seeds(sdxl_pipeline, tmp_path):
         cfg = json.loads((out / name / "run_config.json").read_text())
         assert cfg["model"]["pipeline_class"] == "StableDiffusionXLPipeline"
         assert cfg["settings"]["micro_conditioning"] == {
-            "original_size": [32, 32], "crops_coords_top_left": [0, 0], "target_size": [32, 32]}
+            "original_size": [32, 32],
+            "crops_coords_top_left": [0, 0],
+            "target_size": [32, 32],
+        }
     px = lambda m, r: np.asarray(Image.open(out / m / r["file_name"])).astype(int)
-    want = pipelines_own_image(pipeline, base[1]["prompt"], base[1]["seed"], original_size=(32, 32),
-                               target_size=(32, 32), crops_coords_top_left=(0, 0))
+    want = pipelines_own_image(
+        pipeline,
+        base[1]["prompt"],
+        base[1]["seed"],
+        original_size=(32, 32),
+        target_size=(32, 32),
+        crops_coords_top_left=(0, 0),
+    )
     assert np.abs(px("base", base[1]) - want).max() <= 1
     assert not np.array_equal(px("base", base[1]), px("iter_1", iter1[1]))  # the fine-tuned UNet really was used
     assert (out / "grid.png").is_file()
@@ -162,8 +224,20 @@ def test_sdxl_models_share_seeds(sdxl_pipeline, tmp_path):
 def test_sd2_v_prediction(sd2_pipeline, tmp_path):
     pipeline = sd2_pipeline
     out = tmp_path / "samples"
-    proc = run_cli("--pretrained_model_name_or_path", pipeline, "--prompt", PROMPTS[2], "--num_images_per_prompt", 1,
-                   "--num_inference_steps", 2, "--grid_prompts", 0, "--output_dir", out)
+    proc = run_cli(
+        "--pretrained_model_name_or_path",
+        pipeline,
+        "--prompt",
+        PROMPTS[2],
+        "--num_images_per_prompt",
+        1,
+        "--num_inference_steps",
+        2,
+        "--grid_prompts",
+        0,
+        "--output_dir",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((out / "base" / "run_config.json").read_text())
     assert cfg["model"]["pipeline_class"] == "StableDiffusionPipeline" and "micro_conditioning" not in cfg["settings"]
@@ -177,8 +251,9 @@ def test_sd2_v_prediction(sd2_pipeline, tmp_path):
 def test_unsupported_pipeline_is_one_line_error(tmp_path):
     (tmp_path / "kandinsky").mkdir()
     (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
-    proc = run_cli("--pretrained_model_name_or_path", tmp_path / "kandinsky", "--prompt", "a cat",
-                   "--output_dir", tmp_path / "out")
+    proc = run_cli(
+        "--pretrained_model_name_or_path", tmp_path / "kandinsky", "--prompt", "a cat", "--output_dir", tmp_path / "out"
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "KandinskyV22Pipeline" in errors[0] and "not supported" in errors[0], proc.stderr
@@ -190,7 +265,13 @@ def test_sample_needs_generate_beside_it(tmp_path):
     import shutil
 
     shutil.copy(ROOT / "sample.py", tmp_path / "sample.py")
-    proc = subprocess.run([sys.executable, str(tmp_path / "sample.py"), "--help"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "generate.py beside it" in proc.stderr, \
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "sample.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "generate.py beside it" in proc.stderr, (
         proc.stderr
+    )

@@ -1,6 +1,7 @@
 """train_spin.py, generate.py and evaluate.py are standalone (users copy one file), so a few helpers are repeated in
 each. Every copy of a marked block must stay byte-identical: a fix made in one script must be made in all. sample.py
 builds on generate.py, its sibling: it imports generate.py's machinery instead of carrying a copy."""
+
 import re
 from pathlib import Path
 
@@ -76,12 +77,19 @@ def test_known_import_noise_is_silenced_at_its_source():
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, '.'); import {m}; import bitsandbytes; "
-            "from diffusers import AutoencoderKL, StableDiffusionPipeline; from transformers import CLIPImageProcessor; "
-            "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real warning')")
+    code = (
+        "import sys; sys.path.insert(0, '.'); import {m}; import bitsandbytes; "
+        "from diffusers import AutoencoderKL, StableDiffusionPipeline; from transformers import CLIPImageProcessor; "
+        "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real warning')"
+    )
     for name in SCRIPTS:
-        p = subprocess.run([sys.executable, "-c", code.format(m=name[:-3])], capture_output=True, text=True, cwd=ROOT,
-                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        p = subprocess.run(
+            [sys.executable, "-c", code.format(m=name[:-3])],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         assert "gemm_4bit" not in p.stderr and "torchvision" not in p.stderr, p.stderr
         assert "a real warning" in p.stderr

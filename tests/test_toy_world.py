@@ -1,5 +1,6 @@
 """toy_world.py: the Frechet distance against independent computations, and the CI-sized experiment end to end
 (the SPIN claims, through generate.py and train_spin.py's command lines)."""
+
 import json
 import math
 import os
@@ -52,7 +53,9 @@ def test_fd_properties():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     assert abs(tw.frechet_distance(mu1, c1, mu1, c1)) < 1e-8
     assert tw.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(tw.frechet_distance(mu2, c2, mu1, c1), rel=1e-9)
-    assert tw.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(4 + 1)
+    assert tw.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(
+        4 + 1
+    )
     x = rng.normal(size=(10, 16))  # 10 samples in 16 dimensions: a singular sample covariance
     fd = tw.frechet_distance(*tw.gaussian(x), *tw.gaussian(x + 1))
     assert fd == pytest.approx(16.0, rel=1e-6)  # a pure shift by 1 in every dimension
@@ -75,9 +78,26 @@ def test_sizes_and_flags():
 
     ap = argparse.ArgumentParser()
     tw.add_common(ap)
-    s = tw.sizes_from(ap.parse_args(["--quick", "--beta", "500", "--iterations", "3", "--methods", "spin,sft",
-                                     "--schedules", "paper", "--pretrain", "target", "--synthetic_latent", "image",
-                                     "--independent_pair_noise"]))
+    s = tw.sizes_from(
+        ap.parse_args(
+            [
+                "--quick",
+                "--beta",
+                "500",
+                "--iterations",
+                "3",
+                "--methods",
+                "spin,sft",
+                "--schedules",
+                "paper",
+                "--pretrain",
+                "target",
+                "--synthetic_latent",
+                "image",
+                "--independent_pair_noise",
+            ]
+        )
+    )
     assert s.beta == 500.0 and s.iterations == 3 and s.theta0_steps == tw.QUICK.theta0_steps
     assert tw.method_list(s) == ["spin", "sft"] and tw.schedule_list(s) == ["paper"] and s.pretrain == "target"
     assert s.synthetic_latent == "image" and s.independent_pair_noise
@@ -105,7 +125,8 @@ def test_paper_schedule_is_more_conservative_in_later_iterations():
 
 def test_shifted_world_data(tmp_path):
     """The target training file is Pick-a-Pic pairs whose loser is a shifted-distribution picture of the same caption
-    (greyer background, muted colours, smaller shape further from the centre); the pre-training file holds only shifted pictures."""
+    (greyer background, muted colours, smaller shape further from the centre); the pre-training file holds only
+    shifted pictures."""
     import pyarrow.parquet as pq
 
     from train_spin import decode_image
@@ -163,8 +184,14 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
     out = tmp_path / "toy"
     tag = tw.results_tag(tw.QUICK)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--check", "--output_dir", str(out)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--check", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}"
     r = json.loads((out / f"results_{tag}.json").read_text())
     # the same checks, read back from the results file (what docs/toy_world.md's tables are made from)
@@ -172,18 +199,47 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
     assert all(ok for _, ok in checks)
     assert "FAIL" not in p.stdout and p.stdout.count("PASS") == len(checks), p.stdout[-3000:]
     assert set(r["fd"]) == set(r["fd_sampler"]) and r["floor"]["decoder"] > r["floor"]["real"]
-    for name in ("world.json", "pipeline/model_index.json", "data/train.parquet", "data/test.parquet", "theta0/unet/config.json",
-                 f"fd_{tag}.png", f"samples_{tag}.png"):
+    for name in (
+        "world.json",
+        "pipeline/model_index.json",
+        "data/train.parquet",
+        "data/test.parquet",
+        "theta0/unet/config.json",
+        f"fd_{tag}.png",
+        f"samples_{tag}.png",
+    ):
         assert (out / name).is_file(), name
     # rerun: every stage is found complete, nothing is trained or generated again
-    p2 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--output_dir", str(out)],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    p2 = subprocess.run(
+        [sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert "$ " not in p2.stdout, p2.stdout[-3000:]  # no script was run
     assert json.loads((out / f"results_{tag}.json").read_text())["fd"] == r["fd"]
     # the fd subcommand on the same world reuses the cached evaluation samples
-    p3 = subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "fd", "--world", str(out), "--unet", str(out / "theta0"),
-                         "--names", "theta0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    p3 = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "toy_world.py"),
+            "fd",
+            "--world",
+            str(out),
+            "--unet",
+            str(out / "theta0"),
+            "--names",
+            "theta0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert p3.returncode == 0, p3.stderr[-3000:]
     table = json.loads((out / "fd.json").read_text())
     assert table["fd"]["theta0"] == pytest.approx(r["fd"]["theta_0"])
@@ -194,9 +250,17 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                         norm_num_groups=8, sample_size=tw.RESOLUTION).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=tw.RESOLUTION,
+    ).eval()
 
 
 def test_image_space_latents_are_real_image_latents(tmp_path):
@@ -238,10 +302,19 @@ def test_arm_folders_are_named_after_their_settings():
 
     base = tw.arm_names(tw.FULL)
     assert set(base) == {"sft", "dpo", "spin"}
-    for change, affected in (({"lr": 1e-3}, "sft dpo spin"), ({"steps": 50}, "sft dpo spin"), ({"batch": 16}, "sft dpo spin"),
-                             ({"beta": 500.0}, "dpo spin"), ({"independent_pair_noise": True}, "dpo spin"),
-                             ({"guidance": 3.0}, "spin"), ({"opponent_images": 16}, "spin"), ({"sample_steps": 50}, "spin"),
-                             ({"synthetic_latent": "image"}, "spin"), ({"iterations": 2}, ""), ({"schedules": "paper"}, "")):
+    for change, affected in (
+        ({"lr": 1e-3}, "sft dpo spin"),
+        ({"steps": 50}, "sft dpo spin"),
+        ({"batch": 16}, "sft dpo spin"),
+        ({"beta": 500.0}, "dpo spin"),
+        ({"independent_pair_noise": True}, "dpo spin"),
+        ({"guidance": 3.0}, "spin"),
+        ({"opponent_images": 16}, "spin"),
+        ({"sample_steps": 50}, "spin"),
+        ({"synthetic_latent": "image"}, "spin"),
+        ({"iterations": 2}, ""),
+        ({"schedules": "paper"}, ""),
+    ):
         names = tw.arm_names(dataclasses.replace(tw.FULL, **change))
         for m in base:
             assert (names[m] != base[m]) == (m in affected.split()), (change, m)
@@ -255,16 +328,39 @@ def test_arm_folders_are_named_after_their_settings():
 def fake_results(K=2):
     """A results dict in run_experiment's layout (constant schedule), for the checks and claims."""
     names = ["theta_0"] + [tw.model_key(m, "constant", k) for m in ("sft", "dpo", "spin") for k in range(1, K + 1)]
-    fd = {"theta_0": 10.0, "sft_constant_1": 5.0, "sft_constant_2": 4.9, "dpo_constant_1": 4.0, "dpo_constant_2": 4.5,
-          "spin_constant_1": 6.0, "spin_constant_2": 7.0}
+    fd = {
+        "theta_0": 10.0,
+        "sft_constant_1": 5.0,
+        "sft_constant_2": 4.9,
+        "dpo_constant_1": 4.0,
+        "dpo_constant_2": 4.5,
+        "spin_constant_1": 6.0,
+        "spin_constant_2": 7.0,
+    }
     target = {n: 0.3 if n == "theta_0" else 0.7 for n in names}
-    metrics = {"fd_judge": fd, "target_rate": target, "accuracy": {n: 0.5 for n in names},
-               "fd": {n: 4.0 for n in names}, "fd_sampler": {n: 5.0 for n in names}}
+    metrics = {
+        "fd_judge": fd,
+        "target_rate": target,
+        "accuracy": {n: 0.5 for n in names},
+        "fd": {n: 4.0 for n in names},
+        "fd_sampler": {n: 5.0 for n in names},
+    }
     first = {"first": {"loss": math.log(2)}, "last": {"loss": 0.5}}
-    return {"sizes": {**tw.dataclasses.asdict(tw.QUICK), "iterations": K}, **metrics,
-            "floor": {"real": 1.0, "decoder": 3.0, "judge_real": 0.5, "judge_decoder": 0.3, "acc_real": 1.0,
-                      "acc_decoder": 0.8, "target_real": 1.0, "target_decoder": 0.98},
-            "train_metrics": {n: first for n in names if n != "theta_0"}}
+    return {
+        "sizes": {**tw.dataclasses.asdict(tw.QUICK), "iterations": K},
+        **metrics,
+        "floor": {
+            "real": 1.0,
+            "decoder": 3.0,
+            "judge_real": 0.5,
+            "judge_decoder": 0.3,
+            "acc_real": 1.0,
+            "acc_decoder": 0.8,
+            "target_real": 1.0,
+            "target_decoder": 0.98,
+        },
+        "train_metrics": {n: first for n in names if n != "theta_0"},
+    }
 
 
 def test_checks_and_claims():
@@ -283,5 +379,10 @@ def test_checks_and_claims():
     assert [what for what, ok in tw.checks(r) if not ok][0].startswith("sft_constant_1: judged target")
     c = tw.claims(fake_results(), "fd_judge")
     assert c["SFT 1 improves on theta_0"] and c["SFT plateaus (SFT 2 within 25% of SFT 1's gain)"]
-    assert not c["SPIN 1 > SFT 1"] and not c["SPIN 2 > Diffusion-DPO 2"] and c["SPIN 1 > theta_0"] and not c["SPIN 2 > SPIN 1"]
+    assert (
+        not c["SPIN 1 > SFT 1"]
+        and not c["SPIN 2 > Diffusion-DPO 2"]
+        and c["SPIN 1 > theta_0"]
+        and not c["SPIN 2 > SPIN 1"]
+    )
     assert tw.claims(fake_results(), "target_rate")["SPIN 1 > theta_0"]  # higher is better there

@@ -1,4 +1,5 @@
 """train_spin.py: the loss against an independent computation, and the real script through its command line."""
+
 import json
 import math
 import os
@@ -58,7 +59,9 @@ def error_line(p):
     return last
 
 
-def make_synthetic_dir(path, pipeline, captions=CAPTIONS, unet=None, n_images=2, nan=False, shape=(4, 8, 8), vae_scale=4):
+def make_synthetic_dir(
+    path, pipeline, captions=CAPTIONS, unet=None, n_images=2, nan=False, shape=(4, 8, 8), vae_scale=4
+):
     """A folder in generate.py's contract (run_config.json + metadata.jsonl + images/ + latents/), with random
     latents and random-pixel PNGs of the matching resolution (the tiny VAE downsamples x4, SD's x8: `vae_scale`)."""
     from PIL import Image
@@ -80,18 +83,57 @@ def make_synthetic_dir(path, pipeline, captions=CAPTIONS, unet=None, n_images=2,
                 save_file({"latent": lat}, str(path / "latents" / f"{key}.safetensors"))
                 pixels = rng.integers(0, 256, (shape[1] * vae_scale, shape[2] * vae_scale, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(path / "images" / f"{key}.png")
-                f.write(json.dumps({"file_name": f"images/{key}.png", "latent_file": f"latents/{key}.safetensors",
-                                    "prompt": cap, "prompt_index": pi, "image_index": ii,
-                                    "seed": ts.image_seed(0, pi, ii)}) + "\n")
-    (path / "run_config.json").write_text(json.dumps({"stage": "generate", "model": {
-        "pretrained_model_name_or_path": str(pipeline), "unet": unet or "base", "unet_fingerprint": fp}}))
+                f.write(
+                    json.dumps(
+                        {
+                            "file_name": f"images/{key}.png",
+                            "latent_file": f"latents/{key}.safetensors",
+                            "prompt": cap,
+                            "prompt_index": pi,
+                            "image_index": ii,
+                            "seed": ts.image_seed(0, pi, ii),
+                        }
+                    )
+                    + "\n"
+                )
+    (path / "run_config.json").write_text(
+        json.dumps(
+            {
+                "stage": "generate",
+                "model": {
+                    "pretrained_model_name_or_path": str(pipeline),
+                    "unet": unet or "base",
+                    "unet_fingerprint": fp,
+                },
+            }
+        )
+    )
     return path
 
 
 def train_args(pipe, data, out, cache, *extra, steps=2):
-    return ["train_spin.py", "--pretrained_model_name_or_path", pipe, "--dataset", data, "--output_dir", out,
-            "--cache_dir", cache, "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
-            "--lr_warmup_steps", "0", "--learning_rate", "1e-4", *extra]
+    return [
+        "train_spin.py",
+        "--pretrained_model_name_or_path",
+        pipe,
+        "--dataset",
+        data,
+        "--output_dir",
+        out,
+        "--cache_dir",
+        cache,
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-4",
+        *extra,
+    ]
 
 
 def metrics(out):
@@ -173,9 +215,13 @@ def test_pair_rows_rotates_synthetic_images():
 def test_pair_rows_per_row_pairs_each_row_with_its_own_image():
     """generate.py --per_row records (they carry "row"): row i takes row i's image, never another row's of the
     same caption; a row whose image is missing or of another caption (data mismatch) is reported."""
-    syn = [{"prompt": "a", "row": 0, "path": "r0"}, {"prompt": "b", "row": 1, "path": "r1"},
-           {"prompt": "a", "row": 2, "path": "r2"}, {"prompt": "a", "row": 3, "path": "r3"},
-           {"prompt": "x", "row": 4, "path": "r4"}]
+    syn = [
+        {"prompt": "a", "row": 0, "path": "r0"},
+        {"prompt": "b", "row": 1, "path": "r1"},
+        {"prompt": "a", "row": 2, "path": "r2"},
+        {"prompt": "a", "row": 3, "path": "r3"},
+        {"prompt": "x", "row": 4, "path": "r4"},
+    ]
     pairs, missing = ts.pair_rows(["a", "b", "a", "a", "c", "a"], [True, True, True, True, True, True], syn)
     assert [(row, syn[k]["path"]) for row, k in pairs] == [(0, "r0"), (1, "r1"), (2, "r2"), (3, "r3")]
     assert missing == ["c", "a"]
@@ -214,17 +260,48 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "iter_1"
-    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--beta", "100",
-                    "--learning_rate", "3e-4", "--synthetic_latent", "image", steps=8))
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            out,
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--beta",
+            "100",
+            "--learning_rate",
+            "3e-4",
+            "--synthetic_latent",
+            "image",
+            steps=8,
+        )
+    )
     rows = metrics(out)
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6
     assert rows[0]["implicit_acc"] == 0.0 and abs(rows[0]["real_logratio"]) < 1e-7
-    for key in ("loss", "implicit_acc", "real_logratio", "syn_logratio", "model_mse_real", "model_mse_syn",
-                "ref_mse_real", "ref_mse_syn", "lr", "grad_norm"):
+    for key in (
+        "loss",
+        "implicit_acc",
+        "real_logratio",
+        "syn_logratio",
+        "model_mse_real",
+        "model_mse_syn",
+        "ref_mse_real",
+        "ref_mse_syn",
+        "lr",
+        "grad_norm",
+    ):
         assert all(math.isfinite(r[key]) for r in rows), key
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["finished"] and cfg["stage"] == "train" and cfg["opponent"]["unet_fingerprint"] == cfg["model"]["unet_fingerprint"]
-    assert cfg["data"]["ties_dropped"] == 1 and cfg["data"]["undecodable_rows"] == 1 and cfg["data"]["usable_rows"] == 10
+    assert (
+        cfg["finished"]
+        and cfg["stage"] == "train"
+        and cfg["opponent"]["unet_fingerprint"] == cfg["model"]["unet_fingerprint"]
+    )
+    assert (
+        cfg["data"]["ties_dropped"] == 1 and cfg["data"]["undecodable_rows"] == 1 and cfg["data"]["usable_rows"] == 10
+    )
 
     # the written UNet loads as the model card shows and differs from theta_0
     new = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
@@ -244,15 +321,32 @@ def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_p
     text = torch.cat([ts.ShardedTensors(Path(cfg["cache"]["text"]), "text")[i][None] for i in (1, 2, 3, 4)])
     t, noise, _, _ = ts.draw_noise(torch.Generator().manual_seed(123), 4, tuple(real.shape[1:]), 1000, "shared")
     with torch.no_grad():
+
         def mse(unet, x):
             return ts.per_sample_mse(unet(sched.add_noise(x, noise, t), t, encoder_hidden_states=text).sample, noise)
+
         r_r, r_s, m_r, m_s = mse(old, real), mse(old, syn), mse(new, real), mse(new, syn)
     assert torch.allclose(ts.spin_loss(r_r, r_s, r_r, r_s, 100.0), torch.tensor(math.log(2)))
     assert ts.spin_loss(m_r, m_s, r_r, r_s, 100.0).mean() < math.log(2) - 0.01
 
     # a second run with the same settings is a no-op; with other settings it refuses
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--beta", "100",
-                        "--learning_rate", "3e-4", "--synthetic_latent", "image", steps=8))
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            out,
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--beta",
+            "100",
+            "--learning_rate",
+            "3e-4",
+            "--synthetic_latent",
+            "image",
+            steps=8,
+        )
+    )
     assert "nothing to do" in p.stdout
     p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, steps=8), check=False)
     assert "other settings" in error_line(p)
@@ -297,16 +391,26 @@ def test_a_record_without_a_flag_is_the_same_run_at_its_default(tiny_pipeline, p
     del cfg["identity"]["caption_dropout"]  # as an output_dir trained before --caption_dropout existed
     (out / "run_config.json").write_text(json.dumps(cfg))
     assert "nothing to do" in train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft")).stdout
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--caption_dropout", "0.5"),
-              check=False)
+    p = train(
+        *train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--caption_dropout", "0.5"),
+        check=False,
+    )
     assert "other settings" in error_line(p) and "--caption_dropout 0.0 there vs 0.5 now" in error_line(p)
 
 
 def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     from safetensors.torch import load_file
 
-    common = ["--synthetic_dir", synth, "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
-              "--lr_warmup_steps", "1"]
+    common = [
+        "--synthetic_dir",
+        synth,
+        "--checkpointing_steps",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lr_warmup_steps",
+        "1",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(*train_args(tiny_pipeline, pickapic_parquet, straight, cache, *common, steps=4))
     train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, steps=4))
@@ -316,8 +420,20 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
 
     shutil.rmtree(resumed / "unet")
     # resumed with DataLoader workers making the batches and draws (StepBatches): the same pairs, timesteps and noise
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest",
-                          "--dataloader_num_workers", "2", steps=4))
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            resumed,
+            cache,
+            *common,
+            "--resume_from_checkpoint",
+            "latest",
+            "--dataloader_num_workers",
+            "2",
+            steps=4,
+        )
+    )
     assert "resumed from" in p.stdout and "checkpoint-2" in p.stdout
     a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -325,8 +441,21 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
     # resuming with other settings is refused, not silently continued
-    p = train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--beta", "10",
-                        "--resume_from_checkpoint", str(resumed / "checkpoint-2"), steps=4), check=False)
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            resumed,
+            cache,
+            *common,
+            "--beta",
+            "10",
+            "--resume_from_checkpoint",
+            str(resumed / "checkpoint-2"),
+            steps=4,
+        ),
+        check=False,
+    )
     assert "other settings" in error_line(p)
 
 
@@ -334,7 +463,11 @@ def test_checkpoint_loads_as_the_unet_at_its_step(tiny_pipeline, pickapic_parque
     """load_unet(checkpoint-N) (train_spin.py, generate.py and sample.py share it) = the UNet a run stopped at step
     N writes, same seed (constant lr: the schedule does not depend on the total); LoRA or stray folders: one line."""
     common = ["--loss", "sft", "--lr_scheduler", "constant", "--seed", "3"]
-    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "long", cache, *common, "--checkpointing_steps", "2", steps=4))
+    train(
+        *train_args(
+            tiny_pipeline, pickapic_parquet, tmp_path / "long", cache, *common, "--checkpointing_steps", "2", steps=4
+        )
+    )
     train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "short", cache, *common, steps=2))
     ckpt = ts.load_unet(str(tmp_path / "long" / "checkpoint-2"), str(tiny_pipeline)).state_dict()
     final = ts.load_unet(str(tmp_path / "short"), str(tiny_pipeline)).state_dict()
@@ -362,30 +495,73 @@ def test_generate_per_row_trains_each_row_against_its_own_image(tiny_pipeline, p
     """generate.py --per_row (the paper's Algorithm 1): one image per usable row (ties dropped, repeated captions
     kept), prompt_index = the row train_spin.py caches; training pairs row i with image i."""
     synth = tmp_path / "synth_rows"
-    run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet, "--per_row",
-        "--output_dir", synth, "--resolution", "32", "--num_inference_steps", "2", "--batch_size", "4",
-        "--max_train_samples", "6")
+    run(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--dataset",
+        pickapic_parquet,
+        "--per_row",
+        "--output_dir",
+        synth,
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_train_samples",
+        "6",
+    )
     rows = ts.read_jsonl(synth / "metadata.jsonl")
     assert [r["prompt_index"] for r in rows] == list(range(6)) and len({r["prompt"] for r in rows}) == 3  # row 3: a tie
     out = tmp_path / "iter_1"
-    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "6",
-                      steps=1))
+    train(
+        *train_args(
+            tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "6", steps=1
+        )
+    )
     assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-6
-    captions = json.loads((Path(json.loads((out / "run_config.json").read_text())["cache"]["latents"]) / "captions.json").read_text())
+    captions = json.loads(
+        (Path(json.loads((out / "run_config.json").read_text())["cache"]["latents"]) / "captions.json").read_text()
+    )
     _, synthetic = ts.read_synthetic_dir(synth, "sampler")
     pairs, missing = ts.pair_rows(captions, [True] * len(captions), synthetic)
     assert not missing and [(r, synthetic[k]["prompt_index"]) for r, k in pairs] == [(r, r) for r in range(6)]
     assert [captions[r] for r, _ in pairs] == [synthetic[k]["prompt"] for _, k in pairs]
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    p = run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", tmp_path / "prompts.txt",
-            "--per_row", "--output_dir", tmp_path / "x", check=False)
+    p = run(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--prompts_file",
+        tmp_path / "prompts.txt",
+        "--per_row",
+        "--output_dir",
+        tmp_path / "x",
+        check=False,
+    )
     assert "--per_row needs --dataset" in error_line(p)
 
 
 def test_8bit_adam_sft_on_imagefolder_and_dpo(tiny_pipeline, imagefolder, pickapic_parquet, cache, tmp_path):
     out = tmp_path / "sft8"
-    p = train(*train_args(tiny_pipeline, imagefolder, out, cache, "--loss", "sft", "--caption_column", "text",
-                        "--use_8bit_adam", "--caption_dropout", "0.5", steps=3))
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            imagefolder,
+            out,
+            cache,
+            "--loss",
+            "sft",
+            "--caption_column",
+            "text",
+            "--use_8bit_adam",
+            "--caption_dropout",
+            "0.5",
+            steps=3,
+        )
+    )
     assert "1 undecodable images skipped" in p.stdout
     rows = metrics(out)
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
@@ -400,7 +576,10 @@ def test_bad_input_one_line_errors(tiny_pipeline, pickapic_parquet, synth, cache
     out = tmp_path / "out"
 
     def fails(*extra, data=pickapic_parquet, syn=synth):
-        p = train(*train_args(tiny_pipeline, data, out, cache, *(["--synthetic_dir", syn] if syn else []), *extra), check=False)
+        p = train(
+            *train_args(tiny_pipeline, data, out, cache, *(["--synthetic_dir", syn] if syn else []), *extra),
+            check=False,
+        )
         assert not (out / "unet").exists()  # nothing left looking finished
         return error_line(p)
 
@@ -432,23 +611,66 @@ def test_generate_folder_is_accepted(tiny_pipeline, pickapic_parquet, cache, tmp
     if not (ROOT / "generate.py").is_file():
         pytest.skip("generate.py not present")
     synth = tmp_path / "synth_0"
-    run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", pickapic_parquet,
-        "--output_dir", synth, "--resolution", "32", "--num_inference_steps", "2", "--num_images_per_prompt", "2",
-        "--batch_size", "4", "--max_train_samples", "3")  # 3 usable rows: 3 of the 4 captions
+    run(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--dataset",
+        pickapic_parquet,
+        "--output_dir",
+        synth,
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--num_images_per_prompt",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_train_samples",
+        "3",
+    )  # 3 usable rows: 3 of the 4 captions
     assert len(ts.read_jsonl(synth / "metadata.jsonl")) == 6
     out = tmp_path / "iter_1"
-    run(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--max_train_samples", "3",
-                    "--dataloader_num_workers", "2", steps=2))  # worker processes reopen the cache shards
+    run(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            out,
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--max_train_samples",
+            "3",
+            "--dataloader_num_workers",
+            "2",
+            steps=2,
+        )
+    )  # worker processes reopen the cache shards
     assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-6
     # the opponent check through the real command line: theta_1 did not make synth_0
-    p = run(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "iter_2", cache, "--synthetic_dir", synth,
-                        "--unet", out, steps=2), check=False)
+    p = run(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            tmp_path / "iter_2",
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--unet",
+            out,
+            steps=2,
+        ),
+        check=False,
+    )
     assert "opponent must be theta_k" in error_line(p) and p.returncode == 2
 
 
 # ------------------------------------------------------------------------ real data: ties, corrupt images
 @pytest.mark.parametrize("loss", ["spin", "sft", "dpo"])
-def test_every_loss_trains_past_an_epoch_on_ties_and_corrupt_images(loss, tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
+def test_every_loss_trains_past_an_epoch_on_ties_and_corrupt_images(
+    loss, tiny_pipeline, pickapic_parquet, synth, cache, tmp_path
+):
     """Pick-a-Pic has ties and the odd undecodable image: 12 rows, 1 tie, 1 corrupt winner -> 10 usable rows, so
     batch 2 x 12 steps runs through the data more than twice. The counters must not shadow each other (the bug:
     'rows' read overwrote the cache's row count, adding a phantom row per tie that crashed sft and dpo)."""
@@ -466,16 +688,33 @@ def test_every_loss_trains_past_an_epoch_on_ties_and_corrupt_images(loss, tiny_p
 def test_merge_pieces_cut_counts_ties_up_to_the_cut():
     def piece(rows):  # rows: 'u' usable, 'x' undecodable, 't' tie; as encode_piece records them
         kept = [(i, r) for i, r in enumerate(rows) if r != "t"]
-        return {"captions": [f"c{i}" for i, _ in kept], "source_rows": [i for i, _ in kept], "rows_read": len(rows),
-                "ties_dropped": rows.count("t"), "valid": [r == "u" for _, r in kept]}
+        return {
+            "captions": [f"c{i}" for i, _ in kept],
+            "source_rows": [i for i, _ in kept],
+            "rows_read": len(rows),
+            "ties_dropped": rows.count("t"),
+            "valid": [r == "u" for _, r in kept],
+        }
 
     pieces = [piece("utxu"), piece("ttuu"), piece("utu")]
     whole = ts.merge_pieces(pieces, None)
-    assert whole["counts"] == {"cache_rows": 7, "usable_rows": 6, "rows_read": 11, "ties_dropped": 4, "undecodable_rows": 1}
+    assert whole["counts"] == {
+        "cache_rows": 7,
+        "usable_rows": 6,
+        "rows_read": 11,
+        "ties_dropped": 4,
+        "undecodable_rows": 1,
+    }
     assert whole["sizes"] == [3, 2, 2] and whole["valid"] == [True, False, True, True, True, True, True]
     # the first 4 cache rows, as one stream would read them: u t x u | t t u -> 7 rows read, 3 ties
     cut = ts.merge_pieces(pieces, 4)
-    assert cut["counts"] == {"cache_rows": 4, "usable_rows": 3, "rows_read": 7, "ties_dropped": 3, "undecodable_rows": 1}
+    assert cut["counts"] == {
+        "cache_rows": 4,
+        "usable_rows": 3,
+        "rows_read": 7,
+        "ties_dropped": 3,
+        "undecodable_rows": 1,
+    }
     assert cut["captions"] == ["c0", "c2", "c3", "c2"] and cut["sizes"] == [3, 2]
     # a cut at a piece's end does not count the ties after its last usable row
     assert ts.merge_pieces([piece("uutt"), piece("u")], 2)["counts"]["rows_read"] == 2
@@ -492,8 +731,23 @@ def test_bf16_autocast_first_loss_is_ln2(tiny_pipeline, pickapic_parquet, synth,
     """The precision path a GPU takes (bf16 autocast) runs on CPU too: policy and reference must take the same path,
     so that the margin is exactly 0 at step 0."""
     out = tmp_path / "bf16"
-    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, "--mixed_precision", "bf16",
-                      "--beta", "100", "--learning_rate", "3e-4", steps=4))
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            out,
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--mixed_precision",
+            "bf16",
+            "--beta",
+            "100",
+            "--learning_rate",
+            "3e-4",
+            steps=4,
+        )
+    )
     rows = metrics(out)
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
@@ -501,13 +755,27 @@ def test_bf16_autocast_first_loss_is_ln2(tiny_pipeline, pickapic_parquet, synth,
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["args"]["mixed_precision"] == "bf16" and cfg["precision"]["frozen_weights"] == "torch.bfloat16"
     # ... and autocast really ran: the same first batch in fp32 gives other errors
-    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "fp32", cache, "--synthetic_dir", synth,
-                      "--mixed_precision", "no", steps=1))
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            tmp_path / "fp32",
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--mixed_precision",
+            "no",
+            steps=1,
+        )
+    )
     fp32 = metrics(tmp_path / "fp32")[0]
     # the latents and prompt embeddings of fp32 encoders are not those of bf16 ones: their own cache entries
     fp32_cache = json.loads((tmp_path / "fp32" / "run_config.json").read_text())["cache"]
     assert fp32_cache["latents"] != cfg["cache"]["latents"] and fp32_cache["text"] != cfg["cache"]["text"]
-    assert fp32["model_mse_real"] != rows[0]["model_mse_real"] and abs(fp32["model_mse_real"] - rows[0]["model_mse_real"]) < 1e-2
+    assert (
+        fp32["model_mse_real"] != rows[0]["model_mse_real"]
+        and abs(fp32["model_mse_real"] - rows[0]["model_mse_real"]) < 1e-2
+    )
 
 
 # ------------------------------------------------------------------------------ several processes (torchrun)
@@ -520,19 +788,66 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
 
     data = tmp_path / "data"
     for i in range(3):  # ties in every file, an undecodable winner in one
-        tiny.build_pickapic_parquet(data / f"train-{i:05d}-of-00003.parquet", n_rows=6, seed=i, tie_rows=(i,),
-                                    corrupt_rows=(4,) if i == 1 else ())
+        tiny.build_pickapic_parquet(
+            data / f"train-{i:05d}-of-00003.parquet",
+            n_rows=6,
+            seed=i,
+            tie_rows=(i,),
+            corrupt_rows=(4,) if i == 1 else (),
+        )
     synth = make_synthetic_dir(tmp_path / "synth", tiny_pipeline)
-    common = ["--pretrained_model_name_or_path", tiny_pipeline, "--dataset", data, "--streaming", "--synthetic_dir", synth,
-              "--resolution", "32", "--max_train_steps", "4", "--lr_warmup_steps", "0", "--learning_rate", "1e-4",
-              "--checkpointing_steps", "2", "--seed", "3", "--synthetic_latent", "image"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # torchrun's threads
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_pipeline,
+        "--dataset",
+        data,
+        "--streaming",
+        "--synthetic_dir",
+        synth,
+        "--resolution",
+        "32",
+        "--max_train_steps",
+        "4",
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-4",
+        "--checkpointing_steps",
+        "2",
+        "--seed",
+        "3",
+        "--synthetic_latent",
+        "image",
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+    }  # torchrun's threads
 
     def launch(nproc, out, cache, batch, *extra):
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [])
-        p = subprocess.run([*cmd, str(ROOT / "train_spin.py"), *map(str, common), "--output_dir", str(out),
-                            "--cache_dir", str(cache), "--train_batch_size", str(batch), *map(str, extra)],
-                           capture_output=True, text=True, env=env, cwd=ROOT)
+        cmd = [sys.executable] + (
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+        )
+        p = subprocess.run(
+            [
+                *cmd,
+                str(ROOT / "train_spin.py"),
+                *map(str, common),
+                "--output_dir",
+                str(out),
+                "--cache_dir",
+                str(cache),
+                "--train_batch_size",
+                str(batch),
+                *map(str, extra),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return p
 
@@ -554,7 +869,11 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
             else:
                 assert f.read_text() == (b / f.name).read_text(), f.name
     info = json.loads(next(Path(tmp_path / "c2").glob("latents-*/info.json")).read_text())
-    assert info["sizes"] == [5, 5, 5] and (info["usable_rows"], info["ties_dropped"], info["undecodable_rows"]) == (14, 3, 1)
+    assert info["sizes"] == [5, 5, 5] and (info["usable_rows"], info["ties_dropped"], info["undecodable_rows"]) == (
+        14,
+        3,
+        1,
+    )
 
     # the same weights up to float summation order: far closer than the training moved them
     def weights(d):
@@ -577,27 +896,64 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     assert at_step_2.keys() == w0.keys() and any(not torch.equal(at_step_2[k], w0[k]) for k in w0)
     # ... but not on another number of processes: the global batch, each process's rows and its draws would differ
     assert json.loads((two / "checkpoint-2" / "train_state.json").read_text())["num_processes"] == 2
-    p = train("train_spin.py", *map(str, common), "--output_dir", tmp_path / "one_more", "--cache_dir", tmp_path / "c2",
-              "--train_batch_size", "1", "--resume_from_checkpoint", two / "checkpoint-2", check=False)
+    p = train(
+        "train_spin.py",
+        *map(str, common),
+        "--output_dir",
+        tmp_path / "one_more",
+        "--cache_dir",
+        tmp_path / "c2",
+        "--train_batch_size",
+        "1",
+        "--resume_from_checkpoint",
+        two / "checkpoint-2",
+        check=False,
+    )
     assert "written by a run of 2 process(es), this one has 1" in error_line(p)
 
     # LoRA with bf16 autocast and gradient checkpointing under the same launch: one run, first loss ln 2
-    p = launch(2, tmp_path / "lora", tmp_path / "c2", 1, "--lora_rank", "4", "--mixed_precision", "bf16",
-               "--gradient_checkpointing", "--checkpointing_steps", "100")
-    assert p.stdout.count("training spin") == 1 and (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    p = launch(
+        2,
+        tmp_path / "lora",
+        tmp_path / "c2",
+        1,
+        "--lora_rank",
+        "4",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--checkpointing_steps",
+        "100",
+    )
+    assert (
+        p.stdout.count("training spin") == 1
+        and (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    )
     assert metrics(tmp_path / "lora")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
-def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
+def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(
+    tiny_pipeline, pickapic_parquet, synth, cache, tmp_path
+):
     """--lora_rank: the reference is the UNet with its adapter off (no copy), so the first loss is exactly ln 2; unet/
     is the merged UNet (what the next iteration's generate.py loads) and equals the base pipeline plus lora/ loaded
     with load_lora_weights; 8-bit AdamW, gradient checkpointing and an exact resume work with it."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    common = ["--synthetic_dir", synth, "--lora_rank", "4", "--learning_rate", "1e-3", "--gradient_checkpointing",
-              "--use_8bit_adam", "--checkpointing_steps", "2"]
+    common = [
+        "--synthetic_dir",
+        synth,
+        "--lora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--gradient_checkpointing",
+        "--use_8bit_adam",
+        "--checkpointing_steps",
+        "2",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(*train_args(tiny_pipeline, pickapic_parquet, straight, cache, *common, steps=4))
     rows = metrics(straight)
@@ -635,7 +991,11 @@ def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(tiny_pipeli
     import shutil
 
     shutil.rmtree(resumed / "unet")
-    train(*train_args(tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest", steps=4))
+    train(
+        *train_args(
+            tiny_pipeline, pickapic_parquet, resumed, cache, *common, "--resume_from_checkpoint", "latest", steps=4
+        )
+    )
     again = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(merged[k], again[k]) for k in merged)
 
@@ -653,10 +1013,24 @@ def test_lora_reference_is_the_same_unet_without_adapter(tiny_pipeline):
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([100]), torch.randn(1, 77, plain.config.cross_attention_dim)
     with torch.no_grad():
         assert torch.equal(ref(x, t, encoder_hidden_states=text).sample, plain(x, t, encoder_hidden_states=text).sample)
-        assert not torch.equal(unet(x, t, encoder_hidden_states=text).sample, plain(x, t, encoder_hidden_states=text).sample)
-    p = train(*train_args(tiny_pipeline, tiny.build_pickapic_parquet(Path(str(tiny_pipeline)).parent / "lp.parquet"),
-                          Path(str(tiny_pipeline)).parent / "lbad", Path(str(tiny_pipeline)).parent / "lc", "--loss", "sft",
-                          "--lora_rank", "4", "--lora_target_modules", "no_such_module"), check=False)
+        assert not torch.equal(
+            unet(x, t, encoder_hidden_states=text).sample, plain(x, t, encoder_hidden_states=text).sample
+        )
+    p = train(
+        *train_args(
+            tiny_pipeline,
+            tiny.build_pickapic_parquet(Path(str(tiny_pipeline)).parent / "lp.parquet"),
+            Path(str(tiny_pipeline)).parent / "lbad",
+            Path(str(tiny_pipeline)).parent / "lc",
+            "--loss",
+            "sft",
+            "--lora_rank",
+            "4",
+            "--lora_target_modules",
+            "no_such_module",
+        ),
+        check=False,
+    )
     assert "--lora_target_modules" in error_line(p)
 
 
@@ -668,15 +1042,44 @@ def test_v_prediction_end_to_end(sd2_pipeline, pickapic_parquet, tmp_path):
     pipe = sd2_pipeline
     assert json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     synth = tmp_path / "synth_0"
-    run("generate.py", "--pretrained_model_name_or_path", pipe, "--dataset", pickapic_parquet, "--output_dir", synth,
-        "--resolution", "32", "--num_inference_steps", "2", "--num_images_per_prompt", "2", "--batch_size", "4")
+    run(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        pipe,
+        "--dataset",
+        pickapic_parquet,
+        "--output_dir",
+        synth,
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--num_images_per_prompt",
+        "2",
+        "--batch_size",
+        "4",
+    )
     out = tmp_path / "iter_1"
-    train(*train_args(pipe, pickapic_parquet, out, tmp_path / "cache", "--synthetic_dir", synth, "--beta", "100",
-                      "--learning_rate", "3e-4", steps=6))
+    train(
+        *train_args(
+            pipe,
+            pickapic_parquet,
+            out,
+            tmp_path / "cache",
+            "--synthetic_dir",
+            synth,
+            "--beta",
+            "100",
+            "--learning_rate",
+            "3e-4",
+            steps=6,
+        )
+    )
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and rows[-1]["loss"] < rows[0]["loss"]
     # the errors logged are against the velocity: recompute the first reference error on one pair by hand
     from diffusers import DDPMScheduler
+
     sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
     x, eps, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
     a = sched.alphas_cumprod[500]
@@ -685,7 +1088,8 @@ def test_v_prediction_end_to_end(sd2_pipeline, pickapic_parquet, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- SDXL
 def wide_pickapic(path, n=6):
-    """Pick-a-Pic rows whose images are 48x32 (wider than tall): a real crop, so SDXL's micro-conditioning is not trivial."""
+    """Pick-a-Pic rows whose images are 48x32 (wider than tall): a real crop, so SDXL's micro-conditioning is not "
+    "trivial."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -694,7 +1098,13 @@ def wide_pickapic(path, n=6):
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
     for i in range(n):
         imgs = [tiny.jpeg_bytes(Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))) for _ in range(2)]
-        for k, v in (("caption", CAPTIONS[i % 4]), ("jpg_0", imgs[0]), ("jpg_1", imgs[1]), ("label_0", 1.0), ("label_1", 0.0)):
+        for k, v in (
+            ("caption", CAPTIONS[i % 4]),
+            ("jpg_0", imgs[0]),
+            ("jpg_1", imgs[1]),
+            ("label_0", 1.0),
+            ("label_1", 0.0),
+        ):
             rows[k].append(v)
     pq.write_table(pa.table(rows), str(path))
     return path
@@ -711,8 +1121,21 @@ def test_sdxl_conditioning_is_the_pipelines(dropout, sdxl_pipeline, tmp_path):
     pipe_dir = sdxl_pipeline
     data = wide_pickapic(tmp_path / "wide.parquet")
     out = tmp_path / "sft"
-    train(*train_args(pipe_dir, data, out, tmp_path / "cache", "--loss", "sft", "--learning_rate", "0",
-                      "--caption_dropout", str(dropout), steps=1))
+    train(
+        *train_args(
+            pipe_dir,
+            data,
+            out,
+            tmp_path / "cache",
+            "--loss",
+            "sft",
+            "--learning_rate",
+            "0",
+            "--caption_dropout",
+            str(dropout),
+            steps=1,
+        )
+    )
     logged = metrics(out)[0]["model_mse_real"]
     assert json.loads((out / "run_config.json").read_text())["model"]["conditioning"] == "sdxl"
 
@@ -724,20 +1147,29 @@ def test_sdxl_conditioning_is_the_pipelines(dropout, sdxl_pipeline, tmp_path):
     t, noise, _, _, _ = ts.draw_step(0, 0, 2, 0, 2, tuple(z.shape[1:]), 1000, "shared", dropout)
     prompts = [CAPTIONS[r % 4] for r in rows]
     with torch.no_grad():
-        emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=True)
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
         if dropout:
             emb, pooled = neg, neg_pooled
         assert not dropout or (emb.abs().sum() == 0 and pooled.abs().sum() == 0)  # force_zeros_for_empty_prompt
         time_ids = torch.tensor([[32.0, 48.0, 0.0, 8.0, 32.0, 32.0]] * 2)
         sched = DDPMScheduler.from_pretrained(pipe_dir, subfolder="scheduler")
-        pred = pipe.unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=emb,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        pred = pipe.unet(
+            sched.add_noise(z, noise, t),
+            t,
+            encoder_hidden_states=emb,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
     # the cache keeps embeddings in fp16: agreement to fp16 rounding, far below what a wrong input would change
     assert ((pred - noise) ** 2).mean().item() == pytest.approx(logged, rel=1e-3)
     with torch.no_grad():
-        wrong = pipe.unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=emb,
-                          added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32.0, 0, 0, 32, 32]] * 2)}).sample
+        wrong = pipe.unet(
+            sched.add_noise(z, noise, t),
+            t,
+            encoder_hidden_states=emb,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32.0, 0, 0, 32, 32]] * 2)},
+        ).sample
     assert ((wrong - noise) ** 2).mean().item() != pytest.approx(logged, rel=1e-3)
 
 
@@ -745,11 +1177,16 @@ def test_sdxl_spin_and_dpo_first_loss_ln2_and_lora(sdxl_pipeline, tmp_path):
     pipe_dir = sdxl_pipeline
     data = wide_pickapic(tmp_path / "wide.parquet")
     synth = make_synthetic_dir(tmp_path / "synth", pipe_dir)
-    for name, extra in (("spin", ["--synthetic_dir", synth, "--caption_dropout", "0.5"]), ("dpo", ["--loss", "dpo"]),
-                        ("lora", ["--synthetic_dir", synth, "--lora_rank", "4", "--learning_rate", "1e-3"])):
+    for name, extra in (
+        ("spin", ["--synthetic_dir", synth, "--caption_dropout", "0.5"]),
+        ("dpo", ["--loss", "dpo"]),
+        ("lora", ["--synthetic_dir", synth, "--lora_rank", "4", "--learning_rate", "1e-3"]),
+    ):
         train(*train_args(pipe_dir, data, tmp_path / name, tmp_path / "cache", "--beta", "100", *extra, steps=4))
         rows = metrics(tmp_path / name)
-        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and all(math.isfinite(r["loss"]) for r in rows), name
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and all(
+            math.isfinite(r["loss"]) for r in rows
+        ), name
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -757,8 +1194,21 @@ def test_sdxl_generate_then_train(sdxl_pipeline, pickapic_parquet, tmp_path):
     """The SDXL folder generate.py writes feeds train_spin.py: opponent check, image size, first loss ln 2."""
     pipe_dir = sdxl_pipeline
     synth = tmp_path / "synth_0"
-    run("generate.py", "--pretrained_model_name_or_path", pipe_dir, "--dataset", pickapic_parquet, "--output_dir", synth,
-        "--num_inference_steps", "2", "--num_images_per_prompt", "2", "--batch_size", "4")
+    run(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        pipe_dir,
+        "--dataset",
+        pickapic_parquet,
+        "--output_dir",
+        synth,
+        "--num_inference_steps",
+        "2",
+        "--num_images_per_prompt",
+        "2",
+        "--batch_size",
+        "4",
+    )
     assert json.loads((synth / "run_config.json").read_text())["model"]["pipeline_class"] == "StableDiffusionXLPipeline"
     out = tmp_path / "iter_1"
     train(*train_args(pipe_dir, pickapic_parquet, out, tmp_path / "cache", "--synthetic_dir", synth, steps=2))
@@ -781,8 +1231,12 @@ def test_pair_noise_modes_and_step_batches():
                 item = steps[m]
                 rows = ts.batch_indices(10, 7, 4, m, process, 2)
                 assert item["real"][:, 0, 0, 0].tolist() == [float(r) for r in rows]
-                t, noise, t2, noise2, drop = ts.draw_step(7, m, 4, 2 * process, 2 * process + 2, (4, 2, 2), 1000, mode, 0.5)
-                assert torch.equal(item["t"], t) and torch.equal(item["noise"], noise) and torch.equal(item["drop"], drop)
+                t, noise, t2, noise2, drop = ts.draw_step(
+                    7, m, 4, 2 * process, 2 * process + 2, (4, 2, 2), 1000, mode, 0.5
+                )
+                assert (
+                    torch.equal(item["t"], t) and torch.equal(item["noise"], noise) and torch.equal(item["drop"], drop)
+                )
                 if mode == "shared":
                     assert "t2" not in item and "noise2" not in item  # the loop reuses t and noise
                 else:
@@ -803,7 +1257,10 @@ def test_frozen_weights_in_the_compute_dtype_compute_the_same(tiny_pipeline, sdx
         added = None
         if cfg.addition_embed_type == "text_time":
             pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added = {"text_embeds": torch.randn(2, pooled_dim, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * 2)}
+            added = {
+                "text_embeds": torch.randn(2, pooled_dim, generator=g),
+                "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2),
+            }
         lora = ts.add_lora(copy.deepcopy(unet), 4, None, "to_q,to_v")
         with torch.no_grad():
             for n, p in lora.named_parameters():
@@ -820,8 +1277,9 @@ def test_frozen_weights_in_the_compute_dtype_compute_the_same(tiny_pipeline, sdx
             assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
 
 
-def test_fp16_steps_skipped_by_the_grad_scaler_do_not_advance_the_schedule(tiny_pipeline, pickapic_parquet, cache,
-                                                                          tmp_path, monkeypatch):
+def test_fp16_steps_skipped_by_the_grad_scaler_do_not_advance_the_schedule(
+    tiny_pipeline, pickapic_parquet, cache, tmp_path, monkeypatch
+):
     """fp16's grad scaler skips a step whose gradients overflowed: that step changed no weight, so the learning-rate
     schedule does not advance and metrics.jsonl marks it. (CPU has no fp16 grad scaler: the skip is simulated.)"""
     from accelerate import Accelerator
@@ -834,7 +1292,9 @@ def test_fp16_steps_skipped_by_the_grad_scaler_do_not_advance_the_schedule(tiny_
 
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
     out = tmp_path / "skip"
-    train(*train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--lr_scheduler", "linear", steps=4))
+    train(
+        *train_args(tiny_pipeline, pickapic_parquet, out, cache, "--loss", "sft", "--lr_scheduler", "linear", steps=4)
+    )
     rows = metrics(out)
     assert [r.get("skipped", False) for r in rows] == [False, True, False, False]
     lrs = [r["lr"] for r in rows]
@@ -845,11 +1305,25 @@ def test_deepspeed_and_fsdp_launches_are_refused(tiny_pipeline, pickapic_parquet
     """They would take over accumulation, clipping, autocast and saving: refused in one line naming what works.
     FSDP through the launcher users type; DeepSpeed (whose launcher needs deepspeed installed) by its variable."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "1",
-                        str(ROOT / "train_spin.py"), *map(str, train_args(tiny_pipeline, pickapic_parquet, tmp_path / "f",
-                                                                         cache, "--loss", "sft")[1:])],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode != 0 and "error: FSDP launches are not supported: train_spin.py runs DDP" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--use_fsdp",
+            "--num_processes",
+            "1",
+            str(ROOT / "train_spin.py"),
+            *map(str, train_args(tiny_pipeline, pickapic_parquet, tmp_path / "f", cache, "--loss", "sft")[1:]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert p.returncode != 0 and "error: FSDP launches are not supported: train_spin.py runs DDP" in p.stderr, p.stderr[
+        -2000:
+    ]
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     p = train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "d", cache, "--loss", "sft"), check=False)
     assert "DeepSpeed launches are not supported" in error_line(p) and "--lora_rank" in error_line(p)
@@ -886,8 +1360,22 @@ def test_checkpoint_is_renamed_after_every_process_wrote_into_it(tmp_path):
     script = tmp_path / "race.py"
     script.write_text(CHECKPOINT_RACE)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(ROOT), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(ROOT),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = tmp_path / "out" / "checkpoint-1"
     assert {"random_states_0.pkl", "random_states_1.pkl", "train_state.json"} <= {f.name for f in ckpt.iterdir()}
@@ -901,15 +1389,37 @@ def test_two_nodes_with_node_local_cache_folders_stop_in_one_line(tiny_pipeline,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29547",
-               str(ROOT / "train_spin.py"), *map(str, train_args(tiny_pipeline, pickapic_parquet, tmp_path / "out",
-                                                                tmp_path / f"cache_node{node}", "--loss", "sft")[1:])]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            "29547",
+            str(ROOT / "train_spin.py"),
+            *map(
+                str,
+                train_args(
+                    tiny_pipeline, pickapic_parquet, tmp_path / "out", tmp_path / f"cache_node{node}", "--loss", "sft"
+                )[1:],
+            ),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        )
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode != 0
-        assert "error: --cache_dir must be one folder shared by all 2 processes (process(es) [1] do not see" in err, err[-2000:]
+        assert "error: --cache_dir must be one folder shared by all 2 processes (process(es) [1] do not see" in err, (
+            err[-2000:]
+        )
     assert not list((tmp_path / "cache_node0").glob("latents-*"))  # stopped before any work
 
 
@@ -918,15 +1428,21 @@ def test_diffusers_flag_names_are_aliases(tiny_pipeline, pickapic_parquet, tmp_p
     so the run identity and --help list it once), and --enable_xformers_memory_efficient_attention without xformers
     installed trains as without it and says in one line that PyTorch's attention is used."""
     base = ["--output_dir", "o", "--loss", "sft"]
-    for alias, ours, value, want in (("--dataset_name", "dataset", "d", "d"), ("--train_data_dir", "dataset", "d", "d"),
-                                     ("--proportion_empty_prompts", "caption_dropout", "0.1", 0.1),
-                                     ("--rank", "lora_rank", "4", 4), ("--beta_dpo", "beta", "100", 100.0)):
+    for alias, ours, value, want in (
+        ("--dataset_name", "dataset", "d", "d"),
+        ("--train_data_dir", "dataset", "d", "d"),
+        ("--proportion_empty_prompts", "caption_dropout", "0.1", 0.1),
+        ("--rank", "lora_rank", "4", 4),
+        ("--beta_dpo", "beta", "100", 100.0),
+    ):
         extra = [] if ours == "dataset" else ["--dataset", "x"]
         assert getattr(ts.parse_args([alias, value, *extra, *base]), ours) == want, alias
     args = train_args(tiny_pipeline, pickapic_parquet, tmp_path / "plain", tmp_path / "cache", "--loss", "sft")
     assert train(*args).returncode == 0
-    p = train(*[a if a != str(tmp_path / "plain") else str(tmp_path / "x") for a in map(str, args)],
-              "--enable_xformers_memory_efficient_attention")
+    p = train(
+        *[a if a != str(tmp_path / "plain") else str(tmp_path / "x") for a in map(str, args)],
+        "--enable_xformers_memory_efficient_attention",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     import importlib.util
 
