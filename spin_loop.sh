@@ -76,9 +76,6 @@ VAL_DATASET=${VAL_DATASET:-$DATASET}; VAL_SPLIT=${VAL_SPLIT:-validation_unique}
 VAL_PROMPTS=${VAL_PROMPTS:-500}; VAL_IMAGES=${VAL_IMAGES:-1}; VAL_SEED=${VAL_SEED:-4321}; VAL_METRIC=${VAL_METRIC:-pickscore}
 [[ "$VAL_PROMPTS" =~ ^[0-9]+$ ]] || die "--val_prompts must be a number (0: no validation), not '$VAL_PROMPTS'"
 [[ "$SFT_CHECKPOINT_STEPS" =~ ^[0-9]+$ ]] || die "--sft_checkpoint_steps must be a number (0: the final SFT only), not '$SFT_CHECKPOINT_STEPS'"
-if has_baseline sft && (( SFT_CHECKPOINT_STEPS > 0 )) && [[ -n "${LORA_RANK:-}" || " $EXTRA_TRAIN_ARGS " == *" --lora_rank "* ]]; then
-  die "--sft_checkpoint_steps $SFT_CHECKPOINT_STEPS with LoRA: a LoRA run's checkpoints hold only the adapter and cannot be sampled as a UNet; set --sft_checkpoint_steps 0 (the final SFT only)"
-fi
 
 # ---- per-iteration settings: one value (every iteration) or exactly ITERATIONS, comma-separated -----------------
 PER_ITERATION=(GEN_IMAGES GEN_STEPS TRAIN_BATCH GRAD_ACCUM LR LR_SCHEDULER WARMUP STEPS BETA TRAIN_SEED)

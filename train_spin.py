@@ -2132,10 +2132,11 @@ def checkpoint_start(ckpt):
             f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
             "(model.unet); pass a checkpoint inside a train_spin.py output folder"
         ) from None
-    if (cfg.get("args") or {}).get("lora_rank") or not (ckpt / "model.safetensors").is_file():
+    lora = (cfg.get("args") or {}).get("lora_rank")
+    if not (ckpt / ("adapter.safetensors" if lora else "model.safetensors")).is_file():
         raise UserError(
-            f"--unet {ckpt}: not a full fine-tuning checkpoint (no UNet weights in model.safetensors; "
-            "LoRA checkpoints are not loadable as a UNet): pass the run's finished folder instead"
+            f"--unet {ckpt}: a checkpoint without its weights ({'adapter' if lora else 'model'}.safetensors); "
+            "pass another checkpoint or the run's finished folder"
         )
     return start, base
 
@@ -2143,7 +2144,7 @@ def checkpoint_start(ckpt):
 def load_unet(unet_path, base_path):
     """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
     unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
-    of a full fine-tuning train_spin.py run (its starting UNet's config + the checkpoint's model.safetensors)."""
+    of a train_spin.py run (its starting UNet + the checkpoint's model.safetensors, or its LoRA adapter fused)."""
     from diffusers import UNet2DConditionModel
 
     if is_checkpoint(unet_path):
@@ -2152,6 +2153,8 @@ def load_unet(unet_path, base_path):
         # the run's starting UNet gives the architecture (loaded, not built from its config: diffusers' loading in
         # another thread can leave a model built meanwhile on the meta device), the checkpoint its weights
         unet = load_unet(*checkpoint_start(unet_path))
+        if Path(unet_path, "adapter.safetensors").is_file():
+            return merged_checkpoint_adapter(unet, unet_path)
         try:
             state = load_file(str(Path(unet_path, "model.safetensors")))
             # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
@@ -2171,6 +2174,33 @@ def load_unet(unet_path, base_path):
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
             f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
+
+
+def merged_checkpoint_adapter(unet, ckpt):
+    """A LoRA run's checkpoint-N/ (its adapter, peft names) fused into the run's starting UNet, in float32: what the
+    run's unet/ would hold had it stopped at step N."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    args = json.loads((Path(ckpt).parent / "run_config.json").read_text())["args"]
+    targets = [m.strip() for m in args["lora_target_modules"].split(",") if m.strip()]
+    unet.add_adapter(
+        LoraConfig(
+            r=args["lora_rank"],
+            lora_alpha=args["lora_alpha"] or args["lora_rank"],
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
+    )
+    result = set_peft_model_state_dict(unet, load_file(str(Path(ckpt, "adapter.safetensors"))))
+    if result.unexpected_keys:
+        raise UserError(
+            f"--unet {ckpt}: its adapter does not fit the run's starting UNet (e.g. {result.unexpected_keys[0]})"
+        )
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet.to(torch.float32)
 
 
 def open_dataset(name, split, streaming=False):

@@ -104,20 +104,15 @@ def test_per_row_generation_is_one_setting(tmp_path):
     assert not any("per_row" in c for c in commands(loop(tmp_path), "generate.py"))
 
 
-def test_recipes_use_dataloader_workers_and_refuse_lora_sft_checkpoints(tmp_path):
+def test_recipes_use_dataloader_workers_and_lora_sft_checkpoints_are_candidates(tmp_path):
     train = commands(loop(tmp_path, "--recipe", "sd15"), "train_spin.py")
     assert all(c["dataloader_num_workers"] == "4" for c in train)
-    # a LoRA run's checkpoints hold only the adapter: SFT candidates from them would fail at validation, hours later
-    for flags, env in (
-        (["--recipe", "sdxl", "--baselines", "sft", "--sft_checkpoint_steps", "500"], {}),
-        (["--recipe", "sd15", "--baselines", "sft"], {"EXTRA_TRAIN_ARGS": "--lora_rank 4"}),
-    ):
-        p = loop(tmp_path, *flags, **env)
-        assert p.returncode == 2 and p.stdout == "" and "error: --sft_checkpoint_steps 500 with LoRA" in p.stderr, (
-            p.stderr
-        )
-    assert loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft").returncode == 0  # its default: the final SFT only
-
+    # a LoRA run's checkpoint-N loads as its UNet (the adapter fused): SDXL's SFT checkpoints are validation candidates
+    p = loop(tmp_path, "--recipe", "sdxl", "--baselines", "sft")
+    val = [c for c in commands(p, "sample.py") if "val_samples" in c["output_dir"]][0]
+    assert [u for u in val["unet"] if u.startswith("sft-")] == [
+        f"sft-{n}={tmp_path / 'run' / 'sft' / f'checkpoint-{n}'}" for n in (500, 1000, 1500)
+    ] + [f"sft-2000={tmp_path / 'run' / 'sft'}"]
 
 def test_recipes_are_files_a_user_copies_and_edits(tmp_path):
     """--recipe NAME reads recipes/NAME.sh; --recipe FILE reads a copy of one, relative to where the loop was called;

@@ -461,7 +461,8 @@ def test_exact_resume(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
 
 def test_checkpoint_loads_as_the_unet_at_its_step(tiny_pipeline, pickapic_parquet, cache, tmp_path):
     """load_unet(checkpoint-N) (train_spin.py, generate.py and sample.py share it) = the UNet a run stopped at step
-    N writes, same seed (constant lr: the schedule does not depend on the total); LoRA or stray folders: one line."""
+    N writes, same seed (constant lr: the schedule does not depend on the total), for full fine-tuning and LoRA;
+    a checkpoint without its weights or a stray folder: one line."""
     common = ["--loss", "sft", "--lr_scheduler", "constant", "--seed", "3"]
     train(
         *train_args(
@@ -478,15 +479,39 @@ def test_checkpoint_loads_as_the_unet_at_its_step(tiny_pipeline, pickapic_parque
 
     import shutil
 
-    lora = tmp_path / "lora" / "checkpoint-2"
-    shutil.copytree(tmp_path / "long" / "checkpoint-2", lora)
-    (lora / "model.safetensors").unlink()
-    shutil.copy(tmp_path / "long" / "run_config.json", lora.parent / "run_config.json")
-    with pytest.raises(ts.UserError, match="not a full fine-tuning checkpoint"):
-        ts.load_unet(str(lora), str(tiny_pipeline))
-    (lora.parent / "run_config.json").unlink()
+    # a LoRA run's checkpoint (the adapter alone) loads as the UNet it would have written at step N: fused, float32
+    lora = ["--lora_rank", "4", "--learning_rate", "1e-2"]
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            tmp_path / "lora_long",
+            cache,
+            *common,
+            *lora,
+            "--checkpointing_steps",
+            "2",
+            steps=4,
+        )
+    )
+    train(*train_args(tiny_pipeline, pickapic_parquet, tmp_path / "lora_short", cache, *common, *lora, steps=2))
+    assert not (tmp_path / "lora_long" / "checkpoint-2" / "model.safetensors").exists()
+    ckpt = ts.load_unet(str(tmp_path / "lora_long" / "checkpoint-2"), str(tiny_pipeline)).state_dict()
+    final = ts.load_unet(str(tmp_path / "lora_short"), str(tiny_pipeline)).state_dict()
+    base = ts.load_unet("base", str(tiny_pipeline)).state_dict()
+    assert ckpt.keys() == final.keys() == base.keys() and all(torch.equal(ckpt[k], final[k]) for k in ckpt)
+    assert any(not torch.equal(ckpt[k], base[k]) for k in ckpt)  # the adapter moved the weights
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+
+    broken = tmp_path / "broken" / "checkpoint-2"
+    shutil.copytree(tmp_path / "long" / "checkpoint-2", broken)
+    (broken / "model.safetensors").unlink()
+    shutil.copy(tmp_path / "long" / "run_config.json", broken.parent / "run_config.json")
+    with pytest.raises(ts.UserError, match="a checkpoint without its weights"):
+        ts.load_unet(str(broken), str(tiny_pipeline))
+    (broken.parent / "run_config.json").unlink()
     with pytest.raises(ts.UserError, match="does not name the run's starting UNet"):
-        ts.load_unet(str(lora), str(tiny_pipeline))
+        ts.load_unet(str(broken), str(tiny_pipeline))
     with pytest.raises(ts.UserError, match="no UNet there"):
         ts.load_unet(str(tmp_path / "long" / "logs"), str(tiny_pipeline))
 
