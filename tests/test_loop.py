@@ -114,6 +114,7 @@ def test_recipes_use_dataloader_workers_and_lora_sft_checkpoints_are_candidates(
         f"sft-{n}={tmp_path / 'run' / 'sft' / f'checkpoint-{n}'}" for n in (500, 1000, 1500)
     ] + [f"sft-2000={tmp_path / 'run' / 'sft'}"]
 
+
 def test_recipes_are_files_a_user_copies_and_edits(tmp_path):
     """--recipe NAME reads recipes/NAME.sh; --recipe FILE reads a copy of one, relative to where the loop was called;
     --schedule FILE the same for the per-iteration schedule; an unknown one is one line."""
