@@ -1519,8 +1519,9 @@ def claims(r, metric, schedule="constant"):
 # What CI asserts about the arms (constant schedule, iteration 1, the judge's metrics): only what held on every seed
 # run, with margins well inside the thinnest one seen (docs/toy_world.md, "What CI checks"). Factors on the judge FD
 # (lower is better; None: not asserted) and differences of the judged-target rate (higher is better), each against
-# theta_0. SPIN 1's judge FD is not asserted: on seed 4 it stayed at theta_0's (12.50 vs 12.53).
-CLAIM_MARGINS = {"sft": (0.7, 0.2), "dpo": (0.7, 0.2), "spin": (None, 0.1)}
+# theta_0. SPIN 1's judge FD is not asserted: on seed 4 it stayed at theta_0's (12.50 vs 12.53). Thinnest seen on
+# seeds 0-7: SFT and DPO 1 judge FD 0.60 x theta_0's, judged target +0.24; SPIN 1 judged target +0.14.
+CLAIM_MARGINS = {"sft": (0.8, 0.1), "dpo": (0.8, 0.1), "spin": (None, 0.03)}
 
 
 def claim_checks(r):

@@ -368,11 +368,11 @@ def test_checks_and_claims():
     claims read off a results dict, on the metric's own direction (FD lower, rates higher)."""
     r = fake_results()
     assert all(ok for _, ok in tw.checks(r))
-    r["fd_judge"]["dpo_constant_1"] = 7.5  # DPO 1 below theta_0 but inside the margin, so it fails
+    r["fd_judge"]["dpo_constant_1"] = 8.5  # DPO 1 below theta_0 but inside the margin, so it fails
     r["fd_judge"]["spin_constant_1"] = 10.0  # SPIN 1's judge FD is not asserted (it did not move on one seed run)
     failed = [what for what, ok in tw.checks(r) if not ok]
     assert len(failed) == 1 and failed[0].startswith("dpo_constant_1: judge FD"), failed
-    r["target_rate"]["spin_constant_1"] = 0.35
+    r["target_rate"]["spin_constant_1"] = 0.31
     assert [what for what, ok in tw.checks(r) if not ok][1].startswith("spin_constant_1: judged target")
     r = fake_results()
     r["target_rate"]["sft_constant_1"] = 0.35
