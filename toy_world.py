@@ -1453,7 +1453,7 @@ def plot_samples(p, folders, path, columns=4, dpi=150, small=False):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks (CI): only what held in image space on every seed run (docs/toy_world.md, "What CI checks")
+# Checks (CI): only what held, as the judge sees it, on every seed run (docs/toy_world.md, "What CI checks")
 # ---------------------------------------------------------------------------------------------------------
 def checks(r):
     """[(description, passed)] for a results dict (see docs/toy_world.md, "What CI checks")."""

@@ -17,8 +17,8 @@ GEN_IMAGES=${GEN_IMAGES:-32}; GEN_STEPS=${GEN_STEPS:-10}; GUIDANCE=${GUIDANCE:-7
 GEN_BATCH=${GEN_BATCH:-64}
 TRAIN_BATCH=${TRAIN_BATCH:-32}; GRAD_ACCUM=${GRAD_ACCUM:-1}; LR=${LR:-1e-4}; LR_SCHEDULER=${LR_SCHEDULER:-constant}
 WARMUP=${WARMUP:-0}; STEPS=${STEPS:-100}; BETA=${BETA:-2000}; MIXED_PRECISION=${MIXED_PRECISION:-no}
-# The toy world's measured choice (docs/toy_world.md): in image space SPIN on the sampler's latents beat SPIN on the
-# re-encoded images on 3 of 3 seeds, and only the former moved theta_0 at all.
+# The toy world's measured choice (docs/train_spin.md, --synthetic_latent): in image space SPIN on the sampler's
+# latents beat SPIN on the re-encoded images on 3 of 3 seeds, and only the former moved theta_0 at all.
 SYNTHETIC_LATENT=${SYNTHETIC_LATENT:-sampler}
 # One torch thread per stage: the tiny models gain nothing from more, and on a small shared machine OpenMP threads
 # spinning against other work made one training step 40x slower (12 s instead of 0.3 s; toy_world.py does the same).
