@@ -46,3 +46,29 @@ def pickapic_webdataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory):
     return tiny.build_imagefolder(tmp_path_factory.mktemp("imgs") / "imagefolder", corrupt=(2,))
+
+
+def run_in_process(script, *args):
+    """Run a script's command line in this process, through its own cli() and main() as `python SCRIPT ARGS` would,
+    without the seconds a fresh interpreter spends importing torch and diffusers: returncode, stdout and stderr, as
+    subprocess.run gives them. Tests that need a process of their own (a kill, the environment, torchrun) spawn one."""
+    import contextlib
+    import importlib
+    import io
+    import types
+
+    from accelerate.state import AcceleratorState
+
+    module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run is a fresh launch
+    out, err, code, argv = io.StringIO(), io.StringIO(), 0, sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.cli(module.main)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -16,6 +16,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
+from conftest import run_in_process
+
 import evaluate as ev  # noqa: E402
 import tiny  # noqa: E402
 import tiny_scorers as ts  # noqa: E402
@@ -25,6 +27,8 @@ PROMPTS = ["a red circle", "the big blue squares on a painting", "a cat", "yello
 
 
 def run_cli(*args, env=None):
+    if env is None:  # the same cli()/main() path, in this process (conftest.run_in_process)
+        return run_in_process("evaluate.py", *args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],

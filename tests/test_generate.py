@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import run_in_process  # noqa: E402
+
 import generate  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -20,6 +22,8 @@ COMMON = ["--num_images_per_prompt", "2", "--num_inference_steps", "4", "--seed"
 
 
 def run_cli(script, *args, env=None, **kw):
+    if env is None and not kw:  # the same cli()/main() path, in this process (conftest.run_in_process)
+        return run_in_process(script, *args)
     # One thread per process: the tests run beside other jobs on 2 cores, where OpenMP spinning is very slow.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(

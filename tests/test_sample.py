@@ -13,12 +13,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import run_in_process  # noqa: E402
+
 import sample  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def run_cli(*args):
+    return run_in_process("sample.py", *args)  # the same cli()/main() path, in this process
+
+
+def run_cli_process(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # 1 thread: fast beside other jobs
     return subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
