@@ -40,6 +40,7 @@ EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
 EXTRA_SAMPLE_ARGS=${EXTRA_SAMPLE_ARGS:-}
 EXTRA_EVALUATE_ARGS=${EXTRA_EVALUATE_ARGS:-}
 DRY_RUN=${DRY_RUN:-}               # 1: print every stage's command instead of running it
+[[ "$DRY_RUN" == 0 ]] && DRY_RUN=""   # --dry_run 0: run for real
 die() { echo "error: $*" >&2; exit 2; }
 [[ "$ITERATIONS" =~ ^[1-9][0-9]*$ ]] || die "--iterations must be a positive integer, not '$ITERATIONS'"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_in_process
 
 import tiny
 import train_spin as ts
@@ -19,9 +20,13 @@ CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circl
 
 
 def run(*args, check=True):
-    """Run a script of the repo through its command line, offline."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    """Run a script of the repo through its command line, offline: generate.py in this process (its own cli() and
+    main(), conftest.run_in_process), train_spin.py in a process of its own (DataLoader workers, the real launch)."""
+    if args[0] == "generate.py":
+        p = run_in_process(*args)
+    else:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
