@@ -1804,6 +1804,7 @@ def save_outputs(args, run, models, trainer, metrics_path):
             final = models.unet = trainer.unet = trainer.reference = trainer.optimizer = trainer.trainable = None
             accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
             final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, models.base), out)
+            write_cumulative_lora(args, out)
         save_unet_atomically(final, out)
         cfg = json.loads((out / "run_config.json").read_text())
         write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": trainer.global_step})
@@ -1858,6 +1859,61 @@ def save_lora_outputs(unet, output_dir):
     unet.fuse_lora()
     unet.unload_lora()
     return unet
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
+
+
+def lora_scale(run_dir):
+    """A LoRA run's scale, lora_alpha / lora_rank, from its run_config.json."""
+    a = json.loads((Path(run_dir) / "run_config.json").read_text())["args"]
+    return (a["lora_alpha"] or a["lora_rank"]) / a["lora_rank"]
+
+
+def stack_adapters(adapters):
+    """One adapter equal to the sum of several: [(state dict in diffusers' LoRA names, scale), ...] -> a state dict
+    whose lora_A is the A's stacked and whose lora_B is the scaled B's side by side, so that B A = sum_k scale_k B_k A_k
+    at scale 1 (rank: the sum of the ranks). A module missing from an adapter gets zeros."""
+    modules = sorted({k.rsplit(".lora_", 1)[0] for sd, _ in adapters for k in sd})
+    out = {}
+    for m in modules:
+        shape = next(
+            (sd[f"{m}.lora_A.weight"].shape[1], sd[f"{m}.lora_B.weight"].shape[0])
+            for sd, _ in adapters
+            if f"{m}.lora_A.weight" in sd
+        )
+        a_parts, b_parts = [], []
+        for sd, scale in adapters:
+            rank = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
+            if f"{m}.lora_A.weight" in sd:
+                a_parts.append(sd[f"{m}.lora_A.weight"].float())
+                b_parts.append(sd[f"{m}.lora_B.weight"].float() * scale)
+            else:
+                a_parts.append(torch.zeros(rank, shape[0]))
+                b_parts.append(torch.zeros(shape[1], rank))
+        out[f"{m}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
+        out[f"{m}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
+    return out
+
+
+def write_cumulative_lora(args, out):
+    """output_dir/lora_cumulative/: theta_{k+1} as one adapter on the base pipeline's UNet. Each LoRA iteration's unet/
+    is its starting UNet with its adapter fused, so theta_{k+1} = theta_0 + the sum of every iteration's scaled B A,
+    which stack_adapters turns into one adapter (rank: the sum). The starting UNet's own lora_cumulative/ (or lora/)
+    gives the earlier iterations; a start that is no LoRA iteration (base, a full fine-tune) contributes none."""
+    start = Path(args.unet) if args.unet not in (None, "", "base") else None
+    adapters = []
+    if start is not None and (start / "lora_cumulative" / LORA_FILE).is_file():
+        adapters.append((load_file(str(start / "lora_cumulative" / LORA_FILE)), 1.0))
+    elif start is not None and (start / "lora" / LORA_FILE).is_file() and (start / "run_config.json").is_file():
+        adapters.append((load_file(str(start / "lora" / LORA_FILE)), lora_scale(start)))
+    adapters.append((load_file(str(out / "lora" / LORA_FILE)), lora_scale(out)))
+    tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(stack_adapters(adapters), str(tmp / LORA_FILE))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def adapter_on_fp32_copy(adapter, args, base):

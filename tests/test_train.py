@@ -1479,3 +1479,48 @@ def test_diffusers_flag_names_are_aliases(tiny_pipeline, pickapic_parquet, tmp_p
     if importlib.util.find_spec("xformers") is None:
         assert "note: xformers is not installed" in p.stdout
     assert metrics(tmp_path / "x")[-1]["loss"] == metrics(tmp_path / "plain")[-1]["loss"]
+
+
+def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic_parquet, cache, tmp_path):
+    """Each LoRA iteration's unet/ is its start with its adapter fused, so theta_2 = theta_0 + scale_1 B_1 A_1 +
+    scale_2 B_2 A_2: iter_2/lora_cumulative/ (rank 4 + 2) loaded with load_lora_weights on the base pipeline predicts
+    what iter_2/unet/ predicts, also when an iteration's lora_alpha is not its rank (its scale folded into B)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    common = ["--loss", "sft", "--learning_rate", "1e-2", "--lr_scheduler", "constant"]
+    it1, it2 = tmp_path / "iter_1", tmp_path / "iter_2"
+    train(*train_args(tiny_pipeline, pickapic_parquet, it1, cache, *common, "--lora_rank", "4", steps=2))
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            it2,
+            cache,
+            *common,
+            "--unet",
+            it1,
+            "--lora_rank",
+            "2",
+            "--lora_alpha",
+            "4",
+            steps=2,
+        )
+    )
+    cumulative = load_file(str(it2 / "lora_cumulative" / ts.LORA_FILE))
+    assert {v.shape[0] for k, v in cumulative.items() if k.endswith("lora_A.weight")} == {6}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    pipe.load_lora_weights(str(it2 / "lora_cumulative"))
+    theta_2, theta_1 = ts.load_unet(str(it2), str(tiny_pipeline)), ts.load_unet(str(it1), str(tiny_pipeline))
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, theta_2.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        a = pipe.unet(x, t, encoder_hidden_states=text).sample
+        b = theta_2(x, t, encoder_hidden_states=text).sample
+        c = theta_1(x, t, encoder_hidden_states=text).sample
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, c, atol=1e-3)  # theta_2, not theta_1
+    # the first iteration's cumulative adapter is its own
+    first = load_file(str(it1 / "lora_cumulative" / ts.LORA_FILE))
+    own = load_file(str(it1 / "lora" / ts.LORA_FILE))
+    assert first.keys() == own.keys() and all(torch.equal(first[k], own[k].float()) for k in own)
