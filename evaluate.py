@@ -1229,6 +1229,8 @@ def main(argv=None):
     weights = {m: s.weights for m, s in scorers.items()}
     report = summarize(rows_by_model, inputs, metrics, args.hps_version, skipped, weights, mp)
     write_tables(out, report)
+    for folder in inputs.dirs:
+        fill_model_card(folder, inputs.metadata[folder.name], report, out)
     counts = {m: {k: v for k, v in c.items() if k != "skipped"} for m, c in report["counts"].items()}
     write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config, weights=weights, counts=counts))
     print((out / "summary.md").read_text())
@@ -1237,6 +1239,51 @@ def main(argv=None):
         f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
         + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else "")
     )
+
+
+CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
+CARD_METRICS = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "Image Reward", "pickscore": "Pickapic Score"}
+
+
+def card_table(summary, model, metrics, n_images, source):
+    """The released cards' evaluation table for one model: per metric, best of N (the paper's selection), the mean
+    and the median over prompts of the per-prompt means."""
+    lines = [
+        f"Scored by evaluate.py on {source} ({n_images} images per prompt).",
+        "",
+        f"| Metric | Best of {n_images} | Mean | Median |",
+        "|---|---|---|---|",
+    ]
+    for m in metrics:
+        s = summary[model][m]
+        lines.append(
+            f"| {CARD_METRICS.get(m, m)} | {s['best_of_n']['mean']:.2f} | {s['mean']['mean']:.2f} | "
+            f"{s['mean']['median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def fill_model_card(folder, rows, report, out):
+    """The sampled model's folder (sample.py's run_config.json names it) holds a model card written by train_spin.py:
+    its evaluation section gets this model's table. Other models (a hub id, base) have no card to fill."""
+    try:
+        made = json.loads((folder / "run_config.json").read_text())
+        card = Path((made.get("model") or {}).get("unet") or "") / "README.md"
+        text = card.read_text()
+    except (OSError, ValueError):
+        return
+    if CARD_EVALUATION not in text or folder.name not in report["summary"]:
+        return
+    per_prompt = {}
+    for r in rows:
+        per_prompt[r["prompt_index"]] = per_prompt.get(r["prompt_index"], 0) + 1
+    n = max(per_prompt.values(), default=1)
+    head, _, rest = text.partition(CARD_EVALUATION)
+    tail = rest[rest.index("\n## ") :] if "\n## " in rest else "\n"
+    table = card_table(report["summary"], folder.name, report["metrics"], n, f"the prompts of {out}")
+    tmp = card.with_name(f"README.md.{os.getpid()}.tmp")
+    tmp.write_text(f"{head}{CARD_EVALUATION}\n\n{table}\n{tail}")
+    os.replace(tmp, card)
 
 
 # ---- plumbing: image folders in, weights files by hub id or local path ----

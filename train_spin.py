@@ -143,6 +143,10 @@ def build_parser():
       help="a checkpoint-N folder, or 'latest' (in output_dir; starts fresh if none)")
     a("--report_to", default="none",
       help="accelerate tracker: tensorboard, wandb, ... (metrics.jsonl is always written)")
+    a("--push_to_hub", action="store_true",
+      help="at the end, upload unet/ (LoRA: also lora/, lora_cumulative/) and the model card README.md")
+    a("--hub_model_id", default=None, help="the hub repository to push to (default: the output folder's name)")
+    a("--hub_token", default=None, help="hub token (default: huggingface_hub's login)")
     # fmt: on
     return p
 
@@ -174,6 +178,9 @@ MAY_CHANGE = (
     "checkpoints_total_limit",  # how many are kept
     "resume_from_checkpoint",  # where to continue from
     "report_to",  # where metrics also go
+    "push_to_hub",  # where the result also goes
+    "hub_model_id",
+    "hub_token",
 )
 
 
@@ -1806,10 +1813,141 @@ def save_outputs(args, run, models, trainer, metrics_path):
             final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, models.base), out)
             write_cumulative_lora(args, out)
         save_unet_atomically(final, out)
-        cfg = json.loads((out / "run_config.json").read_text())
-        write_json_atomic(out / "run_config.json", {**cfg, "finished": True, "global_step": trainer.global_step})
-        run.log(f"wrote {out / 'unet'} (step {trainer.global_step}); metrics in {metrics_path}")
+        cfg = {
+            **json.loads((out / "run_config.json").read_text()),
+            "finished": True,
+            "global_step": trainer.global_step,
+        }
+        write_text_atomic(out / "README.md", model_card(cfg, args.hub_model_id or out.name))
+        write_json_atomic(out / "run_config.json", cfg)
+        run.log(f"wrote {out / 'unet'} (step {trainer.global_step}) and its model card; metrics in {metrics_path}")
+        if args.push_to_hub:
+            push_to_hub(out, args.hub_model_id or out.name, args.hub_token, run.log)
     accelerator.end_training()
+
+
+def iteration_of(unet):
+    """Which SPIN iteration a run makes: 1 from a UNet no SPIN run made, else one more than the run it starts from."""
+    cfg = Path(unet) / "run_config.json" if unet not in (None, "", "base") else None
+    if cfg is None or not cfg.is_file():
+        return 1
+    made = json.loads(cfg.read_text())
+    return iteration_of(made["args"].get("unet")) + 1 if made.get("args", {}).get("loss") == "spin" else 1
+
+
+CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
+
+
+def model_card(cfg, name):
+    """README.md of an output folder, in the form of the released SPIN-Diffusion cards: hub metadata, what it is,
+    the training hyperparameters as those cards list them, how to load it, and the evaluation (evaluate.py's)."""
+    a, model = cfg["args"], cfg["model"]
+    base, lora = model["pretrained_model_name_or_path"], a.get("lora_rank")
+    if a["loss"] == "spin":
+        what = (
+            f"iteration {iteration_of(a.get('unet'))} of SPIN-Diffusion (self-play fine-tuning, arXiv 2402.10210), "
+            f"trained against the samples of the UNet it starts from ({a.get('unet') or 'base'})"
+        )
+    else:
+        what = {
+            "sft": "the SFT baseline (supervised fine-tuning on the real images)",
+            "dpo": "the Diffusion-DPO baseline (winner vs loser pairs)",
+        }[a["loss"]]
+    tags = ["spin-diffusion", "text-to-image", "diffusers", "stable-diffusion"] + (["lora"] if lora else [])
+    meta = [
+        "---",
+        f"base_model: {base}",
+        "datasets:",
+        f"- {a['dataset']}",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+    ]
+    hyper = {
+        "learning_rate": a["learning_rate"],
+        "train_batch_size": a["train_batch_size"],
+        "num_devices": cfg.get("num_processes", 1),
+        "train_gradient_accumulation_steps": a["gradient_accumulation_steps"],
+        "total_train_batch_size": cfg.get("global_batch"),
+        "optimizer": "AdamW8bit" if a.get("use_8bit_adam") else "AdamW",
+        "lr_scheduler": a["lr_scheduler"],
+        "lr_warmup_steps": a["lr_warmup_steps"],
+        "num_training_steps": cfg.get("global_step", a["max_train_steps"]),
+        **({"beta": a["beta"]} if a["loss"] != "sft" else {}),
+        "mixed_precision": a.get("mixed_precision") or "no",
+        **({"lora_rank": lora, "lora_alpha": a.get("lora_alpha") or lora} if lora else {}),
+    }
+    load = [
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)',
+        f'pipe.unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet", torch_dtype=torch.float16)',
+    ]
+    if lora:
+        load += [
+            "# or, as an adapter on the base model: this iteration's change (lora/) or every iteration so far",
+            f'# pipe.load_lora_weights("{name}", subfolder="lora_cumulative")',
+        ]
+    load += ["```"]
+    return "\n".join(
+        meta
+        + [
+            "",
+            f"# {name}",
+            "",
+            f"This UNet is {what}, fine-tuned from [{base}](https://huggingface.co/{base}) on "
+            f"`{a['dataset']}` (split `{a['split']}`). Made by `train_spin.py` (run_config.json holds every setting).",
+            "",
+            "## Training hyperparameters",
+            "",
+            *[f"- {k}: {v}" for k, v in hyper.items()],
+            "",
+            "## Usage",
+            "",
+            "Load the base pipeline and swap in this UNet:",
+            "",
+            *load,
+            "",
+            "## Evaluation",
+            "",
+            CARD_EVALUATION,
+            "",
+            "Not evaluated yet.",
+            "",
+        ]
+    )
+
+
+def write_text_atomic(path, text):
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def push_to_hub(out, repo_id, token, log):
+    """Upload the finished folder's model (unet/, lora/, lora_cumulative/) and its card, nothing half-written: this
+    runs after run_config.json says finished."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        repo = api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(
+            repo_id=getattr(repo, "repo_id", repo_id),
+            folder_path=str(out),
+            allow_patterns=["unet/*", "lora/*", "lora_cumulative/*", "README.md"],
+            commit_message=f"train_spin.py: {out.name}",
+        )
+    except Exception as e:  # the trained model is on disk either way
+        raise UserError(
+            f"--push_to_hub {repo_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; the "
+            f"model is in {out}: push it later with huggingface-cli upload {repo_id} {out}"
+        ) from None
+    log(f"pushed {out} to the hub: {repo_id}")
 
 
 def save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerprint):

@@ -871,3 +871,47 @@ def test_loaders_use_weights_only(monkeypatch, tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ev.UserError, match="cannot load it"):
         ev.torch_load(str(tmp_path / "evil.pt"), "--hps_checkpoint")
+
+
+def test_scoring_a_trained_model_fills_its_model_card(w, samples, tmp_path):
+    """A sample folder made from a train_spin.py output folder (sample.py's run_config.json names it): evaluate.py
+    writes that model's table (best of N, mean, median per metric, as the released cards) into its README.md's
+    evaluation section and leaves the rest of the card as it was."""
+    import shutil
+
+    import train_spin
+
+    model = tmp_path / "iter_1_model"
+    model.mkdir()
+    cfg = {
+        "args": {
+            "loss": "spin",
+            "unet": None,
+            "dataset": "pickapic",
+            "split": "train",
+            "learning_rate": 2e-5,
+            "train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "lr_scheduler": "linear",
+            "lr_warmup_steps": 200,
+            "max_train_steps": 500,
+            "beta": 5000.0,
+            "lora_rank": None,
+        },
+        "model": {"pretrained_model_name_or_path": "base/model"},
+        "global_step": 500,
+    }
+    card = train_spin.model_card(cfg, "someone/iter1")
+    (model / "README.md").write_text(card + "\n## Citation\n\nkept\n")
+    folder = tmp_path / "samples" / "iter_1"
+    shutil.copytree(samples / "iter_1", folder)
+    made = json.loads((folder / "run_config.json").read_text()) if (folder / "run_config.json").is_file() else {}
+    (folder / "run_config.json").write_text(json.dumps({**made, "model": {"unet": str(model)}}))
+    res = run_cli(folder, "--output_dir", tmp_path / "eval", *w["flags"])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]["iter_1"]
+    text = (model / "README.md").read_text()
+    assert text.startswith(card.split(ev.CARD_EVALUATION)[0]) and text.endswith("## Citation\n\nkept\n")
+    s = summary["pickscore"]
+    row = f"| Pickapic Score | {s['best_of_n']['mean']:.2f} | {s['mean']['mean']:.2f} | {s['mean']['median']:.2f} |"
+    assert "| Metric | Best of 2 | Mean | Median |" in text and row in text and "Not evaluated yet" not in text

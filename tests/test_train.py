@@ -1524,3 +1524,71 @@ def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic
     first = load_file(str(it1 / "lora_cumulative" / ts.LORA_FILE))
     own = load_file(str(it1 / "lora" / ts.LORA_FILE))
     assert first.keys() == own.keys() and all(torch.equal(first[k], own[k].float()) for k in own)
+
+
+def test_model_card_and_push_to_hub(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path, monkeypatch):
+    """Every output folder gets a README.md model card in the released cards' form (hub metadata read back by
+    huggingface_hub's own parser, which iteration of what, the hyperparameters, the loading snippet, an evaluation
+    section evaluate.py fills); --push_to_hub uploads unet/ and the card through huggingface_hub's API once the run is
+    finished, and a failed upload is one line that keeps the model."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    calls = []
+
+    def create_repo(self, repo_id, exist_ok=False, **kw):
+        calls.append(("create_repo", repo_id, exist_ok))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kw):
+        cfg = json.loads((Path(folder_path) / "run_config.json").read_text())
+        calls.append(
+            (
+                "upload_folder",
+                repo_id,
+                folder_path,
+                tuple(allow_patterns),
+                cfg["finished"],
+                (Path(folder_path) / "unet" / "config.json").is_file(),
+                (Path(folder_path) / "README.md").is_file(),
+            )
+        )
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    it1 = tmp_path / "iter_1"
+    train(
+        *train_args(
+            tiny_pipeline,
+            pickapic_parquet,
+            it1,
+            cache,
+            "--synthetic_dir",
+            synth,
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/spin-iter1",
+            "--hub_token",
+            "hf_x",
+        )
+    )
+    assert calls[0] == ("create_repo", "someone/spin-iter1", True)
+    assert calls[1][:2] == ("upload_folder", "someone/spin-iter1") and calls[1][4:] == (True, True, True)
+    assert {"unet/*", "README.md"} <= set(calls[1][3])
+    card = ModelCard((it1 / "README.md").read_text())
+    assert card.data.base_model == str(tiny_pipeline) and card.data.pipeline_tag == "text-to-image"
+    assert card.data.library_name == "diffusers" and card.data.datasets == [str(pickapic_parquet)]
+    assert "spin-diffusion" in card.data.tags
+    assert "iteration 1 of SPIN-Diffusion" in card.text and "- learning_rate: 0.0001" in card.text
+    assert 'from_pretrained("someone/spin-iter1", subfolder="unet"' in card.text and ts.CARD_EVALUATION in card.text
+    # iteration 2 counts from the run it starts from
+    assert ts.iteration_of(str(it1)) == 2 and ts.iteration_of("base") == 1
+
+    def refused(self, *a, **kw):
+        raise OSError("401 Client Error: Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refused)
+    sft = tmp_path / "sft"
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, sft, cache, "--loss", "sft", "--push_to_hub"), check=False)
+    assert "--push_to_hub sft: 401 Client Error" in error_line(p) and f"the model is in {sft}" in error_line(p)
+    assert (sft / "unet" / "config.json").is_file() and "the SFT baseline" in (sft / "README.md").read_text()
