@@ -1241,6 +1241,7 @@ def main(argv=None):
     )
 
 
+# the line train_spin.py writes into a model card where the evaluation goes (the same constant there)
 CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
 CARD_METRICS = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "Image Reward", "pickscore": "Pickapic Score"}
 
@@ -1267,8 +1268,10 @@ def fill_model_card(folder, rows, report, out):
     """The sampled model's folder (sample.py's run_config.json names it) holds a model card written by train_spin.py:
     its evaluation section gets this model's table. Other models (a hub id, base) have no card to fill."""
     try:
-        made = json.loads((folder / "run_config.json").read_text())
-        card = Path((made.get("model") or {}).get("unet") or "") / "README.md"
+        unet = (json.loads((folder / "run_config.json").read_text()).get("model") or {}).get("unet")
+        if unet in (None, "", "base"):
+            return
+        card = Path(unet) / "README.md"
         text = card.read_text()
     except (OSError, ValueError):
         return

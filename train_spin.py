@@ -1811,7 +1811,7 @@ def save_outputs(args, run, models, trainer, metrics_path):
             final = models.unet = trainer.unet = trainer.reference = trainer.optimizer = trainer.trainable = None
             accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
             final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, models.base), out)
-            write_cumulative_lora(args, out)
+            write_cumulative_lora(args, out, run.log)
         save_unet_atomically(final, out)
         cfg = {
             **json.loads((out / "run_config.json").read_text()),
@@ -1835,6 +1835,7 @@ def iteration_of(unet):
     return iteration_of(made["args"].get("unet")) + 1 if made.get("args", {}).get("loss") == "spin" else 1
 
 
+# evaluate.py finds the section by this line (the same constant there)
 CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
 
 
@@ -2034,17 +2035,19 @@ def stack_adapters(adapters):
     return out
 
 
-def write_cumulative_lora(args, out):
+def write_cumulative_lora(args, out, log):
     """output_dir/lora_cumulative/: theta_{k+1} as one adapter on the base pipeline's UNet. Each LoRA iteration's unet/
     is its starting UNet with its adapter fused, so theta_{k+1} = theta_0 + the sum of every iteration's scaled B A,
-    which stack_adapters turns into one adapter (rank: the sum). The starting UNet's own lora_cumulative/ (or lora/)
-    gives the earlier iterations; a start that is no LoRA iteration (base, a full fine-tune) contributes none."""
+    which stack_adapters turns into one adapter (rank: the sum). It exists only for a chain that starts at the base
+    UNet: from 'base' this adapter alone, from a LoRA iteration that has one, its lora_cumulative/ plus this adapter.
+    Any other start (a full fine-tune, a hub UNet) is not the base plus adapters, so none is written."""
     start = Path(args.unet) if args.unet not in (None, "", "base") else None
     adapters = []
-    if start is not None and (start / "lora_cumulative" / LORA_FILE).is_file():
+    if start is not None:
+        if not (start / "lora_cumulative" / LORA_FILE).is_file():
+            log(f"note: no lora_cumulative/: --unet {args.unet} is not the base UNet plus LoRA adapters")
+            return
         adapters.append((load_file(str(start / "lora_cumulative" / LORA_FILE)), 1.0))
-    elif start is not None and (start / "lora" / LORA_FILE).is_file() and (start / "run_config.json").is_file():
-        adapters.append((load_file(str(start / "lora" / LORA_FILE)), lora_scale(start)))
     adapters.append((load_file(str(out / "lora" / LORA_FILE)), lora_scale(out)))
     tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1524,6 +1524,11 @@ def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic
     first = load_file(str(it1 / "lora_cumulative" / ts.LORA_FILE))
     own = load_file(str(it1 / "lora" / ts.LORA_FILE))
     assert first.keys() == own.keys() and all(torch.equal(first[k], own[k].float()) for k in own)
+    # a start that is not the base UNet plus adapters (a full fine-tune) has no such adapter: none is written
+    full, lora = tmp_path / "full", tmp_path / "lora_on_full"
+    train(*train_args(tiny_pipeline, pickapic_parquet, full, cache, *common, steps=1))
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, lora, cache, *common, "--unet", full, "--lora_rank", "2"))
+    assert (lora / "lora").is_dir() and not (lora / "lora_cumulative").exists() and "no lora_cumulative/" in p.stdout
 
 
 def test_model_card_and_push_to_hub(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path, monkeypatch):
