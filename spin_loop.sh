@@ -102,6 +102,17 @@ fi
 SYNTHETIC_LATENT=${SYNTHETIC_LATENT:-}   # train_spin.py --synthetic_latent (image | sampler); empty: train_spin.py's default
 SYN_FLAGS=(); [[ -n "$SYNTHETIC_LATENT" ]] && SYN_FLAGS=(--synthetic_latent "$SYNTHETIC_LATENT")
 CACHE_FLAGS=(); [[ -n "${CACHE_DIR:-}" ]] && CACHE_FLAGS=(--cache_dir "$CACHE_DIR")
+# Watching each training stage (train_spin.py --validation_prompts_file): the policy samples these prompts at step 0,
+# every WATCH_STEPS steps and at the end, with the sampling settings below, into its folder's validation/step-N/
+# (and tensorboard / wandb with EXTRA_TRAIN_ARGS="--report_to tensorboard"). --watch_prompts_file "": no images.
+WATCH_PROMPTS_FILE=${WATCH_PROMPTS_FILE:-}; WATCH_STEPS=${WATCH_STEPS:-100}; WATCH_IMAGES=${WATCH_IMAGES:-2}
+if [[ -n "$WATCH_PROMPTS_FILE" ]]; then
+  [[ -f "$WATCH_PROMPTS_FILE" ]] || WATCH_PROMPTS_FILE=$(own_file "$WATCH_PROMPTS_FILE")
+  TRAIN_FLAGS+=(--validation_prompts_file "$WATCH_PROMPTS_FILE" --validation_steps "$WATCH_STEPS"
+    --num_validation_images "$WATCH_IMAGES" --validation_num_inference_steps "$SAMPLE_STEPS"
+    --validation_guidance_scale "$GUIDANCE" --validation_seed "$SAMPLE_SEED")
+  [[ -n "$SCHEDULER" ]] && TRAIN_FLAGS+=(--validation_scheduler "$SCHEDULER")
+fi
 SCHED_FLAGS=(); [[ -n "$SCHEDULER" ]] && SCHED_FLAGS=(--scheduler "$SCHEDULER")
 [[ -n "$DRY_RUN" ]] || mkdir -p "$RUN_DIR"
 say() { printf '\n=== %s\n' "$*"; }

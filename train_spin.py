@@ -61,6 +61,16 @@ from tqdm.auto import tqdm
 # Command line. Flag names follow the diffusers training examples.
 # ---------------------------------------------------------------------------------------------------------
 PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
+# --validation_scheduler names -> diffusers classes: generate.py's --scheduler names
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 
 def build_parser():
@@ -147,6 +157,18 @@ def build_parser():
       help="at the end, upload unet/ (LoRA: also lora/, lora_cumulative/) and the model card README.md")
     a("--hub_model_id", default=None, help="the hub repository to push to (default: the output folder's name)")
     a("--hub_token", default=None, help="hub token (default: huggingface_hub's login)")
+    # validation images while training: the same prompts and seeds at step 0, every N steps and at the end
+    a("--validation_prompts", nargs="+", default=None,
+      help="prompts the policy samples while training: output_dir/validation/step-N/ and --report_to's tracker")
+    a("--validation_prompts_file", default=None, help="the validation prompts, one per line")
+    a("--num_validation_images", type=int, default=2, help="images per validation prompt")
+    a("--validation_steps", type=int, default=100, help="sample the validation prompts every N optimizer steps")
+    a("--validation_seed", type=int, default=0,
+      help="image i of prompt p starts from seed image_seed(seed, p, i), as generate.py --seed makes it")
+    a("--validation_num_inference_steps", type=int, default=50)
+    a("--validation_guidance_scale", type=float, default=7.5)
+    a("--validation_scheduler", choices=sorted(SCHEDULERS), default=None,
+      help="sampler, generate.py's --scheduler names (default: the pipeline's own)")
     # fmt: on
     return p
 
@@ -158,7 +180,27 @@ def parse_args(argv=None):
         args.pair_noise = "independent"
     if args.loss == "spin" and not args.synthetic_dir:
         p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
+    args.validation_prompts = validation_prompts(args.validation_prompts, args.validation_prompts_file)
+    for name in ("num_validation_images", "validation_steps", "validation_num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
     return args
+
+
+def validation_prompts(prompts, prompts_file):
+    """The validation prompts from --validation_prompts or --validation_prompts_file (one per line), blank lines
+    dropped; None for no validation. The run record keeps the list itself."""
+    if prompts and prompts_file:
+        raise UserError("give the validation prompts with --validation_prompts or --validation_prompts_file, not both")
+    if prompts_file:
+        try:
+            prompts = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--validation_prompts_file {prompts_file}: cannot read it ({type(e).__name__})") from None
+        if not any(line.strip() for line in prompts):
+            raise UserError(f"--validation_prompts_file {prompts_file}: no prompts in it")
+    prompts = [q.strip() for q in prompts or [] if q.strip()]
+    return prompts or None
 
 
 # The flags that may differ between a run and its resume or re-run: they change where things are kept, how fast or
@@ -181,6 +223,15 @@ MAY_CHANGE = (
     "push_to_hub",  # where the result also goes
     "hub_model_id",
     "hub_token",
+    # what the validation samples: pictures of the run, drawn from their own generators (the training is unchanged)
+    "validation_prompts",
+    "validation_prompts_file",
+    "num_validation_images",
+    "validation_steps",
+    "validation_seed",
+    "validation_num_inference_steps",
+    "validation_guidance_scale",
+    "validation_scheduler",
 )
 
 
@@ -575,6 +626,8 @@ def train(args, run, models, data, pairs, trainer, metrics_path):
         total=args.max_train_steps, initial=trainer.global_step, disable=not run.main_process, desc=f"train {args.loss}"
     )
     sums = StepSums(run.accelerator)
+    validation = Validation(args, run, models)  # --validation_prompts: pictures of the policy as it trains
+    validation.after_step(trainer.global_step, trainer.unet)  # step 0: what theta_k itself samples
     with progress as bar:  # closed before any error message, so the message is the last line
         for batch in loader:
             row = train_step(batch, args, run, models, data, trainer, sums)
@@ -592,6 +645,8 @@ def train(args, run, models, data, pairs, trainer, metrics_path):
                 save_checkpoint(
                     run.accelerator, run.out, trainer.global_step, trainer.lr_scheduler, args, models.fingerprint
                 )
+            validation.after_step(trainer.global_step, trainer.unet)
+    validation.close()  # the pipeline holds the policy: let save_outputs free it
 
 
 def step_loader(args, run, models, pairs, global_step):
@@ -748,6 +803,175 @@ def refuse_non_finite(step, step_number, accelerator, out):
             + (f"; the last good checkpoint is {last[-1]}" if last else "")
             + "; no unet/ was written"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation images while training: the pictures that show a run diverging or over-training
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline class of each model family, and what it is loaded with: no safety checker (its black images would
+# hide what the model makes) and no watermark, as generate.py loads them.
+VALIDATION_PIPELINES = {
+    "sd": ("StableDiffusionPipeline", {"safety_checker": None, "requires_safety_checker": False}),
+    "sdxl": ("StableDiffusionXLPipeline", {"add_watermarker": False}),
+}
+
+
+class Validation:
+    """--validation_prompts: the policy samples the same prompts from the same seeds before the first step, every
+    --validation_steps and after the last, the way generate.py samples (image i of prompt p from its own seed
+    image_seed(--validation_seed, p, i), the pipeline's final latent decoded here), so step 0 is what generate.py makes
+    from theta_k. Each is written to output_dir/validation/step-N/ (images/, metadata.jsonl, grid.png: a row per
+    prompt) and sent to --report_to's tensorboard or wandb. The main process samples; the rest of the pipeline (VAE,
+    text encoders) is loaded once and kept on the CPU in between. It draws only from its own generators: the training
+    is the same with or without it."""
+
+    def __init__(self, args, run, models):
+        self.args, self.run, self.models, self.pipe = args, run, models, None
+
+    def after_step(self, step, unet):
+        a = self.args
+        if not a.validation_prompts or not (step % a.validation_steps == 0 or step == a.max_train_steps):
+            return
+        folder = self.run.out / "validation" / f"step-{step}"
+        if self.run.main_process and not folder.is_dir():  # a resumed run keeps the steps it already sampled
+            unet = self.run.accelerator.unwrap_model(unet)
+            pixels = self.sample(unet)
+            grid = write_validation_folder(folder, pixels, a.validation_prompts, self.seeds())
+            log_validation_images(self.run.accelerator, grid, pixels, a.validation_prompts, step)
+        self.run.accelerator.wait_for_everyone()
+
+    def seeds(self):
+        n = self.args.num_validation_images
+        return [
+            [image_seed(self.args.validation_seed, p, i) for i in range(n)]
+            for p in range(len(self.args.validation_prompts))
+        ]
+
+    @torch.no_grad()
+    def sample(self, unet):
+        """uint8 images [prompts, images per prompt, H, W, 3]: one pipeline call per prompt, its images' noise from
+        their own seeds, in the run's precision (under autocast, as the policy trains)."""
+        a, device = self.args, self.run.device
+        pipe = self.pipeline(unet)
+        r, f = a.resolution, pipe.vae_scale_factor
+        shape = (unet.config.in_channels, r // f, r // f)
+        extra = {"original_size": (r, r), "crops_coords_top_left": (0, 0), "target_size": (r, r)}
+        was_training = unet.training
+        unet.eval()
+        out = []
+        try:
+            for prompt, seeds in zip(a.validation_prompts, self.seeds()):
+                gens = [torch.Generator().manual_seed(s) for s in seeds]
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                with self.run.accelerator.autocast():
+                    latents = pipe(
+                        prompt=[prompt] * len(seeds),
+                        latents=noise.to(device),
+                        generator=gens,
+                        num_inference_steps=a.validation_num_inference_steps,
+                        guidance_scale=a.validation_guidance_scale,
+                        height=r,
+                        width=r,
+                        output_type="latent",
+                        **(extra if self.models.sdxl else {}),
+                    ).images
+                x = decode_latents(pipe.vae, latents, self.models.sdxl)
+                out.append(((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+        finally:
+            unet.train(was_training)
+            self.offload()
+        return torch.stack(out).cpu().numpy()
+
+    def pipeline(self, unet):
+        """The base pipeline around the policy, loaded on first use; its other parts moved to the device."""
+        if self.pipe is None:
+            import diffusers
+
+            name, kwargs = VALIDATION_PIPELINES[self.models.family]
+            base = self.models.base
+            pipe = load_component(
+                f"the pipeline {base!r}",
+                getattr(diffusers, name).from_pretrained,
+                base,
+                unet=unet,
+                dtype=self.run.dtype,
+                **kwargs,
+            )
+            if self.args.validation_scheduler:
+                cls = getattr(diffusers, SCHEDULERS[self.args.validation_scheduler])
+                pipe.scheduler = cls.from_config(pipe.scheduler.config)
+            pipe.vae.to(self.models.vae_dtype)  # fp32 where the VAE's config asks for it (SDXL's in fp16)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe = pipe
+        for part in self.parts():
+            part.to(self.run.device)
+        return self.pipe
+
+    def parts(self):
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+
+    def offload(self):
+        """The VAE and text encoders go back to the CPU: the training has their memory."""
+        if self.pipe is not None and self.run.device.type != "cpu":
+            for part in self.parts():
+                part.to("cpu")
+
+    def close(self):
+        self.pipe = None
+
+
+def decode_latents(vae, latents, sdxl):
+    """A pipeline's final latent (scaled space) -> image in [-1, 1], as generate.py decodes it: in the VAE's dtype,
+    un-normalised with the VAE config's latents_mean/latents_std where SDXL's has them, else / scaling_factor."""
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if sdxl and mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def validation_grid(pixels):
+    """uint8 [prompts, images, H, W, 3] -> one image: a row per prompt, its images side by side."""
+    return np.concatenate([np.concatenate(list(row), axis=1) for row in pixels], axis=0)
+
+
+def write_validation_folder(folder, pixels, prompts, seeds):
+    """validation/step-N/: images/<key>.png named as generate.py names them, metadata.jsonl (file_name, prompt,
+    prompt_index, image_index, seed) and grid.png; written under a temp name and renamed, so a folder that exists is
+    complete. Returns the grid."""
+    tmp = folder.with_name(f"{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    rows = []
+    for p, (prompt, images) in enumerate(zip(prompts, pixels)):
+        for i, img in enumerate(images):
+            name = f"images/{image_key(p, i)}.png"
+            Image.fromarray(img).save(tmp / name, format="PNG")
+            rows.append({"file_name": name, "prompt": prompt, "prompt_index": p, "image_index": i, "seed": seeds[p][i]})
+    (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grid = validation_grid(pixels)
+    Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return grid
+
+
+def log_validation_images(accelerator, grid, pixels, prompts, step):
+    """The step's pictures to the trackers that show images: tensorboard gets the grid, wandb every image with its
+    prompt as caption."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            images = [wandb.Image(img, caption=f"{p}: {q}") for p, q in enumerate(prompts) for img in pixels[p]]
+            tracker.log({"validation": images}, step=step)
 
 
 # ---------------------------------------------------------------------------------------------------------

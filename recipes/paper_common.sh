@@ -23,6 +23,8 @@ SFT_LR=${SFT_LR:-1e-5}; SFT_LR_SCHEDULER=${SFT_LR_SCHEDULER:-constant_with_warmu
 SFT_STEPS=${SFT_STEPS:-3000}; SFT_CHECKPOINT_STEPS=${SFT_CHECKPOINT_STEPS:-500}
 SFT_GRAD_ACCUM=${SFT_GRAD_ACCUM:-$(( ${GRAD_ACCUM%%,*} / 4 > 0 ? ${GRAD_ACCUM%%,*} / 4 : 1 ))}
 DPO_LR=${DPO_LR:-2e-5}; DPO_BETA=${DPO_BETA:-2000}; DPO_STEPS=${DPO_STEPS:-350}
+# Pictures of every training stage at step 0, every 50 steps and at the end (validation/step-N/ in its folder)
+WATCH_PROMPTS_FILE=${WATCH_PROMPTS_FILE-recipes/watch_prompts.txt}; WATCH_STEPS=${WATCH_STEPS:-50}
 SCORER_FLAGS=()
 DATA_FLAGS=(--streaming)
 [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")

@@ -19,6 +19,8 @@ SAMPLE_PROMPTS=${SAMPLE_PROMPTS:-500}; SAMPLE_IMAGES=${SAMPLE_IMAGES:-5}; SAMPLE
 LORA_RANK=${LORA_RANK:-8}
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}; ADAM8BIT=${ADAM8BIT:-1}   # the example's, for 24 GB
 SFT_CHECKPOINT_STEPS=${SFT_CHECKPOINT_STEPS:-500}   # candidates for validation: a LoRA checkpoint loads as its UNet
+# Pictures of every training stage at step 0, every 250 steps and at the end (validation/step-N/ in its folder)
+WATCH_PROMPTS_FILE=${WATCH_PROMPTS_FILE-recipes/watch_prompts.txt}; WATCH_STEPS=${WATCH_STEPS:-250}
 SCORER_FLAGS=()
 DATA_FLAGS=(--streaming)
 [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")

@@ -184,3 +184,27 @@ def test_validation_selects_the_best_of_each_family(tmp_path):
         timeout=60,
     )
     assert p.returncode == 1 and p.stderr.startswith("error: --val_metric hps was not scored")
+
+
+def test_every_training_stage_is_watched(tmp_path):
+    """Each training stage samples the recipe's watch prompts (train_spin.py --validation_prompts_file) with the
+    recipe's sampling settings; a file of one's own is found from where the loop was called; empty: none."""
+    for recipe, every, steps, sampler in (("demo", "50", "10", "ddim"), ("sd15", "50", "50", None),
+                                          ("sdxl", "250", "50", None)):  # fmt: skip
+        train = commands(loop(tmp_path, "--recipe", recipe, "--baselines", "sft,dpo"), "train_spin.py")
+        assert len(train) == 5, recipe  # 3 iterations and 2 baselines
+        for c in train:
+            assert (ROOT / c["validation_prompts_file"]).is_file() and c["validation_steps"] == every, recipe
+            assert c["validation_num_inference_steps"] == steps and c.get("validation_scheduler") == sampler, recipe
+    (tmp_path / "mine.txt").write_text("a purple hexagon\n")
+    p = subprocess.run(
+        ["bash", str(ROOT / "spin_loop.sh"), "--dry_run", "1", "--run_dir", str(tmp_path / "run"),
+         "--watch_prompts_file", "mine.txt", "--watch_steps", "7"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    train = commands(p, "train_spin.py")
+    assert all(
+        c["validation_prompts_file"] == str(tmp_path / "mine.txt") and c["validation_steps"] == "7" for c in train
+    )
+    off = commands(loop(tmp_path, "--watch_prompts_file", ""), "train_spin.py")
+    assert not any("validation_prompts_file" in c for c in off)
