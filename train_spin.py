@@ -887,6 +887,7 @@ class Validation:
         if self.pipe is None:
             import diffusers
 
+            diffusers.utils.logging.disable_progress_bar()  # its loading bar would break the training's
             name, kwargs = VALIDATION_PIPELINES[self.models.family]
             base = self.models.base
             pipe = load_component(
