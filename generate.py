@@ -364,8 +364,8 @@ def load_pipeline(
             **PIPELINES[class_name]["load"],
         )
     except (OSError, ValueError) as e:
-        hint = f"; {variant_hint(variant)}" if variant else ""
-        raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}{hint}") from None
+        msg = variant_hint(e, variant) if variant else str(e).splitlines()[0]
+        raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
@@ -955,15 +955,18 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
+        if pin.get("variant"):
+            raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
-            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {str(e).splitlines()[0]}; "
-            + (variant_hint(variant) if pin.get("variant") else "check the path or hub id (and HF_HUB_OFFLINE)")
+            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
+            f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
 
 
-def variant_hint(variant):
-    """The end of a loading error while --variant is set: the likely cause and its fix."""
-    return f"no --variant {variant} weight files there? drop --variant, or pass a variant the model has"
+def variant_hint(error, variant):
+    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
 
 
 def merged_checkpoint_adapter(unet, ckpt):

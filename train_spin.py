@@ -782,8 +782,8 @@ def load_component(what, load, *args, **kwargs):
     try:
         return load(*args, **kwargs)
     except (OSError, ValueError) as e:
-        hint = f"; {variant_hint(kwargs['variant'])}" if kwargs.get("variant") else ""
-        raise UserError(f"could not load {what}: {str(e).splitlines()[0]}{hint}") from None
+        msg = variant_hint(e, kwargs["variant"]) if kwargs.get("variant") else str(e).splitlines()[0]
+        raise UserError(f"could not load {what}: {msg}") from None
 
 
 def model_family(unet_config):
@@ -2333,15 +2333,18 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
+        if pin.get("variant"):
+            raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
-            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {str(e).splitlines()[0]}; "
-            + (variant_hint(variant) if pin.get("variant") else "check the path or hub id (and HF_HUB_OFFLINE)")
+            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
+            f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
 
 
-def variant_hint(variant):
-    """The end of a loading error while --variant is set: the likely cause and its fix."""
-    return f"no --variant {variant} weight files there? drop --variant, or pass a variant the model has"
+def variant_hint(error, variant):
+    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
 
 
 def merged_checkpoint_adapter(unet, ckpt):
