@@ -1614,36 +1614,33 @@ def test_variant_and_revision_train_from_the_base_weights_they_name(
         cfg = json.loads((tmp_path / out / "run_config.json").read_text())
         return cfg, [r["loss"] for r in metrics(tmp_path / out)]
 
-    (plain, plain_loss), (fp16, fp16_loss) = (
-        sft(variant_pipeline, "plain"),
-        sft(variant_pipeline, "fp16", "--variant", "fp16"),
-    )
+    plain, plain_loss = sft(variant_pipeline, "plain")
+    fp16, fp16_loss = sft(variant_pipeline, "fp16", "--variant", "fp16")
     other, other_loss = sft(other_pipeline, "other")
-    (main, main_loss), (v2, v2_loss) = sft("org/tiny", "main"), sft("org/tiny", "v2", "--revision", "v2")
+    main, main_loss = sft("org/tiny", "main")
+    v2, v2_loss = sft("org/tiny", "v2", "--revision", "v2")
     assert fp16_loss == other_loss == v2_loss != plain_loss == main_loss
-    fingerprint = {
-        name: cfg["model"]["unet_fingerprint"] for name, cfg in (("plain", plain), ("fp16", fp16), ("v2", v2))
-    }
-    assert fingerprint["fp16"] == fingerprint["v2"] == other["model"]["unet_fingerprint"] != fingerprint["plain"]
+    fingerprint = other["model"]["unet_fingerprint"]
+    assert fp16["model"]["unet_fingerprint"] == v2["model"]["unet_fingerprint"] == fingerprint
+    assert plain["model"]["unet_fingerprint"] != fingerprint
     for kind in ("latents", "text"):
         assert fp16["cache"][kind] != plain["cache"][kind] and v2["cache"][kind] != main["cache"][kind]
-    assert (fp16["identity"]["variant"], v2["identity"]["revision"], plain["identity"]["variant"]) == (
-        "fp16",
-        "v2",
-        None,
-    )
-    assert {"revision", "variant"}.isdisjoint(ts.MAY_CHANGE)
+    # the run's identity: a record from before the flags is the same run, another variant is refused
+    assert {"revision", "variant"}.isdisjoint(ts.MAY_CHANGE) and fp16["identity"]["variant"] == "fp16"
+    assert v2["identity"]["revision"] == "v2" and plain["identity"]["variant"] is None
+    before = {k: v for k, v in plain["identity"].items() if k not in ("revision", "variant")}
+    ts.check_same_run(before, plain["identity"], "x")
     p = train(*train_args(variant_pipeline, pickapic_parquet, tmp_path / "fp16", cache, "--loss", "sft"), check=False)
     assert "--variant 'fp16' there vs None now" in error_line(p)
-    old = {k: v for k, v in plain["identity"].items() if k not in ("revision", "variant")}  # recorded before the flags
-    ts.check_same_run(old, plain["identity"], "x")
-    card = (tmp_path / "fp16" / "README.md").read_text()
-    assert f'DiffusionPipeline.from_pretrained("{variant_pipeline}", variant="fp16", torch_dtype' in card
-    assert (
-        'DiffusionPipeline.from_pretrained("org/tiny", revision="v2", torch_dtype'
-        in (tmp_path / "v2" / "README.md").read_text()
-    )
-    assert f'from_pretrained("{variant_pipeline}", torch_dtype' in (tmp_path / "plain" / "README.md").read_text()
+    card = {name: (tmp_path / name / "README.md").read_text() for name in ("plain", "fp16", "v2")}
+    assert f'DiffusionPipeline.from_pretrained("{variant_pipeline}", torch_dtype' in card["plain"]
+    assert f'DiffusionPipeline.from_pretrained("{variant_pipeline}", variant="fp16", torch_dtype' in card["fp16"]
+    assert 'DiffusionPipeline.from_pretrained("org/tiny", revision="v2", torch_dtype' in card["v2"]
+    # LoRA: unet/ and a checkpoint fuse the adapter into the variant's UNet (conv_in is outside the adapter)
+    sft(variant_pipeline, "lora", "--variant", "fp16", "--lora_rank", "4", "--checkpointing_steps", "1")
+    want = ts.load_unet(None, str(other_pipeline)).conv_in.weight
+    for unet in (tmp_path / "lora", tmp_path / "lora" / "checkpoint-1"):
+        assert torch.equal(ts.load_unet(str(unet), str(variant_pipeline)).conv_in.weight, want)
 
 
 def test_a_missing_variant_is_one_line(tiny_pipeline, pickapic_parquet, tmp_path):
