@@ -69,6 +69,7 @@ def parse_args(argv=None):
         "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
         "StableDiffusionXLPipeline",
     )
+    add_base_weights_flags(p)
     p.add_argument(
         "--unet",
         default="base",
@@ -120,6 +121,21 @@ def parse_args(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     return args
+
+
+def add_base_weights_flags(p):
+    """--revision and --variant, diffusers' flags: which weights of --pretrained_model_name_or_path load (sample.py
+    takes them too)."""
+    p.add_argument(
+        "--revision",
+        help="git revision (branch, tag or commit) of the base pipeline's hub repo to load its parts from, and its "
+        "UNet with --unet base (a --unet of another model is its own; a local folder ignores it)",
+    )
+    p.add_argument(
+        "--variant",
+        help="weights variant of the base pipeline's parts, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors), "
+        "and of its UNet with --unet base (a --unet of another model is its own)",
+    )
 
 
 # ---- the stage: prompts, seeds, the pipeline, images (also run by sample.py, which imports them) ----
@@ -215,6 +231,8 @@ def folder_settings(args, pipe, prompts, fingerprint):
     }
     settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
     settings["scheduler"] = type(pipe.scheduler).__name__
+    # the base's text encoder and VAE weights; recorded only when given, so folders made without them keep resuming
+    settings.update({k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)})
     extra = micro_conditioning(pipe, args.resolution)
     if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
         settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
@@ -280,14 +298,14 @@ def load_prompts(
     return out
 
 
-def pipeline_class_name(pretrained):
+def pipeline_class_name(pretrained, revision=None):
     """The pipeline class a model folder or hub id names (its model_index.json's "_class_name", read through
     diffusers' own loading path, so a hub id is downloaded/cached as from_pretrained does it); one that we do not run
     is refused."""
     from diffusers import DiffusionPipeline  # diffusers takes seconds to import: only once a model is named
 
     try:
-        name = DiffusionPipeline.load_config(pretrained).get("_class_name")
+        name = DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
@@ -321,25 +339,33 @@ def cast_unet(unet, dtype, device=None):
     return torch.nn.Module.to(unet, device=device, dtype=dtype)
 
 
-def load_pipeline(pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet"):
+def load_pipeline(
+    pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet", revision=None, variant=None
+):
     """The pipeline class that `pretrained` names (see PIPELINES) around `unet`, with everything that class loads
     (SDXL: both text encoders and tokenizers), safety checker off (its black images would poison the synthetic data
     and bias comparisons), inner progress bar off, SDPA attention (diffusers' default). Where the class decodes with an
     fp32 VAE (SDXL's fp16 VAE overflows; its config says force_upcast), the VAE is kept in float32 here: make_images
-    decodes with it, so the pipeline itself never needs to."""
+    decodes with it, so the pipeline itself never needs to. `revision`/`variant`: which weights of `pretrained` load."""
     import diffusers  # diffusers and transformers take seconds to import: only once a pipeline is loaded
     import transformers
 
-    class_name = class_name or pipeline_class_name(pretrained)
+    class_name = class_name or pipeline_class_name(pretrained, revision)
     check_unet_fits(unet, class_name, unet_where)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(
-            pretrained, unet=cast_unet(unet, dtype), dtype=dtype, **PIPELINES[class_name]["load"]
+            pretrained,
+            unet=cast_unet(unet, dtype),
+            dtype=dtype,
+            revision=revision,
+            variant=variant,
+            **PIPELINES[class_name]["load"],
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the pipeline {pretrained!r}: {str(e).splitlines()[0]}") from None
+        msg = variant_hint(e, variant) if variant else str(e).splitlines()[0]
+        raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
@@ -484,7 +510,8 @@ def main():
 
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
-    class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
+    # an unsupported model fails before any work
+    class_name = pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
     prompts = on_main_process(
         state,
         lambda: load_prompts(
@@ -502,11 +529,19 @@ def main():
 
     # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
     # UNet it trains, so the opponent that made these images is known exactly.
-    unet = load_unet(args.unet, args.pretrained_model_name_or_path)
+    unet = load_unet(args.unet, args.pretrained_model_name_or_path, args.revision, args.variant)
     fingerprint = unet_fingerprint(unet)
     args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
     pipe = load_pipeline(
-        args.pretrained_model_name_or_path, unet, args.scheduler, dtype, state.device, class_name, f"--unet {args.unet}"
+        args.pretrained_model_name_or_path,
+        unet,
+        args.scheduler,
+        dtype,
+        state.device,
+        class_name,
+        f"--unet {args.unet}",
+        args.revision,
+        args.variant,
     )
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     args.resolution = args.resolution or native
@@ -585,7 +620,8 @@ def check_folder(folder, config):
             f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: use a new folder"
         )
     was, now = old.get("settings", {}), config["settings"]
-    diff = [f"{k}: {was.get(k)!r} there, {now[k]!r} now" for k in now if was.get(k) != now[k]]
+    # a setting recorded there and unset now differs too (--variant given there only)
+    diff = [f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in {**was, **now} if was.get(k) != now.get(k)]
     if diff:
         raise UserError(
             f"--output_dir {folder} holds images made with other settings ({'; '.join(diff)}); "
@@ -865,8 +901,8 @@ def unet_source(unet_path, base_path):
 
 
 def checkpoint_start(ckpt):
-    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
-    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    """(starting UNet, base pipeline, its --revision, its --variant) of the train_spin.py run a checkpoint-N/ belongs to
+    (its run_config.json); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
     ckpt = Path(ckpt)
     cfg_path = ckpt.parent / "run_config.json"
     try:
@@ -877,19 +913,22 @@ def checkpoint_start(ckpt):
             f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
             "(model.unet); pass a checkpoint inside a train_spin.py output folder"
         ) from None
-    lora = (cfg.get("args") or {}).get("lora_rank")
+    args = cfg.get("args") or {}
+    lora = args.get("lora_rank")
     if not (ckpt / ("adapter.safetensors" if lora else "model.safetensors")).is_file():
         raise UserError(
             f"--unet {ckpt}: a checkpoint without its weights ({'adapter' if lora else 'model'}.safetensors); "
             "pass another checkpoint or the run's finished folder"
         )
-    return start, base
+    return start, base, args.get("revision"), args.get("variant")
 
 
-def load_unet(unet_path, base_path):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
-    of a train_spin.py run (its starting UNet + the checkpoint's model.safetensors, or its LoRA adapter fused)."""
+def load_unet(unet_path, base_path, revision=None, variant=None):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet, at the base's `revision` and
+    weights `variant`), a folder holding unet/, a bare UNet folder, a hub id (subfolder unet/, as
+    UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/ of a train_spin.py run (its starting UNet + the checkpoint's
+    model.safetensors, or its LoRA adapter fused). `revision`/`variant` are the base pipeline's: another UNet is a
+    model of its own, loaded as it is."""
     from diffusers import UNet2DConditionModel
 
     if is_checkpoint(unet_path):
@@ -912,13 +951,22 @@ def load_unet(unet_path, base_path):
             ) from None
         return unet.to(torch.float32)
     where, sub = unet_source(unet_path, base_path)
+    pin = {"revision": revision, "variant": variant} if unet_path in (None, "", "base") else {}
     try:
-        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
+        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
+        if pin.get("variant"):
+            raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
             f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
+
+
+def variant_hint(error, variant):
+    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
 
 
 def merged_checkpoint_adapter(unet, ckpt):

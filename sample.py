@@ -29,6 +29,7 @@ try:
         FolderWriter,
         HelpFormatter,
         UserError,
+        add_base_weights_flags,
         cast_unet,
         check_model_path,
         check_unet_fits,
@@ -75,6 +76,7 @@ def parse_args(argv=None):
         "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
         "StableDiffusionXLPipeline",
     )
+    add_base_weights_flags(p)
     p.add_argument(
         "--unet",
         action="append",
@@ -202,7 +204,7 @@ def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
     The first model loads the pipeline (text encoder, VAE and tokenizer, shared by every model); each later one
     swaps in its own UNet. Returns the pipeline."""
     # Fingerprint on the float32 weights before any cast: names the weights each folder was sampled from.
-    unet = load_unet(model.where, args.pretrained_model_name_or_path)
+    unet = load_unet(model.where, args.pretrained_model_name_or_path, args.revision, args.variant)
     fingerprint = unet_fingerprint(unet)
     if pipe is None:
         pipe = load_pipeline(
@@ -213,6 +215,8 @@ def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
             state.device,
             class_name,
             f"--unet {model.where}",
+            args.revision,
+            args.variant,
         )
         args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         if args.resolution % pipe.vae_scale_factor:
@@ -252,7 +256,8 @@ def main():
     state = start_processes(PartialState)
     check_model_path(args.pretrained_model_name_or_path)
     models = parse_models(args.unet)
-    class_name = pipeline_class_name(args.pretrained_model_name_or_path)  # an unsupported model fails before any work
+    # an unsupported model fails before any work
+    class_name = pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
     prompts = on_main_process(
         state,
         lambda: load_prompts(

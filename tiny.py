@@ -232,6 +232,37 @@ def build_tiny_sdxl_pipeline(path, seed=0, resolution=32, addition_time_embed_di
     return path
 
 
+def add_tiny_variant(path, weights_from, variant="fp16"):
+    """Give the pipeline folder `path` a weights variant, as hub pipelines carry one: beside each weight file of each
+    part a `<name>.<variant>.safetensors` (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors), holding
+    the weights of the same part of `weights_from` (a pipeline folder of the same layout, other weights), so a test
+    can tell which file loaded. A variant is its files' name: these keep their float32 values."""
+    import shutil
+
+    path, weights_from = Path(path), Path(weights_from)
+    for f in sorted(weights_from.glob("*/*.safetensors")):
+        shutil.copyfile(f, path / f.parent.name / f"{f.stem}.{variant}{f.suffix}")
+    return path
+
+
+def build_tiny_hub_cache(cache, repo_id, branches):
+    """A Hugging Face Hub cache (the HF_HUB_CACHE layout that downloads fill) holding the model repo `repo_id`:
+    `branches` {name: pipeline folder} each a snapshot models--org--name/snapshots/<commit>/ with refs/<name> holding
+    its commit hash (made up from the name). Offline, huggingface_hub resolves a revision, a branch or a commit, through
+    these. Returns {name: commit}."""
+    import hashlib
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    commits = {}
+    for name, folder in branches.items():
+        commits[name] = hashlib.sha1(name.encode()).hexdigest()
+        shutil.copytree(folder, repo / "snapshots" / commits[name])
+        (repo / "refs" / name).write_text(commits[name])
+    return commits
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 

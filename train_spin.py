@@ -81,6 +81,10 @@ def build_parser():
     # models and data
     a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
       help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
+    a("--revision", default=None, help="git revision (branch, tag or commit) of the base pipeline's hub repo to load "
+      "its parts from, and its UNet with --unet base (a --unet of another model is its own; a local folder ignores it)")
+    a("--variant", default=None, help="weights variant of the base pipeline's parts, e.g. fp16 (diffusion_pytorch_model"
+      ".fp16.safetensors), and of its UNet with --unet base (a --unet of another model is its own)")
     a("--unet", default=None, help="theta_k to start from and to use as frozen reference: folder with unet/, "
       "a checkpoint-N folder, hub id (e.g. UCLA-AGI/SPIN-Diffusion-iter1) or 'base' (the base pipeline's UNet)")
     a("--dataset", "--dataset_name", "--train_data_dir", required=True,
@@ -514,7 +518,7 @@ def make_reference(args, run, models):
     if args.lora_rank and args.reference_unet is None:
         return Reference(None, models.fingerprint)  # WithoutAdapter, set up after accelerator.prepare
     if args.reference_unet is not None:
-        module = load_unet(args.reference_unet, models.base)
+        module = load_unet(args.reference_unet, models.base, args.revision, args.variant)
         fingerprint = unet_fingerprint(module)
     else:
         module, fingerprint = copy.deepcopy(models.unet), models.fingerprint
@@ -1003,7 +1007,8 @@ def load_component(what, load, *args, **kwargs):
     try:
         return load(*args, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load {what}: {str(e).splitlines()[0]}") from None
+        msg = variant_hint(e, kwargs["variant"]) if kwargs.get("variant") else str(e).splitlines()[0]
+        raise UserError(f"could not load {what}: {msg}") from None
 
 
 def model_family(unet_config):
@@ -1022,11 +1027,11 @@ def load_models(args, run):
     from transformers import CLIPTokenizer
 
     check_model_path(args.pretrained_model_name_or_path)
-    base = args.pretrained_model_name_or_path
+    base, rev = args.pretrained_model_name_or_path, args.revision
     pipeline = f"the pipeline {base!r}"
-    scheduler = load_component(pipeline, DDPMScheduler.from_pretrained, base, subfolder="scheduler")
-    tokenizers = (load_component(pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer"),)
-    unet = load_unet(args.unet, base)
+    scheduler = load_component(pipeline, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
+    tokenizers = (load_component(pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer", revision=rev),)
+    unet = load_unet(args.unet, base, rev, args.variant)
     fingerprint = unet_fingerprint(unet)
     if args.enable_xformers_memory_efficient_attention:
         use_xformers(unet, run.log)
@@ -1034,10 +1039,14 @@ def load_models(args, run):
     force_zeros = False
     if family == "sdxl":
         sdxl_pipeline = f"the SDXL pipeline {base!r}"
-        tokenizers += (load_component(sdxl_pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer_2"),)
-        config = load_component(sdxl_pipeline, DiffusionPipeline.load_config, base)
+        tokenizers += (
+            load_component(sdxl_pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer_2", revision=rev),
+        )
+        config = load_component(sdxl_pipeline, DiffusionPipeline.load_config, base, revision=rev)
         force_zeros = bool(config.get("force_zeros_for_empty_prompt", True))
-    vae_config = load_component(f"the VAE config of {base!r}", AutoencoderKL.load_config, base, subfolder="vae")
+    vae_config = load_component(
+        f"the VAE config of {base!r}", AutoencoderKL.load_config, base, subfolder="vae", revision=rev
+    )
     if args.resolution is None:
         args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
     # SDXL's VAE overflows in fp16: its config asks for fp32 (force_upcast), as the pipeline does; bf16's range is
@@ -1230,6 +1239,7 @@ class ImageEncoder:
 
     def __init__(self, args, run, models):
         self.base, self.dtype, self.device, self.resolution = models.base, models.vae_dtype, run.device, args.resolution
+        self.revision, self.variant = args.revision, args.variant
         self.vae = None
 
     def __call__(self, imgs):
@@ -1242,6 +1252,8 @@ class ImageEncoder:
                 self.base,
                 subfolder="vae",
                 torch_dtype=self.dtype,
+                revision=self.revision,
+                variant=self.variant,
             ).to(self.device)
             self.vae.requires_grad_(False)
         x = torch.stack([preprocess_image(im, self.resolution) for im in imgs])
@@ -1287,6 +1299,7 @@ def encode_real_images(args, run, models, encode):
             with_loser=with_loser,
             vae=weights_identity(models.base, "vae"),
             vae_dtype=str(models.vae_dtype),
+            **base_pin(args),
         )
     )
     if not cache_complete(lat_dir):
@@ -1318,6 +1331,7 @@ def encode_prompts_once(args, run, models, unique):
             tokenizer=weights_identity(base, "tokenizer"),
             text_encoder=weights_identity(base, "text_encoder"),
             text_encoder_dtype=str(run.dtype),
+            **base_pin(args),
             **(
                 {
                     "tokenizer_2": weights_identity(base, "tokenizer_2"),
@@ -1333,13 +1347,18 @@ def encode_prompts_once(args, run, models, unique):
     run.log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    what = f"the text encoder(s) of {base!r}"
+    what, pin = f"the text encoder(s) of {base!r}", {"revision": args.revision, "variant": args.variant}
     text_encoder = load_component(
-        what, CLIPTextModel.from_pretrained, base, subfolder="text_encoder", torch_dtype=run.dtype
+        what, CLIPTextModel.from_pretrained, base, subfolder="text_encoder", torch_dtype=run.dtype, **pin
     ).to(run.device)
     if sdxl:
         text_encoder_2 = load_component(
-            what, CLIPTextModelWithProjection.from_pretrained, base, subfolder="text_encoder_2", torch_dtype=run.dtype
+            what,
+            CLIPTextModelWithProjection.from_pretrained,
+            base,
+            subfolder="text_encoder_2",
+            torch_dtype=run.dtype,
+            **pin,
         ).to(run.device)
         build_text_cache(
             txt_dir,
@@ -1446,6 +1465,7 @@ def encode_synthetic_images(args, run, models, synthetic, encode):
             resolution=args.resolution,
             vae=weights_identity(models.base, "vae"),
             vae_dtype=str(models.vae_dtype),
+            **base_pin(args),
         )
     )
     if cache_complete(syn_dir):
@@ -1548,7 +1568,8 @@ def source_fingerprint(name):
 def weights_identity(base, subfolder):
     """Identity of a pipeline component for the cache keys: its config plus, for a local folder, the size and time
     of its weight files (a VAE with the same config but other weights must not reuse stale latents); for a hub id,
-    the id (pin a revision by downloading it to a folder if the hub copy may change)."""
+    the id (pass --revision with a commit, or download it to a folder, if the hub copy may change). Every weight file
+    of the folder counts, so which --variant loads is base_pin's to say."""
     folder = Path(base).expanduser() / subfolder
     if not folder.is_dir():
         return f"{base}/{subfolder}"
@@ -1557,6 +1578,12 @@ def weights_identity(base, subfolder):
         (f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.suffix != ".json" else (f.name, f.read_text())
         for f in files
     ]
+
+
+def base_pin(args):
+    """--revision and --variant where given, for the cache keys: they choose the base's weights (a run without them
+    keeps its keys)."""
+    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
 
 
 CACHE_FORMAT = 2  # part of every cache key: a cache written in an older layout is rebuilt, never misread
@@ -2069,6 +2096,7 @@ def model_card(cfg, name):
     the training hyperparameters as those cards list them, how to load it, and the evaluation (evaluate.py's)."""
     a, model = cfg["args"], cfg["model"]
     base, lora = model["pretrained_model_name_or_path"], a.get("lora_rank")
+    pin = "".join(f', {k}="{a[k]}"' for k in ("revision", "variant") if a.get(k))  # the base's weights it trained on
     if a["loss"] == "spin":
         what = (
             f"iteration {iteration_of(a.get('unet'))} of SPIN-Diffusion (self-play fine-tuning, arXiv 2402.10210), "
@@ -2110,7 +2138,7 @@ def model_card(cfg, name):
         "import torch",
         "from diffusers import DiffusionPipeline, UNet2DConditionModel",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)',
+        f'pipe = DiffusionPipeline.from_pretrained("{base}"{pin}, torch_dtype=torch.float16)',
         f'pipe.unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet", torch_dtype=torch.float16)',
     ]
     if lora:
@@ -2287,7 +2315,8 @@ def adapter_on_fp32_copy(adapter, args, base):
     config)."""
     from peft.utils import set_peft_model_state_dict
 
-    copy = add_lora(load_unet(args.unet, base), args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
+    start = load_unet(args.unet, base, args.revision, args.variant)
+    copy = add_lora(start, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
     set_peft_model_state_dict(copy, adapter)
     return copy
 
@@ -2475,8 +2504,8 @@ def unet_source(unet_path, base_path):
 
 
 def checkpoint_start(ckpt):
-    """(starting UNet, base pipeline) of the train_spin.py run a checkpoint-N/ belongs to (its run_config.json
-    "model"); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
+    """(starting UNet, base pipeline, its --revision, its --variant) of the train_spin.py run a checkpoint-N/ belongs to
+    (its run_config.json); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
     ckpt = Path(ckpt)
     cfg_path = ckpt.parent / "run_config.json"
     try:
@@ -2487,19 +2516,22 @@ def checkpoint_start(ckpt):
             f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
             "(model.unet); pass a checkpoint inside a train_spin.py output folder"
         ) from None
-    lora = (cfg.get("args") or {}).get("lora_rank")
+    args = cfg.get("args") or {}
+    lora = args.get("lora_rank")
     if not (ckpt / ("adapter.safetensors" if lora else "model.safetensors")).is_file():
         raise UserError(
             f"--unet {ckpt}: a checkpoint without its weights ({'adapter' if lora else 'model'}.safetensors); "
             "pass another checkpoint or the run's finished folder"
         )
-    return start, base
+    return start, base, args.get("revision"), args.get("variant")
 
 
-def load_unet(unet_path, base_path):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet), a folder holding
-    unet/, a bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/
-    of a train_spin.py run (its starting UNet + the checkpoint's model.safetensors, or its LoRA adapter fused)."""
+def load_unet(unet_path, base_path, revision=None, variant=None):
+    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet, at the base's `revision` and
+    weights `variant`), a folder holding unet/, a bare UNet folder, a hub id (subfolder unet/, as
+    UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/ of a train_spin.py run (its starting UNet + the checkpoint's
+    model.safetensors, or its LoRA adapter fused). `revision`/`variant` are the base pipeline's: another UNet is a
+    model of its own, loaded as it is."""
     from diffusers import UNet2DConditionModel
 
     if is_checkpoint(unet_path):
@@ -2522,13 +2554,22 @@ def load_unet(unet_path, base_path):
             ) from None
         return unet.to(torch.float32)
     where, sub = unet_source(unet_path, base_path)
+    pin = {"revision": revision, "variant": variant} if unet_path in (None, "", "base") else {}
     try:
-        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32)
+        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
+        if pin.get("variant"):
+            raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
             f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
+
+
+def variant_hint(error, variant):
+    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
 
 
 def merged_checkpoint_adapter(unet, ckpt):

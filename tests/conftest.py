@@ -21,6 +21,41 @@ def tiny_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_pipeline(tmp_path_factory):
+    """The tiny pipeline's layout with other weights in every part (seed 1)."""
+    return tiny.build_tiny_pipeline(tmp_path_factory.mktemp("other") / "pipeline", seed=1)
+
+
+@pytest.fixture(scope="session")
+def variant_pipeline(tiny_pipeline, other_pipeline, tmp_path_factory):
+    """tiny_pipeline plus an fp16 weights variant holding other_pipeline's weights (--variant fp16 loads those)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("variant") / "pipeline"
+    shutil.copytree(tiny_pipeline, path)
+    return tiny.add_tiny_variant(path, other_pipeline, "fp16")
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tiny_pipeline, other_pipeline, tmp_path_factory):
+    """A hub cache holding the model repo org/tiny: branch main is tiny_pipeline, branch v2 other_pipeline. Returns
+    (cache folder, {branch: commit})."""
+    cache = tmp_path_factory.mktemp("hub_cache")
+    return cache, tiny.build_tiny_hub_cache(cache, "org/tiny", {"main": tiny_pipeline, "v2": other_pipeline})
+
+
+@pytest.fixture
+def tiny_hub(hub_cache, monkeypatch):
+    """The hub id org/tiny, resolved (offline) from hub_cache: huggingface_hub reads its cache folder at each call
+    (diffusers and transformers pass it none), so pointing its constant there is enough in this process. Returns the
+    {branch: commit} of the repo."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache[0]))
+    return hub_cache[1]
+
+
+@pytest.fixture(scope="session")
 def sdxl_pipeline(tmp_path_factory):
     """A tiny StableDiffusionXLPipeline folder (two text encoders, text_time UNet, force_upcast VAE)."""
     return tiny.build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline")

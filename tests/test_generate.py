@@ -536,3 +536,48 @@ def test_unet_of_another_family_is_refused(sdxl_pipeline, tiny_pipeline):
         generate.load_pipeline(
             str(tiny_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None, torch.float32, "cpu"
         )
+
+
+def test_variant_and_revision_make_the_images_of_the_base_weights_they_name(
+    variant_pipeline, other_pipeline, tiny_hub, prompts_file, tmp_path
+):
+    """--variant fp16 makes the images of the base's fp16 files, --revision (a branch or its commit) of the hub repo
+    org/tiny those of its snapshot: both hold other_pipeline's weights (text encoder, VAE, UNet), so the images are
+    other_pipeline's own. A folder made with another variant is refused either way round; one made without the flags
+    records no key for them (folders made before they existed resume)."""
+    common = ["--prompts_file", prompts_file, "--max_prompts", 2, "--num_inference_steps", 2, "--seed", 7]
+
+    def gen(pipe, out, *extra):
+        return run_cli("generate.py", "--pretrained_model_name_or_path", pipe, *common, *extra, "--output_dir", out)
+
+    runs = {
+        "plain": (variant_pipeline,),
+        "fp16": (variant_pipeline, "--variant", "fp16"),
+        "other": (other_pipeline,),
+        "v2": ("org/tiny", "--revision", "v2"),
+        "commit": ("org/tiny", "--revision", tiny_hub["v2"]),
+    }
+    images = {}
+    for name, (pipe, *extra) in runs.items():
+        proc = gen(pipe, tmp_path / name, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        images[name] = {f.name: f.read_bytes() for f in sorted((tmp_path / name / "images").iterdir())}
+    assert len(images["plain"]) == 2
+    assert images["fp16"] == images["other"] == images["v2"] == images["commit"] != images["plain"]
+    settings = {name: json.loads((tmp_path / name / "run_config.json").read_text())["settings"] for name in runs}
+    assert {"revision", "variant"}.isdisjoint(settings["plain"]) and settings["fp16"]["variant"] == "fp16"
+    assert settings["v2"]["revision"] == "v2"
+    assert_user_error(gen(variant_pipeline, tmp_path / "plain", "--variant", "fp16"), "variant: None there, 'fp16' now")
+    assert_user_error(gen(variant_pipeline, tmp_path / "fp16"), "variant: 'fp16' there, None now")
+    assert_user_error(gen("org/tiny", tmp_path / "v2"), "revision: 'v2' there, None now")
+
+
+def test_a_missing_variant_is_one_line_error(tiny_pipeline, other_pipeline, prompts_file, tmp_path):
+    """--variant bf16 where the base has no such files: one line naming the variant and the fix, from the base UNet, or,
+    with a --unet of another model (loaded as it is), from the pipeline's other parts."""
+    base = ["--pretrained_model_name_or_path", tiny_pipeline, "--prompts_file", prompts_file, "--variant", "bf16"]
+    hint = "no --variant bf16 weight files there? drop --variant, or pass one the model has"
+    assert_user_error(run_cli("generate.py", *base, "--output_dir", tmp_path / "a"), "could not load the UNet", hint)
+    proc = run_cli("generate.py", *base, "--unet", other_pipeline, "--output_dir", tmp_path / "b")
+    assert_user_error(proc, "could not load the pipeline", hint)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -281,3 +281,31 @@ def test_sample_needs_generate_beside_it(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "generate.py beside it" in proc.stderr, (
         proc.stderr
     )
+
+
+def test_variant_and_revision_sample_the_base_weights_they_name(
+    variant_pipeline, other_pipeline, tiny_hub, tiny_pipeline, tmp_path
+):
+    """--variant fp16 and --revision v2 of the hub repo org/tiny sample the 'base' model from those weights (both hold
+    other_pipeline's: text encoder, VAE, UNet), so its images are other_pipeline's own; a --unet of another model is
+    loaded as it is (here a folder that has fp16 files too: its default UNet is taken)."""
+    common = [*sum([["--prompt", p] for p in PROMPTS[:2]], []), "--num_images_per_prompt", 1]
+    common += ["--num_inference_steps", 2, "--grid_prompts", 0]
+    runs = {
+        "fp16": (variant_pipeline, "--variant", "fp16", "--unet", "base", "--unet", f"own={variant_pipeline}"),
+        "v2": ("org/tiny", "--revision", "v2"),
+        "other": (other_pipeline,),
+    }
+    for name, (pipe, *extra) in runs.items():
+        proc = run_cli("--pretrained_model_name_or_path", pipe, *common, *extra, "--output_dir", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def made(folder):
+        cfg = json.loads((folder / "run_config.json").read_text())
+        images = {f.name: f.read_bytes() for f in sorted((folder / "images").iterdir())}
+        return cfg["model"]["unet_fingerprint"], images
+
+    fp16, v2, other = (made(tmp_path / name / "base") for name in runs)
+    own = made(tmp_path / "fp16" / "own")
+    assert fp16 == v2 == other and len(other[1]) == 2
+    assert own[0] == sample.unet_fingerprint(sample.load_unet("base", str(tiny_pipeline))) != other[0]

@@ -1597,3 +1597,60 @@ def test_model_card_and_push_to_hub(tiny_pipeline, pickapic_parquet, synth, cach
     p = train(*train_args(tiny_pipeline, pickapic_parquet, sft, cache, "--loss", "sft", "--push_to_hub"), check=False)
     assert "--push_to_hub sft: 401 Client Error" in error_line(p) and f"the model is in {sft}" in error_line(p)
     assert (sft / "unet" / "config.json").is_file() and "the SFT baseline" in (sft / "README.md").read_text()
+
+
+def test_variant_and_revision_train_from_the_base_weights_they_name(
+    variant_pipeline, other_pipeline, tiny_hub, pickapic_parquet, tmp_path
+):
+    """--variant fp16 trains from the base's fp16 files, --revision v2 of the hub repo org/tiny from that branch's
+    snapshot (both hold other_pipeline's weights): UNet, VAE latents and prompt embeddings are exactly those of a run
+    on other_pipeline itself. All runs share one --cache_dir: a variant or revision that reused the default files' or
+    main's cache would train on stale latents and show another loss. They are part of the run's identity, and the
+    model card loads the base pipeline with them."""
+    cache = tmp_path / "cache"
+
+    def sft(pipe, out, *extra):
+        train(*train_args(pipe, pickapic_parquet, tmp_path / out, cache, "--loss", "sft", *extra))
+        cfg = json.loads((tmp_path / out / "run_config.json").read_text())
+        return cfg, [r["loss"] for r in metrics(tmp_path / out)]
+
+    plain, plain_loss = sft(variant_pipeline, "plain")
+    fp16, fp16_loss = sft(variant_pipeline, "fp16", "--variant", "fp16")
+    other, other_loss = sft(other_pipeline, "other")
+    main, main_loss = sft("org/tiny", "main")
+    v2, v2_loss = sft("org/tiny", "v2", "--revision", "v2")
+    assert fp16_loss == other_loss == v2_loss != plain_loss == main_loss
+    fingerprint = other["model"]["unet_fingerprint"]
+    assert fp16["model"]["unet_fingerprint"] == v2["model"]["unet_fingerprint"] == fingerprint
+    assert plain["model"]["unet_fingerprint"] != fingerprint
+    for kind in ("latents", "text"):
+        assert fp16["cache"][kind] != plain["cache"][kind] and v2["cache"][kind] != main["cache"][kind]
+    # the run's identity: a record from before the flags is the same run, another variant is refused
+    assert {"revision", "variant"}.isdisjoint(ts.MAY_CHANGE) and fp16["identity"]["variant"] == "fp16"
+    assert v2["identity"]["revision"] == "v2" and plain["identity"]["variant"] is None
+    before = {k: v for k, v in plain["identity"].items() if k not in ("revision", "variant")}
+    ts.check_same_run(before, plain["identity"], "x")
+    p = train(*train_args(variant_pipeline, pickapic_parquet, tmp_path / "fp16", cache, "--loss", "sft"), check=False)
+    assert "--variant 'fp16' there vs None now" in error_line(p)
+    card = {name: (tmp_path / name / "README.md").read_text() for name in ("plain", "fp16", "v2")}
+    assert f'DiffusionPipeline.from_pretrained("{variant_pipeline}", torch_dtype' in card["plain"]
+    assert f'DiffusionPipeline.from_pretrained("{variant_pipeline}", variant="fp16", torch_dtype' in card["fp16"]
+    assert 'DiffusionPipeline.from_pretrained("org/tiny", revision="v2", torch_dtype' in card["v2"]
+    # LoRA: unet/ and a checkpoint fuse the adapter into the variant's UNet (conv_in is outside the adapter)
+    sft(variant_pipeline, "lora", "--variant", "fp16", "--lora_rank", "4", "--checkpointing_steps", "1")
+    want = ts.load_unet(None, str(other_pipeline)).conv_in.weight
+    for unet in (tmp_path / "lora", tmp_path / "lora" / "checkpoint-1"):
+        assert torch.equal(ts.load_unet(str(unet), str(variant_pipeline)).conv_in.weight, want)
+
+
+def test_a_missing_variant_is_one_line(tiny_pipeline, pickapic_parquet, tmp_path):
+    """--variant bf16 where the base has no such files: one line naming the variant and the fix, from the base UNet's
+    load, or, with a --unet of another model (loaded as it is), from the base's VAE."""
+    import shutil
+
+    args = train_args(tiny_pipeline, pickapic_parquet, tmp_path / "o", tmp_path / "cache", "--loss", "sft")
+    line = error_line(train(*args, "--variant", "bf16", check=False))
+    assert "could not load the UNet" in line and "no --variant bf16 weight files there? drop --variant" in line
+    shutil.copytree(tiny_pipeline / "unet", tmp_path / "own" / "unet")
+    line = error_line(train(*args, "--variant", "bf16", "--unet", tmp_path / "own", check=False))
+    assert "could not load the VAE" in line and "no --variant bf16 weight files there? drop --variant" in line
