@@ -900,6 +900,8 @@ class Validation:
                 base,
                 unet=unet,
                 dtype=self.run.dtype,
+                revision=self.args.revision,
+                variant=self.args.variant,
                 **kwargs,
             )
             if self.args.validation_scheduler:

@@ -164,3 +164,23 @@ def test_validation_sdxl_lora_bf16_and_bad_prompts_file(sdxl_pipeline, pickapic_
                               "--synthetic_dir", synth, "--validation_prompts_file", bad), check=False)  # fmt: skip
         assert says in error_line(p) and "--validation_prompts_file" in error_line(p)
     assert not Path(tmp_path / "bad").exists()  # refused before any work
+
+
+def test_validation_samples_the_base_weights_of_variant_and_revision(
+    variant_pipeline, other_pipeline, tiny_hub, pickapic_parquet, tmp_path
+):
+    """The validation pipeline's VAE and text encoder are the ones the run trains with: --variant fp16 and --revision
+    v2 (both other_pipeline's weights) sample at step 0 exactly what other_pipeline samples."""
+    images = {}
+    for name, pipe, extra in (
+        ("other", other_pipeline, []),
+        ("fp16", variant_pipeline, ["--variant", "fp16"]),
+        ("v2", "org/tiny", ["--revision", "v2"]),
+        ("plain", variant_pipeline, []),
+    ):
+        out = tmp_path / name
+        train(*train_args(pipe, pickapic_parquet, out, tmp_path / "cache", "--loss", "sft", *validation_flags(),
+                          *extra, steps=1))  # fmt: skip
+        images[name] = pixels(out / "validation" / "step-0" / "grid.png")
+    assert np.array_equal(images["fp16"], images["other"]) and np.array_equal(images["v2"], images["other"])
+    assert not np.array_equal(images["plain"], images["other"])
