@@ -102,6 +102,9 @@ fi
 SYNTHETIC_LATENT=${SYNTHETIC_LATENT:-}   # train_spin.py --synthetic_latent (image | sampler); empty: train_spin.py's default
 SYN_FLAGS=(); [[ -n "$SYNTHETIC_LATENT" ]] && SYN_FLAGS=(--synthetic_latent "$SYNTHETIC_LATENT")
 CACHE_FLAGS=(); [[ -n "${CACHE_DIR:-}" ]] && CACHE_FLAGS=(--cache_dir "$CACHE_DIR")
+# The base pipeline's hub revision (branch, tag, commit) and weights variant (e.g. fp16), for every stage
+MODEL_FLAGS=(); [[ -n "${REVISION:-}" ]] && MODEL_FLAGS+=(--revision "$REVISION")
+[[ -n "${VARIANT:-}" ]] && MODEL_FLAGS+=(--variant "$VARIANT")
 # Watching each training stage (train_spin.py --validation_prompts_file): the policy samples these prompts at step 0,
 # every WATCH_STEPS steps and at the end, with the sampling settings below, into its folder's validation/step-N/
 # (and tensorboard / wandb with EXTRA_TRAIN_ARGS="--report_to tensorboard"). --watch_prompts_file "": no images.
@@ -124,7 +127,7 @@ PER_ROW_FLAGS=(); [[ "$GEN_PER_ROW" == 1 ]] && PER_ROW_FLAGS=(--per_row)
 for ((k = 0; k < ITERATIONS; k++)); do
   say "iteration $((k + 1))/$ITERATIONS: generate with theta_$k ($unet_k)"
   # shellcheck disable=SC2086
-  run $LAUNCH generate.py --pretrained_model_name_or_path "$MODEL" --unet "$unet_k" \
+  run $LAUNCH generate.py --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" --unet "$unet_k" \
     --dataset "$DATASET" --split "$SPLIT" "${DATA_FLAGS[@]}" "${PER_ROW_FLAGS[@]}" \
     --num_images_per_prompt "$(at GEN_IMAGES $k)" --num_inference_steps "$(at GEN_STEPS $k)" --guidance_scale "$GUIDANCE" \
     "${SCHED_FLAGS[@]}" --resolution "$RESOLUTION" --batch_size "$GEN_BATCH" --seed "$((SEED + k))" \
@@ -132,7 +135,7 @@ for ((k = 0; k < ITERATIONS; k++)); do
 
   say "iteration $((k + 1))/$ITERATIONS: train theta_$((k + 1)) from theta_$k against its own samples"
   # shellcheck disable=SC2086
-  run $LAUNCH train_spin.py --pretrained_model_name_or_path "$MODEL" --unet "$unet_k" \
+  run $LAUNCH train_spin.py --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" --unet "$unet_k" \
     --dataset "$DATASET" --split "$SPLIT" "${DATA_FLAGS[@]}" --synthetic_dir "$RUN_DIR/synth_$k" \
     --resolution "$RESOLUTION" --train_batch_size "$(at TRAIN_BATCH $k)" --gradient_accumulation_steps "$(at GRAD_ACCUM $k)" \
     --learning_rate "$(at LR $k)" --lr_scheduler "$(at LR_SCHEDULER $k)" --lr_warmup_steps "$(at WARMUP $k)" \
@@ -147,7 +150,7 @@ if has_baseline sft; then
   say "baseline: SFT from theta_0 ($SFT_STEPS steps${SFT_CHECKPOINT_STEPS:+, a checkpoint every $SFT_CHECKPOINT_STEPS})"
   # every checkpoint is kept: they are the validation's candidates (full fine-tuning: UNet + AdamW state each)
   # shellcheck disable=SC2086
-  run $LAUNCH train_spin.py --loss sft --pretrained_model_name_or_path "$MODEL" --unet "$UNET0" \
+  run $LAUNCH train_spin.py --loss sft --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" --unet "$UNET0" \
     --dataset "$DATASET" --split "$SPLIT" "${DATA_FLAGS[@]}" --resolution "$RESOLUTION" \
     --train_batch_size "$(at TRAIN_BATCH 0)" --gradient_accumulation_steps "$SFT_GRAD_ACCUM" \
     --learning_rate "$SFT_LR" --lr_scheduler "$SFT_LR_SCHEDULER" --lr_warmup_steps "$SFT_WARMUP" \
@@ -158,7 +161,7 @@ fi
 if has_baseline dpo; then
   say "baseline: Diffusion-DPO from theta_0 (winner vs loser, theta_0 as reference, beta $DPO_BETA, $DPO_STEPS steps)"
   # shellcheck disable=SC2086
-  run $LAUNCH train_spin.py --loss dpo --pretrained_model_name_or_path "$MODEL" --unet "$UNET0" \
+  run $LAUNCH train_spin.py --loss dpo --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" --unet "$UNET0" \
     --dataset "$DATASET" --split "$SPLIT" "${DATA_FLAGS[@]}" --resolution "$RESOLUTION" \
     --train_batch_size "$(at TRAIN_BATCH 0)" --gradient_accumulation_steps "$(at GRAD_ACCUM 0)" \
     --learning_rate "$DPO_LR" --lr_scheduler "$DPO_LR_SCHEDULER" --lr_warmup_steps "$DPO_WARMUP" \
@@ -183,7 +186,7 @@ best_sft=$RUN_DIR/sft   # without validation: the SFT run's last step
 if [[ "$VAL_PROMPTS" -gt 0 ]]; then
   say "validation: $(( ${#candidates[@]} / 2 )) models on $VAL_PROMPTS held-out prompts ($VAL_DATASET $VAL_SPLIT, seed $VAL_SEED)"
   # shellcheck disable=SC2086
-  run $LAUNCH sample.py --pretrained_model_name_or_path "$MODEL" "${candidates[@]}" \
+  run $LAUNCH sample.py --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" "${candidates[@]}" \
     --dataset "$VAL_DATASET" --split "$VAL_SPLIT" --max_prompts "$VAL_PROMPTS" \
     --num_images_per_prompt "$VAL_IMAGES" --num_inference_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" \
     "${SCHED_FLAGS[@]}" --resolution "$RESOLUTION" --seed "$VAL_SEED" --mixed_precision "$MIXED_PRECISION" \
@@ -203,7 +206,7 @@ has_baseline sft && models+=(--unet "sft=$best_sft")   # the SFT checkpoint vali
 has_baseline dpo && models+=(--unet "dpo=$RUN_DIR/dpo")
 for ((k = 1; k <= ITERATIONS; k++)); do models+=(--unet "iter_$k=$RUN_DIR/iter_$k"); done
 # shellcheck disable=SC2086
-run $LAUNCH sample.py --pretrained_model_name_or_path "$MODEL" "${models[@]}" \
+run $LAUNCH sample.py --pretrained_model_name_or_path "$MODEL" "${MODEL_FLAGS[@]}" "${models[@]}" \
   --dataset "$TEST_DATASET" --split "$TEST_SPLIT" --max_prompts "$SAMPLE_PROMPTS" \
   --num_images_per_prompt "$SAMPLE_IMAGES" --num_inference_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" \
   "${SCHED_FLAGS[@]}" --resolution "$RESOLUTION" --seed "$SAMPLE_SEED" --mixed_precision "$MIXED_PRECISION" \

@@ -208,3 +208,13 @@ def test_every_training_stage_is_watched(tmp_path):
     )
     off = commands(loop(tmp_path, "--watch_prompts_file", ""), "train_spin.py")
     assert not any("validation_prompts_file" in c for c in off)
+
+
+def test_revision_and_variant_reach_every_stage_that_loads_the_base(tmp_path):
+    p = loop(tmp_path, "--recipe", "sd15", "--baselines", "sft,dpo", "--revision", "v2", "--variant", "fp16")
+    stages = [c for script in ("generate.py", "train_spin.py", "sample.py") for c in commands(p, script)]
+    assert len(stages) == 3 + 5 + 2  # 3 generations, 3 iterations and 2 baselines, validation and test sampling
+    assert all(c["revision"] == "v2" and c["variant"] == "fp16" for c in stages)
+    assert not any(
+        "revision" in c or "variant" in c for c in commands(loop(tmp_path, "--recipe", "sd15"), "train_spin.py")
+    )
