@@ -37,7 +37,9 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -617,7 +619,8 @@ def resume(args, run, models, trainer):
 
 def train(args, run, models, data, pairs, trainer, metrics_path):
     """The optimisation: --max_train_steps optimizer steps of --gradient_accumulation_steps micro-steps (train_step),
-    from the resumed step on; a metrics.jsonl row per step and a checkpoint every --checkpointing_steps."""
+    from the resumed step on; a metrics.jsonl row per step, a checkpoint every --checkpointing_steps, validation images
+    every --validation_steps; a scheduler's stop signal (StopSignals) ends it after a checkpoint of the step."""
     accum, per_device, world = args.gradient_accumulation_steps, args.train_batch_size, run.accelerator.num_processes
     loader = step_loader(args, run, models, pairs, trainer.global_step)
     # add_noise/get_velocity index it on the device, without a copy per step
@@ -629,10 +632,11 @@ def train(args, run, models, data, pairs, trainer, metrics_path):
     progress = tqdm(
         total=args.max_train_steps, initial=trainer.global_step, disable=not run.main_process, desc=f"train {args.loss}"
     )
-    sums = StepSums(run.accelerator)
+    stop = StopSignals()  # a scheduler's SIGTERM / SIGUSR1: checkpoint after this step and exit
+    sums = StepSums(run.accelerator, stop)
     validation = Validation(args, run, models)  # --validation_prompts: pictures of the policy as it trains
     validation.after_step(trainer.global_step, trainer.unet)  # step 0: what theta_k itself samples
-    with progress as bar:  # closed before any error message, so the message is the last line
+    with stop, progress as bar:  # the bar is closed before any error message, so the message is the last line
         for batch in loader:
             row = train_step(batch, args, run, models, data, trainer, sums)
             if row is None:  # a micro-step within the accumulation: no optimizer step yet
@@ -645,12 +649,68 @@ def train(args, run, models, data, pairs, trainer, metrics_path):
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}", **({"acc": f"{row['implicit_acc']:.2f}"} if "implicit_acc" in row else {})
             )
-            if trainer.global_step % args.checkpointing_steps == 0 and trainer.global_step < args.max_train_steps:
+            last = trainer.global_step == args.max_train_steps  # a stop signal during the last step: just finish
+            if not last and (trainer.global_step % args.checkpointing_steps == 0 or stop.agreed):
                 save_checkpoint(
                     run.accelerator, run.out, trainer.global_step, trainer.lr_scheduler, args, models.fingerprint
                 )
+                if stop.agreed:
+                    break
             validation.after_step(trainer.global_step, trainer.unet)
     validation.close()  # the pipeline holds the policy: let save_outputs free it
+    if stop.agreed and trainer.global_step < args.max_train_steps:
+        exit_stopped(run, args, stop.agreed, trainer.global_step)
+
+
+# How schedulers say "stop soon" (SLURM also --signal=USR1@...). Windows has no SIGUSR1.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class StopSignals:
+    """While training, SIGTERM / SIGUSR1 end the run after the current optimizer step, with a checkpoint of it. The
+    handler only notes the signal; the processes agree on it in the step's one reduce (StepSums.reduce), so all stop
+    after the same step however late the signal reached each. A context, installed around the training loop only:
+    before it a killed run re-encodes its caches safely (atomic pieces), after it unet/ is written atomically."""
+
+    def __init__(self):
+        self.received = set()  # the signals this process got
+        self.agreed = None  # the signal every process stops on, once a step's reduce has seen one
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
+            self.previous = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():  # None: a handler not set from Python, i.e. the default
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def note(self, signum, frame):
+        self.received.add(signum)  # a set: under SLURM a worker may get a signal twice (directly, and from torchrun)
+
+    def flags(self):
+        """One 0/1 per STOP_SIGNALS: whether this process got it (summed over the processes by StepSums.reduce)."""
+        return [float(s in self.received) for s in STOP_SIGNALS]
+
+    def agree(self, counts):
+        """The flags summed over the processes: the first of STOP_SIGNALS any of them got, the same on every one."""
+        self.agreed = next((s for s, c in zip(STOP_SIGNALS, counts) if c > 0), None)
+
+
+def exit_stopped(run, args, signum, step):
+    """After a stop's checkpoint: one line, and exit status 128 + the signal's number (what shells report for a process
+    the signal killed): non-zero, so a `set -e` script (spin_loop.sh) stops instead of starting the next stage."""
+    flag = "" if args.resume_from_checkpoint == "latest" else " with --resume_from_checkpoint latest"
+    if run.main_process:
+        print(
+            f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
+            f"{run.out / f'checkpoint-{step}'}; run the same command{flag} to continue",
+            file=sys.stderr,
+            flush=True,
+        )
+    sys.exit(128 + signum)
 
 
 def step_loader(args, run, models, pairs, global_step):
@@ -674,7 +734,32 @@ def step_loader(args, run, models, pairs, global_step):
         num_workers=args.dataloader_num_workers,
         pin_memory=run.device.type == "cuda",
         persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=leave_stop_signals_to_training,
     )
+
+
+def leave_stop_signals_to_training(worker_id):
+    """A DataLoader worker leaves SIGTERM / SIGUSR1 to the training process (StopSignals): a scheduler signals every
+    process of the job, and a worker it killed would fail the run before its stop checkpoint. The training process's
+    own SIGTERM (how multiprocessing ends its workers) still ends the worker: sigwaitinfo tells who sent it. A signal
+    goes to any thread that does not block it, so this needs the worker's one thread, as fork starts it (Linux's
+    default up to Python 3.13; spawn and forkserver start a second one): elsewhere SIGTERM keeps its default."""
+    import multiprocessing
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the training process never sends it to a worker
+    tasks = Path("/proc/self/task")  # Linux: one entry per thread
+    if not hasattr(signal, "sigwaitinfo") or not tasks.is_dir() or len(list(tasks.iterdir())) > 1:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    parent = multiprocessing.parent_process().pid  # the training process
+
+    def exit_on_parents_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=exit_on_parents_sigterm, daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -775,8 +860,8 @@ class StepSums:
     """The metric sums of one optimizer step's micro-steps. They stay on the device until the optimizer step: one
     host sync per step (the metrics and the non-finite guard need it), none per micro-step."""
 
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
+    def __init__(self, accelerator, stop):
+        self.accelerator, self.stop = accelerator, stop
         self.reset()
 
     def reset(self):
@@ -788,10 +873,14 @@ class StepSums:
         self.names = list(stats)
 
     def reduce(self, grad_norm):
-        """The sums over every process, divided by the pairs counted: StepMetrics."""
+        """The sums over every process, divided by the pairs counted: StepMetrics. The same reduce carries each
+        process's stop flags (StopSignals.agree), so agreeing on a stop costs no synchronisation of its own."""
         dev = self.accelerator.device
-        total = self.accelerator.reduce(torch.cat([self.sums, torch.tensor([float(self.pairs)], device=dev)]), "sum")
-        vals, n = total[:-1].tolist(), total[-1].item()
+        counts = torch.tensor([float(self.pairs), *self.stop.flags()], device=dev)
+        total = self.accelerator.reduce(torch.cat([self.sums, counts]), "sum").tolist()
+        end = self.sums.numel()
+        vals, n = total[:end], total[end]
+        self.stop.agree(total[end + 1 :])
         gn = float(grad_norm) if grad_norm is not None else float("nan")
         return StepMetrics(vals[0] / n, {k: v / n for k, v in zip(self.names, vals[1:])}, n, gn)
 

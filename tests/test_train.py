@@ -962,6 +962,203 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     assert metrics(tmp_path / "lora")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
 
 
+# ------------------------------------------------------------------ preemption: a scheduler's SIGTERM / SIGUSR1
+def test_stop_signals_only_note_and_give_the_handlers_back():
+    """The handler only notes the signal (twice is once: SLURM and torchrun may both deliver it); the previous
+    handlers are back after the context, also after an error; off the main thread nothing is installed."""
+    import signal
+    import threading
+
+    before = {s: signal.getsignal(s) for s in ts.STOP_SIGNALS}
+    with ts.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.flags() == [0.0, 1.0] and stop.agreed is None
+        stop.agree([0.0, 2.0])  # summed over the processes: two got SIGUSR1
+        assert stop.agreed == signal.SIGUSR1
+        stop.agree([1.0, 0.0])
+        assert stop.agreed == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in ts.STOP_SIGNALS} == before
+    with pytest.raises(RuntimeError), ts.StopSignals():
+        raise RuntimeError
+    assert {s: signal.getsignal(s) for s in ts.STOP_SIGNALS} == before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ts.StopSignals().__enter__().previous))
+    thread.start()
+    thread.join()
+    assert seen == [{}]
+
+
+def test_a_stop_signal_saves_its_step_and_exits_but_in_the_last_step_the_run_finishes(
+    tiny_pipeline, pickapic_parquet, synth, cache, tmp_path, monkeypatch
+):
+    """A signal in step 2 of 3: checkpoint-2, one line, exit status 128 + 15; resumed, a signal in the last step
+    changes nothing: unet/ is written and the run finished (this process, the real signal, the handler only
+    around the training loop)."""
+    import signal
+
+    step = ts.train_step
+
+    plan = {}  # the step in which this process signals itself, and the signal
+
+    def signalled_step(batch, args, run, models, data, trainer, sums):
+        if trainer.global_step + 1 == plan["step"]:
+            os.kill(os.getpid(), plan["signal"])
+        return step(batch, args, run, models, data, trainer, sums)
+
+    monkeypatch.setattr(ts, "train_step", signalled_step)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    args = train_args(tiny_pipeline, pickapic_parquet, out, cache, "--synthetic_dir", synth, steps=3)
+    plan.update(step=2, signal=signal.SIGTERM)
+    p = train(*args, check=False)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM at step 2 of 3: saved {out}/checkpoint-2; "
+        "run the same command with --resume_from_checkpoint latest to continue"
+    )
+    assert ts.list_checkpoints(out) == [out / "checkpoint-2"] and not (out / "unet").exists()
+    assert [r["step"] for r in metrics(out)] == [1, 2] and signal.getsignal(signal.SIGTERM) == before
+    plan.update(step=3, signal=signal.SIGUSR1)
+    p = train(*args, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in p.stdout and "stopped" not in p.stderr
+    assert (out / "unet" / "config.json").is_file() and json.loads((out / "run_config.json").read_text())["finished"]
+    assert ts.list_checkpoints(out) == [out / "checkpoint-2"] and [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_dataloader_workers_leave_stop_signals_to_training():
+    """A scheduler's SIGTERM / SIGUSR1 (sent by another process) leaves DataLoader workers running, so the training
+    process can save its stop checkpoint; the training process's own SIGTERM (multiprocessing's terminate, at exit)
+    still ends one."""
+    import multiprocessing
+
+    class Pids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return os.getpid()
+
+    loader = torch.utils.data.DataLoader(
+        Pids(), batch_size=None, num_workers=1, worker_init_fn=ts.leave_stop_signals_to_training
+    )
+    batches = iter(loader)
+    worker = next(batches)
+    for sig in ("TERM", "USR1"):
+        subprocess.run(["kill", f"-{sig}", str(worker)], check=True)
+    assert [next(batches) for _ in range(50)] == [worker] * 50  # the same worker, still serving
+    del batches
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=idle_worker, args=(ready,))
+    p.start()
+    assert ready.wait(30)
+    p.terminate()
+    p.join(10)
+    assert p.exitcode == 0
+
+
+def idle_worker(ready):
+    import time
+
+    ts.leave_stop_signals_to_training(0)
+    ready.set()
+    time.sleep(60)
+
+
+def start_signalled(cmd, env, out, name, sig, *, after_step=0, group):
+    """Run a training command in a session of its own, as a scheduler's job; once metrics.jsonl shows a step after
+    `after_step`, send `sig` to the first process only (torchrun's agent) or to every process of the session
+    (group=True, as SLURM signals a job); returncode, stdout and stderr once it has exited."""
+    import signal
+    import time
+
+    logs = out.parent / f"{name}.stdout", out.parent / f"{name}.stderr"
+    with open(logs[0], "w") as o, open(logs[1], "w") as e:  # files, not pipes: a full pipe would stall the run
+        p = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            rows = out / "metrics.jsonl"
+            while not (rows.is_file() and rows.read_text().count("\n") > after_step):
+                assert p.poll() is None, logs[1].read_text()[-3000:]
+                time.sleep(0.02)
+            (os.killpg if group else os.kill)(p.pid, sig)
+            p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, p.returncode, logs[0].read_text(), logs[1].read_text())
+
+
+def stop_line(p, sig):
+    """The one stop line of a run (printed by the main process only) and the step it names."""
+    import re
+
+    lines = [line for line in p.stderr.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by {sig} at step "), p.stderr[-3000:]
+    return lines[0], int(re.match(r"stopped by \w+ at step (\d+) of", lines[0]).group(1))
+
+
+def test_torchrun_stops_on_sigterm_and_sigusr1_and_resumes_bit_identical(
+    tiny_pipeline, pickapic_parquet, synth, cache, tmp_path
+):
+    """2 processes under torchrun, signalled mid-run as schedulers do: SIGTERM to the agent only (it forwards it to
+    its workers), then, resumed, SIGUSR1 to every process (SLURM's --signal; the agent told to forward it too, so a
+    worker gets it twice, and its DataLoader worker gets it as well). Each time both processes stop after the same
+    step with one checkpoint of it and a non-zero exit; resumed once more, the run ends bit-identical to an
+    uninterrupted one."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun += ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+    steps = 24  # ~0.1 s each here: the signals arrive mid-run (a stop comes 2-3 steps after its signal)
+
+    def command(out, *extra):
+        more = ["--synthetic_dir", synth, "--checkpointing_steps", "1000", "--dataloader_num_workers", "1", *extra]
+        return [*torchrun, *map(str, train_args(tiny_pipeline, pickapic_parquet, out, cache, *more, steps=steps))]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    p = subprocess.run(command(straight), capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    p = start_signalled(command(out), env, out, "term", signal.SIGTERM, group=False)
+    line, first = stop_line(p, "SIGTERM")
+    assert p.returncode != 0  # torchrun's own (1, after its SignalException); each worker's is 128 + 15
+    assert line == (
+        f"stopped by SIGTERM at step {first} of {steps}: saved {out}/checkpoint-{first}; "
+        "run the same command with --resume_from_checkpoint latest to continue"
+    )
+    assert 1 <= first < steps and ts.list_checkpoints(out) == [out / f"checkpoint-{first}"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in (out / f"checkpoint-{first}").iterdir()}
+    assert [r["step"] for r in metrics(out)] == list(range(1, first + 1)) and not (out / "unet").exists()
+
+    resume = command(out, "--resume_from_checkpoint", "latest")
+    p = start_signalled(resume, env, out, "usr1", signal.SIGUSR1, after_step=first, group=True)
+    line, second = stop_line(p, "SIGUSR1")
+    assert p.returncode != 0 and f"resumed from {out}/checkpoint-{first} at step {first}" in p.stdout
+    assert line.endswith(
+        f"at step {second} of {steps}: saved {out}/checkpoint-{second}; run the same command to continue"
+    )
+    assert first < second < steps
+    assert ts.list_checkpoints(out) == [out / f"checkpoint-{first}", out / f"checkpoint-{second}"]
+
+    p = subprocess.run(resume, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0 and f"resumed from {out}/checkpoint-{second}" in p.stdout, p.stderr[-3000:]
+
+    def weights(d):
+        return load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    def rows(d):  # pairs_per_s is a clock's
+        return [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in metrics(d)]
+
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(out) == rows(straight) and len(rows(out)) == steps
+
+
 # ------------------------------------------------------------------------------------------------------- LoRA
 def test_lora_trains_an_adapter_writes_it_merged_and_resumes_exactly(
     tiny_pipeline, pickapic_parquet, synth, cache, tmp_path
