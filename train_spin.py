@@ -2335,7 +2335,7 @@ def save_lora_outputs(unet, output_dir):
     tmp = Path(output_dir) / "lora.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(
-        str(tmp), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+        str(tmp), unet_lora_layers=scale_folded(get_peft_model_state_dict(unet), unet), safe_serialization=True
     )
     shutil.rmtree(lora, ignore_errors=True)
     os.replace(tmp, lora)
@@ -2347,10 +2347,13 @@ def save_lora_outputs(unet, output_dir):
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
 
 
-def lora_scale(run_dir):
-    """A LoRA run's scale, lora_alpha / lora_rank, from its run_config.json."""
-    a = json.loads((Path(run_dir) / "run_config.json").read_text())["args"]
-    return (a["lora_alpha"] or a["lora_rank"]) / a["lora_rank"]
+def scale_folded(adapter, unet):
+    """The adapter's state dict with its scale, lora_alpha / rank, multiplied into each lora_B: the file then means
+    the same to every loader, including those that read no alpha and apply scale 1 (load_lora_weights does, for a
+    file without adapter metadata)."""
+    config = unet.peft_config["default"]
+    scale = config.lora_alpha / config.r
+    return {k: v * scale if k.endswith("lora_B.weight") else v for k, v in adapter.items()}
 
 
 def stack_adapters(adapters):
@@ -2392,7 +2395,7 @@ def write_cumulative_lora(args, out, log):
             log(f"note: no lora_cumulative/: --unet {args.unet} is not the base UNet plus LoRA adapters")
             return
         adapters.append((load_file(str(start / "lora_cumulative" / LORA_FILE)), 1.0))
-    adapters.append((load_file(str(out / "lora" / LORA_FILE)), lora_scale(out)))
+    adapters.append((load_file(str(out / "lora" / LORA_FILE)), 1.0))  # lora/ has its scale folded in already
     tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

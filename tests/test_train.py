@@ -1681,7 +1681,8 @@ def test_diffusers_flag_names_are_aliases(tiny_pipeline, pickapic_parquet, tmp_p
 def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic_parquet, cache, tmp_path):
     """Each LoRA iteration's unet/ is its start with its adapter fused, so theta_2 = theta_0 + scale_1 B_1 A_1 +
     scale_2 B_2 A_2: iter_2/lora_cumulative/ (rank 4 + 2) loaded with load_lora_weights on the base pipeline predicts
-    what iter_2/unet/ predicts, also when an iteration's lora_alpha is not its rank (its scale folded into B)."""
+    what iter_2/unet/ predicts, also when an iteration's lora_alpha is not its rank (its scale folded into B), and so
+    does iter_2/lora/ on theta_1."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -1717,6 +1718,12 @@ def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic
         b = theta_2(x, t, encoder_hidden_states=text).sample
         c = theta_1(x, t, encoder_hidden_states=text).sample
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, c, atol=1e-3)  # theta_2, not theta_1
+    # iter_2/lora/ alone (alpha 4, rank 2: scale 2) on theta_1, loaded by a loader that reads no alpha, is theta_2
+    step = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=theta_1, safety_checker=None)
+    step.load_lora_weights(str(it2 / "lora"))
+    with torch.no_grad():
+        d = step.unet(x, t, encoder_hidden_states=text).sample
+    assert torch.allclose(d, b, atol=1e-5)
     # the first iteration's cumulative adapter is its own
     first = load_file(str(it1 / "lora_cumulative" / ts.LORA_FILE))
     own = load_file(str(it1 / "lora" / ts.LORA_FILE))
