@@ -37,16 +37,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 # ---- flags ----
-# --scheduler names -> diffusers classes (None keeps the pipeline's own scheduler).
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 # Flags that change the pixels. A folder made with other values is refused, never mixed. Not here: --batch_size
 # (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
 IMAGE_SETTINGS = (
@@ -187,13 +177,6 @@ def metadata_row(prompt, prompt_index, image_index, seed, with_latent):
     return row
 
 
-def initial_noise(seeds, shape):
-    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
-    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
-
-
 def resolve_precision(name, device):
     """--mixed_precision: default fp16 on CUDA (the usual SD-1.5 inference precision), float32 elsewhere."""
     name = name or ("fp16" if torch.device(device).type == "cuda" else "no")
@@ -237,22 +220,6 @@ def folder_settings(args, pipe, prompts, fingerprint):
     if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
         settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
     return settings
-
-
-def decode_latents(pipe, latents):
-    """The pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
-    decodes it: in the VAE's own dtype (float32 where load_pipeline upcast it), un-normalized with the VAE config's
-    latents_mean/latents_std where it has them (SDXL's decoding), else divided by scaling_factor."""
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None and PIPELINES[type(pipe).__name__]["latents_mean_std"]:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
 
 
 def load_prompts(
@@ -364,7 +331,7 @@ def load_pipeline(
             **PIPELINES[class_name]["load"],
         )
     except (OSError, ValueError) as e:
-        msg = variant_hint(e, variant) if variant else str(e).splitlines()[0]
+        msg = variant_hint(e, variant)
         raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
@@ -402,7 +369,7 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
             **extra,
         ).images
         # Decode ourselves: one pipeline call gives both the final latent and the image.
-        x = decode_latents(pipe, latents)
+        x = decode_latents(pipe.vae, latents, PIPELINES[type(pipe).__name__]["latents_mean_std"])
         finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
         pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
         latents = latents.float().cpu()
@@ -955,7 +922,7 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
-        if pin.get("variant"):
+        if pin.get("variant") and variant in str(e):
             raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
@@ -964,9 +931,11 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
 
 
 def variant_hint(error, variant):
-    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    """The first line of a loading error; where it names --variant's files, also their likely cause and the fix."""
     first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
-    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
+    if variant and variant in str(error):
+        return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
+    return first
 
 
 def merged_checkpoint_adapter(unet, ckpt):
@@ -1183,6 +1152,40 @@ def image_seed(seed, prompt_index, image_index):
 
     digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# Sampler names (generate.py and sample.py --scheduler, train_spin.py --validation_scheduler) -> diffusers classes.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def initial_noise(seeds, shape):
+    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
+    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def decode_latents(vae, latents, latents_mean_std):
+    """A pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
+    decodes it: in the VAE's own dtype, un-normalized with the VAE config's latents_mean/latents_std where it has them
+    and `latents_mean_std` (SDXL's decoding), else divided by scaling_factor."""
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if latents_mean_std and mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
 
 
 # ---- end shared model and data helpers ----

@@ -63,16 +63,6 @@ from tqdm.auto import tqdm
 # Command line. Flag names follow the diffusers training examples.
 # ---------------------------------------------------------------------------------------------------------
 PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
-# --validation_scheduler names -> diffusers classes: generate.py's --scheduler names
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 
 def build_parser():
@@ -703,6 +693,7 @@ def exit_stopped(run, args, signum, step):
     """After a stop's checkpoint: one line, and exit status 128 + the signal's number (what shells report for a process
     the signal killed): non-zero, so a `set -e` script (spin_loop.sh) stops instead of starting the next stage."""
     flag = "" if args.resume_from_checkpoint == "latest" else " with --resume_from_checkpoint latest"
+    run.accelerator.end_training()  # the trackers' last writes, and the process group closed
     if run.main_process:
         print(
             f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
@@ -914,24 +905,32 @@ class Validation:
     --validation_steps and after the last, the way generate.py samples (image i of prompt p from its own seed
     image_seed(--validation_seed, p, i), the pipeline's final latent decoded here), so step 0 is what generate.py makes
     from theta_k. Each is written to output_dir/validation/step-N/ (images/, metadata.jsonl, grid.png: a row per
-    prompt) and sent to --report_to's tensorboard or wandb. The main process samples; the rest of the pipeline (VAE,
-    text encoders) is loaded once and kept on the CPU in between. It draws only from its own generators: the training
-    is the same with or without it."""
+    prompt) and sent to --report_to's tensorboard or wandb. The prompts are shared out among the processes (prompt p
+    to process p % N, as generate.py shares them) and the main process writes them all, so no process waits on one
+    that samples alone; the rest of the pipeline (VAE, text encoders) is loaded once and kept on the CPU in between.
+    It draws only from its own generators: the training is the same with or without it."""
 
     def __init__(self, args, run, models):
         self.args, self.run, self.models, self.pipe = args, run, models, None
 
     def after_step(self, step, unet):
-        a = self.args
+        a, accelerator = self.args, self.run.accelerator
         if not a.validation_prompts or not (step % a.validation_steps == 0 or step == a.max_train_steps):
             return
         folder = self.run.out / "validation" / f"step-{step}"
-        if self.run.main_process and not folder.is_dir():  # a resumed run keeps the steps it already sampled
-            unet = self.run.accelerator.unwrap_model(unet)
-            pixels = self.sample(unet)
+        if folder.is_dir():  # a resumed run keeps the steps it already sampled (every process sees the same folder)
+            return
+        mine = range(accelerator.process_index, len(a.validation_prompts), accelerator.num_processes)
+        pixels = self.sample(accelerator.unwrap_model(unet), mine) if mine else {}
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            pixels = {p: x for part in gather_object([pixels]) for p, x in part.items()}
+        if self.run.main_process:
+            pixels = np.stack([pixels[p] for p in range(len(a.validation_prompts))])
             grid = write_validation_folder(folder, pixels, a.validation_prompts, self.seeds())
-            log_validation_images(self.run.accelerator, grid, pixels, a.validation_prompts, step)
-        self.run.accelerator.wait_for_everyone()
+            log_validation_images(accelerator, grid, pixels, a.validation_prompts, step)
+        accelerator.wait_for_everyone()
 
     def seeds(self):
         n = self.args.num_validation_images
@@ -941,9 +940,9 @@ class Validation:
         ]
 
     @torch.no_grad()
-    def sample(self, unet):
-        """uint8 images [prompts, images per prompt, H, W, 3]: one pipeline call per prompt, its images' noise from
-        their own seeds, in the run's precision (under autocast, as the policy trains)."""
+    def sample(self, unet, prompt_indices):
+        """{prompt index: uint8 images [images per prompt, H, W, 3]}: one pipeline call per prompt, its images' noise
+        from their own seeds, in the run's precision (under autocast, as the policy trains)."""
         a, device = self.args, self.run.device
         pipe = self.pipeline(unet)
         r, f = a.resolution, pipe.vae_scale_factor
@@ -951,14 +950,13 @@ class Validation:
         extra = {"original_size": (r, r), "crops_coords_top_left": (0, 0), "target_size": (r, r)}
         was_training = unet.training
         unet.eval()
-        out = []
+        out, seeds = {}, self.seeds()
         try:
-            for prompt, seeds in zip(a.validation_prompts, self.seeds()):
-                gens = [torch.Generator().manual_seed(s) for s in seeds]
-                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            for p in prompt_indices:
+                noise, gens = initial_noise(seeds[p], shape)
                 with self.run.accelerator.autocast():
                     latents = pipe(
-                        prompt=[prompt] * len(seeds),
+                        prompt=[a.validation_prompts[p]] * len(seeds[p]),
                         latents=noise.to(device),
                         generator=gens,
                         num_inference_steps=a.validation_num_inference_steps,
@@ -968,19 +966,22 @@ class Validation:
                         output_type="latent",
                         **(extra if self.models.sdxl else {}),
                     ).images
-                x = decode_latents(pipe.vae, latents, self.models.sdxl)
-                out.append(((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+                x = decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)
+                x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+                out[p] = x.cpu().numpy()
         finally:
             unet.train(was_training)
             self.offload()
-        return torch.stack(out).cpu().numpy()
+        return out
 
     def pipeline(self, unet):
         """The base pipeline around the policy, loaded on first use; its other parts moved to the device."""
         if self.pipe is None:
             import diffusers
+            import transformers
 
-            diffusers.utils.logging.disable_progress_bar()  # its loading bar would break the training's
+            diffusers.utils.logging.disable_progress_bar()  # their loading bars would break the training's
+            transformers.utils.logging.disable_progress_bar()
             name, kwargs = VALIDATION_PIPELINES[self.models.family]
             base = self.models.base
             pipe = load_component(
@@ -1015,20 +1016,6 @@ class Validation:
 
     def close(self):
         self.pipe = None
-
-
-def decode_latents(vae, latents, sdxl):
-    """A pipeline's final latent (scaled space) -> image in [-1, 1], as generate.py decodes it: in the VAE's dtype,
-    un-normalised with the VAE config's latents_mean/latents_std where SDXL's has them, else / scaling_factor."""
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if sdxl and mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
 
 
 def validation_grid(pixels):
@@ -1098,7 +1085,7 @@ def load_component(what, load, *args, **kwargs):
     try:
         return load(*args, **kwargs)
     except (OSError, ValueError) as e:
-        msg = variant_hint(e, kwargs["variant"]) if kwargs.get("variant") else str(e).splitlines()[0]
+        msg = variant_hint(e, kwargs.get("variant"))
         raise UserError(f"could not load {what}: {msg}") from None
 
 
@@ -2652,7 +2639,7 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
-        if pin.get("variant"):
+        if pin.get("variant") and variant in str(e):
             raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
@@ -2661,9 +2648,11 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
 
 
 def variant_hint(error, variant):
-    """The first line of a loading error while --variant is set, with its likely cause and the fix."""
+    """The first line of a loading error; where it names --variant's files, also their likely cause and the fix."""
     first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
-    return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
+    if variant and variant in str(error):
+        return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
+    return first
 
 
 def merged_checkpoint_adapter(unet, ckpt):
@@ -2880,6 +2869,40 @@ def image_seed(seed, prompt_index, image_index):
 
     digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# Sampler names (generate.py and sample.py --scheduler, train_spin.py --validation_scheduler) -> diffusers classes.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def initial_noise(seeds, shape):
+    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
+    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def decode_latents(vae, latents, latents_mean_std):
+    """A pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
+    decodes it: in the VAE's own dtype, un-normalized with the VAE config's latents_mean/latents_std where it has them
+    and `latents_mean_std` (SDXL's decoding), else divided by scaling_factor."""
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if latents_mean_std and mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
 
 
 # ---- end shared model and data helpers ----

@@ -509,7 +509,7 @@ def test_sdxl_fp16_decodes_with_an_fp32_vae(sdxl_pipeline, tiny_pipeline):
     assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
     assert generate.model_record(pipe) == {"pipeline_class": "StableDiffusionXLPipeline", "vae_dtype": "float32"}
-    x = generate.decode_latents(pipe, torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    x = generate.decode_latents(pipe.vae, torch.randn(1, 4, 8, 8, dtype=torch.float16), True)
     assert x.dtype == torch.float32 and x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
     sd = generate.load_pipeline(
         str(tiny_pipeline), generate.load_unet("base", str(tiny_pipeline)), None, torch.float16, "cpu"

@@ -813,7 +813,9 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     """torchrun on CPU (gloo), as users launch: the processes join one run (one cache, one metrics line per step,
     one checkpoint), each reads only its share of a streamed 3-file dataset yet the cache is the one a single
     process builds, and 2 processes x batch 1 train what 1 process x batch 2 trains (noise follows the pair's place
-    in the global batch, not the process). A resume from the 2-process checkpoint ends bit-identical."""
+    in the global batch, not the process). A resume from the 2-process checkpoint ends bit-identical. The processes
+    share out the validation prompts: step 0's pictures are the single process's."""
+    from PIL import Image
     from safetensors.torch import load_file
 
     data = tmp_path / "data"
@@ -882,8 +884,11 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
         return p
 
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    launch(1, one, tmp_path / "c1", 2)
-    p = launch(2, two, tmp_path / "c2", 1)
+    # validation images: 3 prompts shared out among the processes, written by the main process
+    watch = ["--validation_prompts", "a red circle", "a blue square", "a green triangle"]
+    watch += ["--validation_steps", "4", "--validation_num_inference_steps", "2", "--num_validation_images", "1"]
+    launch(1, one, tmp_path / "c1", 2, *watch)
+    p = launch(2, two, tmp_path / "c2", 1, *watch)
     assert p.stdout.count("training spin: 14 pairs, 4 steps of 1 x 2 x 1 = 2 pairs") == 1  # one run, not two alone
     assert [r["step"] for r in metrics(two)] == [1, 2, 3, 4]
     assert json.loads((two / "run_config.json").read_text())["num_processes"] == 2
@@ -914,6 +919,10 @@ def test_torchrun_two_processes_train_what_one_process_trains(tiny_pipeline, tmp
     apart = sum(((w1[k] - w2[k]) ** 2).sum() for k in w0).sqrt()
     assert moved > 0 and apart < 0.01 * moved, (apart / moved).item()
     assert metrics(one)[0]["loss"] == metrics(two)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for run_dir in (one, two):
+        assert sorted(d.name for d in (run_dir / "validation").iterdir()) == ["step-0", "step-4"]
+    grids = [np.asarray(Image.open(d / "validation" / "step-0" / "grid.png")) for d in (one, two)]
+    assert grids[0].shape == (3 * 32, 32, 3) and np.array_equal(*grids)  # theta_0's pictures, whoever sampled them
 
     # interrupted after step 2 and resumed (in another folder) under torchrun: bit-identical to the straight run
     p = launch(2, resumed, tmp_path / "c2", 1, "--resume_from_checkpoint", two / "checkpoint-2")
@@ -1110,7 +1119,10 @@ def test_torchrun_stops_on_sigterm_and_sigusr1_and_resumes_bit_identical(
     import signal
 
     from safetensors.torch import load_file
+    from torch.distributed.run import get_args_parser
 
+    if "--signals_to_handle" not in get_args_parser().format_help():
+        pytest.skip("this torch's torchrun cannot be told to forward SIGUSR1 (no --signals_to_handle)")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     torchrun += ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     steps = 24  # ~0.1 s each here: the signals arrive mid-run (a stop comes 2-3 steps after its signal)
