@@ -333,6 +333,14 @@ def load_pipeline(
     except (OSError, ValueError) as e:
         msg = variant_hint(e, variant)
         raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
+    for name in ("tokenizer", "tokenizer_2"):  # transformers builds an empty one where the files are missing
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None and tokenizer.model_max_length > 10**6:  # no tokenizer_config.json was read
+            raise UserError(
+                f"could not load the pipeline {pretrained!r}: no tokenizer in its {name}/ (vocab.json, merges.txt, "
+                "tokenizer_config.json with model_max_length); save the pipeline with save_pretrained or point at a "
+                "complete copy"
+            )
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:

@@ -1089,6 +1089,18 @@ def load_component(what, load, *args, **kwargs):
         raise UserError(f"could not load {what}: {msg}") from None
 
 
+def load_tokenizer(what, cls, base, subfolder, revision):
+    """A pipeline's tokenizer. transformers builds an empty one where the folder lacks the tokenizer's files (no
+    vocabulary, no length limit), which would fail later inside the tokenizer's call: refused here in one line."""
+    tokenizer = load_component(what, cls.from_pretrained, base, subfolder=subfolder, revision=revision)
+    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
+        raise UserError(
+            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
+            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
+        )
+    return tokenizer
+
+
 def model_family(unet_config):
     """'sdxl' when the UNet also takes the pooled prompt embedding and the micro-conditioning (addition_embed_type
     text_time), 'sd' for SD-1.x/2.x (none); any other is refused."""
@@ -1108,7 +1120,7 @@ def load_models(args, run):
     base, rev = args.pretrained_model_name_or_path, args.revision
     pipeline = f"the pipeline {base!r}"
     scheduler = load_component(pipeline, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
-    tokenizers = (load_component(pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer", revision=rev),)
+    tokenizers = (load_tokenizer(pipeline, CLIPTokenizer, base, "tokenizer", rev),)
     unet = load_unet(args.unet, base, rev, args.variant)
     fingerprint = unet_fingerprint(unet)
     if args.enable_xformers_memory_efficient_attention:
@@ -1117,9 +1129,7 @@ def load_models(args, run):
     force_zeros = False
     if family == "sdxl":
         sdxl_pipeline = f"the SDXL pipeline {base!r}"
-        tokenizers += (
-            load_component(sdxl_pipeline, CLIPTokenizer.from_pretrained, base, subfolder="tokenizer_2", revision=rev),
-        )
+        tokenizers += (load_tokenizer(sdxl_pipeline, CLIPTokenizer, base, "tokenizer_2", rev),)
         config = load_component(sdxl_pipeline, DiffusionPipeline.load_config, base, revision=rev)
         force_zeros = bool(config.get("force_zeros_for_empty_prompt", True))
     vae_config = load_component(

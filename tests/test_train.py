@@ -1870,3 +1870,19 @@ def test_a_missing_variant_is_one_line(tiny_pipeline, pickapic_parquet, tmp_path
     shutil.copytree(tiny_pipeline / "unet", tmp_path / "own" / "unet")
     line = error_line(train(*args, "--variant", "bf16", "--unet", tmp_path / "own", check=False))
     assert "could not load the VAE" in line and "no --variant bf16 weight files there? drop --variant" in line
+
+
+def test_a_pipeline_without_its_tokenizer_is_one_line(tiny_pipeline, pickapic_parquet, tmp_path):
+    """transformers builds an empty tokenizer for a pipeline folder that lacks tokenizer/: train_spin.py and
+    generate.py refuse it in one line instead of failing inside the tokenizer's call."""
+    import shutil
+
+    broken = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline, broken)
+    shutil.rmtree(broken / "tokenizer")
+    p = train(*train_args(broken, pickapic_parquet, tmp_path / "out", tmp_path / "cache", "--loss", "sft"), check=False)
+    assert "no tokenizer in its tokenizer/" in error_line(p)
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    p = run("generate.py", "--pretrained_model_name_or_path", broken, "--prompts_file", tmp_path / "prompts.txt",
+            "--output_dir", tmp_path / "gen", check=False)  # fmt: skip
+    assert "no tokenizer in its tokenizer/" in error_line(p)
