@@ -333,14 +333,9 @@ def load_pipeline(
     except (OSError, ValueError) as e:
         msg = variant_hint(e, variant)
         raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
-    for name in ("tokenizer", "tokenizer_2"):  # transformers builds an empty one where the files are missing
-        tokenizer = getattr(pipe, name, None)
-        if tokenizer is not None and tokenizer.model_max_length > 10**6:  # no tokenizer_config.json was read
-            raise UserError(
-                f"could not load the pipeline {pretrained!r}: no tokenizer in its {name}/ (vocab.json, merges.txt, "
-                "tokenizer_config.json with model_max_length); save the pipeline with save_pretrained or point at a "
-                "complete copy"
-            )
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            check_tokenizer(getattr(pipe, name), f"the pipeline {pretrained!r}", name)
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
@@ -379,7 +374,7 @@ def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
         # Decode ourselves: one pipeline call gives both the final latent and the image.
         x = decode_latents(pipe.vae, latents, PIPELINES[type(pipe).__name__]["latents_mean_std"])
         finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
-        pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        pixels = to_pixels(x)
         latents = latents.float().cpu()
         keep = []
         for j, (p, i) in enumerate(batch):
@@ -1194,6 +1189,22 @@ def decode_latents(vae, latents, latents_mean_std):
     else:
         latents = latents / vae.config.scaling_factor
     return vae.decode(latents, return_dict=False)[0]
+
+
+def check_tokenizer(tokenizer, what, subfolder):
+    """transformers builds an empty tokenizer where a pipeline folder lacks the tokenizer's files (no vocabulary, no
+    length limit recorded), which would fail later inside the tokenizer's call: refused here in one line."""
+    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
+        raise UserError(
+            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
+            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
+        )
+    return tokenizer
+
+
+def to_pixels(images):
+    """Decoded images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] on the CPU, as generate.py writes them."""
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ---- end shared model and data helpers ----

@@ -966,9 +966,7 @@ class Validation:
                         output_type="latent",
                         **(extra if self.models.sdxl else {}),
                     ).images
-                x = decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)
-                x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-                out[p] = x.cpu().numpy()
+                out[p] = to_pixels(decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)).numpy()
         finally:
             unet.train(was_training)
             self.offload()
@@ -1090,15 +1088,9 @@ def load_component(what, load, *args, **kwargs):
 
 
 def load_tokenizer(what, cls, base, subfolder, revision):
-    """A pipeline's tokenizer. transformers builds an empty one where the folder lacks the tokenizer's files (no
-    vocabulary, no length limit), which would fail later inside the tokenizer's call: refused here in one line."""
+    """A pipeline's tokenizer, refused in one line where the folder lacks its files (check_tokenizer)."""
     tokenizer = load_component(what, cls.from_pretrained, base, subfolder=subfolder, revision=revision)
-    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
-        raise UserError(
-            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
-            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
-        )
-    return tokenizer
+    return check_tokenizer(tokenizer, what, subfolder)
 
 
 def model_family(unet_config):
@@ -2354,23 +2346,23 @@ def scale_folded(adapter, unet):
 
 
 def stack_adapters(adapters):
-    """One adapter equal to the sum of several: [(state dict in diffusers' LoRA names, scale), ...] -> a state dict
-    whose lora_A is the A's stacked and whose lora_B is the scaled B's side by side, so that B A = sum_k scale_k B_k A_k
-    at scale 1 (rank: the sum of the ranks). A module missing from an adapter gets zeros."""
-    modules = sorted({k.rsplit(".lora_", 1)[0] for sd, _ in adapters for k in sd})
+    """One adapter equal to the sum of several (state dicts in diffusers' LoRA names, each scale folded into its B, as
+    scale_folded saves them): lora_A is the A's stacked and lora_B the B's side by side, so that B A = sum_k B_k A_k
+    (rank: the sum of the ranks). A module missing from an adapter gets zeros."""
+    modules = sorted({k.rsplit(".lora_", 1)[0] for sd in adapters for k in sd})
     out = {}
     for m in modules:
         shape = next(
             (sd[f"{m}.lora_A.weight"].shape[1], sd[f"{m}.lora_B.weight"].shape[0])
-            for sd, _ in adapters
+            for sd in adapters
             if f"{m}.lora_A.weight" in sd
         )
         a_parts, b_parts = [], []
-        for sd, scale in adapters:
+        for sd in adapters:
             rank = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
             if f"{m}.lora_A.weight" in sd:
                 a_parts.append(sd[f"{m}.lora_A.weight"].float())
-                b_parts.append(sd[f"{m}.lora_B.weight"].float() * scale)
+                b_parts.append(sd[f"{m}.lora_B.weight"].float())
             else:
                 a_parts.append(torch.zeros(rank, shape[0]))
                 b_parts.append(torch.zeros(shape[1], rank))
@@ -2391,8 +2383,8 @@ def write_cumulative_lora(args, out, log):
         if not (start / "lora_cumulative" / LORA_FILE).is_file():
             log(f"note: no lora_cumulative/: --unet {args.unet} is not the base UNet plus LoRA adapters")
             return
-        adapters.append((load_file(str(start / "lora_cumulative" / LORA_FILE)), 1.0))
-    adapters.append((load_file(str(out / "lora" / LORA_FILE)), 1.0))  # lora/ has its scale folded in already
+        adapters.append(load_file(str(start / "lora_cumulative" / LORA_FILE)))
+    adapters.append(load_file(str(out / "lora" / LORA_FILE)))
     tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -2913,6 +2905,22 @@ def decode_latents(vae, latents, latents_mean_std):
     else:
         latents = latents / vae.config.scaling_factor
     return vae.decode(latents, return_dict=False)[0]
+
+
+def check_tokenizer(tokenizer, what, subfolder):
+    """transformers builds an empty tokenizer where a pipeline folder lacks the tokenizer's files (no vocabulary, no
+    length limit recorded), which would fail later inside the tokenizer's call: refused here in one line."""
+    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
+        raise UserError(
+            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
+            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
+        )
+    return tokenizer
+
+
+def to_pixels(images):
+    """Decoded images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] on the CPU, as generate.py writes them."""
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ---- end shared model and data helpers ----
