@@ -1411,13 +1411,13 @@ def load_strict(module, state_dict, what):
     module.load_state_dict(state_dict, strict=True)
 
 
-# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
+# ---- helpers every script carries: each is the same text wherever it appears (tests/test_shared.py checks) ----
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, exit code 2."""
 
 
 def cli(main):
-    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
+    """Run main(); known failures end in one line: bad input (exit 2), disk full (28), Ctrl-C (130)."""
     import errno
 
     try:
@@ -1429,18 +1429,17 @@ def cli(main):
         print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(
-                f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
-                "finished work is kept",
-                file=sys.stderr,
-            )
-            sys.exit(28)
-        raise
+        if e.errno != errno.ENOSPC:
+            raise
+        where = e.filename or "while writing"
+        print(
+            f"error: disk full ({where}): free space and rerun the same command; finished work is kept", file=sys.stderr
+        )
+        sys.exit(28)
 
 
 def write_json_atomic(path, obj):
-    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
+    """Write JSON under a temp name, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -1448,7 +1447,7 @@ def write_json_atomic(path, obj):
 
 
 def read_jsonl(path):
-    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
+    """The rows of a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
     rows = []
     with open(path) as f:
         for line in f:
@@ -1485,43 +1484,6 @@ def check_model_path(path, what="--pretrained_model_name_or_path"):
         raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
 
 
-def decode_image(value):
-    """bytes / {"bytes", "path"} / PIL -> the RGB picture a viewer sees (to_rgb), or None when it cannot be decoded."""
-    import io
-
-    from PIL import Image
-
-    try:
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        img = (
-            value
-            if isinstance(value, Image.Image)
-            else Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        )
-        img.load()
-        return to_rgb(img)
-    except Exception:
-        return None
-
-
-def to_rgb(img):
-    """What a viewer sees, as 8-bit RGB: the EXIF orientation applied (phones store photos sideways and a tag), any
-    transparency laid over white (not the colour hidden under transparent pixels), 16-bit greyscale (Pillow's modes
-    I;16 and I) scaled to 8 bits (a plain convert clips it to white), palette, CMYK and greyscale converted."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        grey = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
-        return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
 
@@ -1533,10 +1495,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def quiet_known_noise():
-    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
-    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
-    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
-    processors instead (what we want: torchvision is not a dependency)."""
+    """Drop two import-time messages known to be harmless at their source (every other warning still shows):
+    bitsandbytes' missing optional 4-bit CPU kernel, transformers' torchvision fallback (torchvision is not needed)."""
     import logging
 
     for logger, text in (
@@ -1546,10 +1506,39 @@ def quiet_known_noise():
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
-# ---- end shared helpers ----
+def decode_image(value):
+    """bytes, {"bytes", "path"}, a path or PIL -> the RGB picture a viewer sees (to_rgb); None if it does not decode."""
+    import io
+
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            value = io.BytesIO(value)
+        img = value if isinstance(value, Image.Image) else Image.open(value)
+        img.load()
+        return to_rgb(img)
+    except Exception:
+        return None
 
 
-quiet_known_noise()
+def to_rgb(img):
+    """What a viewer sees, as 8-bit RGB: the EXIF orientation applied (phones store photos sideways plus a tag),
+    transparency laid over white, 16-bit greyscale scaled to 8 bits (a plain convert clips it to white), palette, CMYK
+    and greyscale converted."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+quiet_known_noise()  # before the libraries that log the known noise are imported (they are imported lazily)
 
 
 if __name__ == "__main__":

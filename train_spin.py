@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -1218,9 +1219,6 @@ def cast_frozen(module, dtype):
     return module
 
 
-ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint-N/: the adapter's weights (peft names)
-
-
 def checkpoint_adapter_only(accelerator):
     """A LoRA run's checkpoint-N/ holds the adapter, not the frozen UNet under it (its optimizer state holds only the
     adapter's anyway): megabytes instead of gigabytes. Resuming puts the adapter back into the same frozen UNet."""
@@ -1253,25 +1251,18 @@ def checkpoint_adapter_only(accelerator):
 
 
 def add_lora(unet, rank, alpha, target_modules, seed=0):
-    """Freeze the UNet and add a trainable LoRA adapter (peft) whose up-projection starts at zero: at step 0 the
-    policy computes exactly what the UNet computes (x + 0), so the first SPIN loss is still exactly ln 2. The
-    down-projection's random start is drawn from `seed`, so a run is reproducible."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise UserError("--lora_rank needs peft: pip install peft") from None
-    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+    """Freeze the UNet under a trainable LoRA adapter (lora_config): B starts at zero, so at step 0 the policy computes
+    exactly what the UNet computes and the first loss is ln 2; A's random start is drawn from `seed`."""
+    from diffusers.training_utils import cast_training_params
+
+    config = lora_config(rank, alpha, target_modules)
     unet.requires_grad_(False)
     try:
         torch.manual_seed(image_seed(seed, -2, 0))
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
-        )
+        unet.add_adapter(config)
     except ValueError as e:
         raise UserError(f"--lora_target_modules {target_modules}: {str(e).splitlines()[0]}") from None
-    for p in unet.parameters():  # trainable weights stay float32 whatever --mixed_precision (SPEC pitfall 2)
-        if p.requires_grad:
-            p.data = p.data.float()
+    cast_training_params(unet)  # the adapter's weights train in float32 whatever --mixed_precision
     return unet
 
 
@@ -2421,7 +2412,7 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run main() and turn known failures into a one-line message and a non-zero exit code."""
+    """Run main(); known failures end in one line: bad input (exit 2), disk full (28), Ctrl-C (130)."""
     import errno
 
     try:
@@ -2433,18 +2424,17 @@ def cli(main):
         print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(
-                f"error: disk full ({e.filename or 'while writing'}): free space and rerun the same command; "
-                "finished work is kept",
-                file=sys.stderr,
-            )
-            sys.exit(28)
-        raise
+        if e.errno != errno.ENOSPC:
+            raise
+        where = e.filename or "while writing"
+        print(
+            f"error: disk full ({where}): free space and rerun the same command; finished work is kept", file=sys.stderr
+        )
+        sys.exit(28)
 
 
 def write_json_atomic(path, obj):
-    """Write JSON so that a reader never sees half a file (write to a temp name, then rename)."""
+    """Write JSON under a temp name, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -2452,7 +2442,7 @@ def write_json_atomic(path, obj):
 
 
 def read_jsonl(path):
-    """Read a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
+    """The rows of a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
     rows = []
     with open(path) as f:
         for line in f:
@@ -2490,19 +2480,15 @@ def check_model_path(path, what="--pretrained_model_name_or_path"):
 
 
 def decode_image(value):
-    """bytes / {"bytes", "path"} / PIL -> the RGB picture a viewer sees (to_rgb), or None when it cannot be decoded."""
+    """bytes, {"bytes", "path"}, a path or PIL -> the RGB picture a viewer sees (to_rgb); None if it does not decode."""
     import io
-
-    from PIL import Image
 
     try:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        img = (
-            value
-            if isinstance(value, Image.Image)
-            else Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        )
+        if isinstance(value, (bytes, bytearray)):
+            value = io.BytesIO(value)
+        img = value if isinstance(value, Image.Image) else Image.open(value)
         img.load()
         return to_rgb(img)
     except Exception:
@@ -2510,11 +2496,10 @@ def decode_image(value):
 
 
 def to_rgb(img):
-    """What a viewer sees, as 8-bit RGB: the EXIF orientation applied (phones store photos sideways and a tag), any
-    transparency laid over white (not the colour hidden under transparent pixels), 16-bit greyscale (Pillow's modes
-    I;16 and I) scaled to 8 bits (a plain convert clips it to white), palette, CMYK and greyscale converted."""
-    import numpy as np
-    from PIL import Image, ImageOps
+    """What a viewer sees, as 8-bit RGB: the EXIF orientation applied (phones store photos sideways plus a tag),
+    transparency laid over white, 16-bit greyscale scaled to 8 bits (a plain convert clips it to white), palette, CMYK
+    and greyscale converted."""
+    from PIL import ImageOps
 
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
@@ -2537,10 +2522,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def quiet_known_noise():
-    """Drop, at their source, import-time messages known to be harmless here, so that a user's first screen is our
-    own output; every other warning still shows. bitsandbytes' CPU build logs that an optional 4-bit kernel package
-    is missing (we use only its 8-bit AdamW); transformers logs that torchvision is missing and it uses the PIL image
-    processors instead (what we want: torchvision is not a dependency)."""
+    """Drop two import-time messages known to be harmless at their source (every other warning still shows):
+    bitsandbytes' missing optional 4-bit CPU kernel, transformers' torchvision fallback (torchvision is not needed)."""
     import logging
 
     for logger, text in (
@@ -2556,8 +2539,6 @@ def quiet_known_noise():
 # ---- shared model and data helpers: the same text in train_spin.py and generate.py (sample.py imports it) ----
 def unet_fingerprint(unet):
     """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, tensor in sorted(unet.state_dict().items()):
         h.update(name.encode())
@@ -2566,7 +2547,7 @@ def unet_fingerprint(unet):
 
 
 def is_checkpoint(unet_path):
-    """A checkpoint-N/ folder written by train_spin.py (accelerate save_state + train_state.json)."""
+    """A checkpoint-N/ folder written by train_spin.py (accelerate's save_state + train_state.json)."""
     return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
 
 
@@ -2586,66 +2567,21 @@ def unet_source(unet_path, base_path):
     return unet_path, "unet"
 
 
-def checkpoint_start(ckpt):
-    """(starting UNet, base pipeline, its --revision, its --variant) of the train_spin.py run a checkpoint-N/ belongs to
-    (its run_config.json); refuses a LoRA run's checkpoint, which does not hold a plain UNet's weights."""
-    ckpt = Path(ckpt)
-    cfg_path = ckpt.parent / "run_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        start, base = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(
-            f"--unet {ckpt}: a checkpoint, but {cfg_path} does not name the run's starting UNet "
-            "(model.unet); pass a checkpoint inside a train_spin.py output folder"
-        ) from None
-    args = cfg.get("args") or {}
-    lora = args.get("lora_rank")
-    if not (ckpt / ("adapter.safetensors" if lora else "model.safetensors")).is_file():
-        raise UserError(
-            f"--unet {ckpt}: a checkpoint without its weights ({'adapter' if lora else 'model'}.safetensors); "
-            "pass another checkpoint or the run's finished folder"
-        )
-    return start, base, args.get("revision"), args.get("variant")
-
-
 def load_unet(unet_path, base_path, revision=None, variant=None):
-    """Load a UNet in float32 from `unet_path`: None/'base' (the base pipeline's UNet, at the base's `revision` and
-    weights `variant`), a folder holding unet/, a bare UNet folder, a hub id (subfolder unet/, as
-    UCLA-AGI/SPIN-Diffusion-iter*), or a checkpoint-N/ of a train_spin.py run (its starting UNet + the checkpoint's
-    model.safetensors, or its LoRA adapter fused). `revision`/`variant` are the base pipeline's: another UNet is a
-    model of its own, loaded as it is."""
+    """A UNet in float32: None/'base' (the base pipeline's, at its --revision and --variant), a folder holding unet/, a
+    bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
     from diffusers import UNet2DConditionModel
 
     if is_checkpoint(unet_path):
-        from safetensors.torch import load_file
-
-        # the run's starting UNet gives the architecture (loaded, not built from its config: diffusers' loading in
-        # another thread can leave a model built meanwhile on the meta device), the checkpoint its weights
-        unet = load_unet(*checkpoint_start(unet_path))
-        if Path(unet_path, "adapter.safetensors").is_file():
-            return merged_checkpoint_adapter(unet, unet_path)
-        try:
-            state = load_file(str(Path(unet_path, "model.safetensors")))
-            # a multi-process run saves the DDP wrapper's state: the UNet's names behind "module."
-            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
-            unet.load_state_dict(state, strict=True)
-        except (OSError, RuntimeError) as e:
-            raise UserError(
-                f"--unet {unet_path}: its model.safetensors does not fit the run's starting UNet: "
-                f"{str(e).splitlines()[0]}"
-            ) from None
-        return unet.to(torch.float32)
+        return load_checkpoint_unet(Path(unet_path))
     where, sub = unet_source(unet_path, base_path)
     pin = {"revision": revision, "variant": variant} if unet_path in (None, "", "base") else {}
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
-        if pin.get("variant") and variant in str(e):
-            raise UserError(f"could not load the UNet from {where!r}/{sub}: {variant_hint(e, variant)}") from None
         raise UserError(
-            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: "
-            f"{str(e).splitlines()[0]}; check the path or hub id (and HF_HUB_OFFLINE)"
+            f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {variant_hint(e, pin.get('variant'))}"
+            "; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
 
 
@@ -2657,64 +2593,83 @@ def variant_hint(error, variant):
     return first
 
 
-def merged_checkpoint_adapter(unet, ckpt):
-    """A LoRA run's checkpoint-N/ (its adapter, peft names) fused into the run's starting UNet, in float32: what the
-    run's unet/ would hold had it stopped at step N."""
-    from peft import LoraConfig
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint-N/: the adapter's weights (peft names)
+
+
+def load_checkpoint_unet(ckpt):
+    """A train_spin.py checkpoint-N/ as a UNet in float32: the run's starting UNet (named by its run_config.json) with
+    the checkpoint's weights, or, for a LoRA run, its adapter fused: what the run's unet/ would hold at step N."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    args = json.loads((Path(ckpt).parent / "run_config.json").read_text())["args"]
-    targets = [m.strip() for m in args["lora_target_modules"].split(",") if m.strip()]
-    unet.add_adapter(
-        LoraConfig(
-            r=args["lora_rank"],
-            lora_alpha=args["lora_alpha"] or args["lora_rank"],
-            init_lora_weights="gaussian",
-            target_modules=targets,
-        )
-    )
-    result = set_peft_model_state_dict(unet, load_file(str(Path(ckpt, "adapter.safetensors"))))
-    if result.unexpected_keys:
+    try:
+        cfg = json.loads((ckpt.parent / "run_config.json").read_text())
+        start, base, args = cfg["model"]["unet"], cfg["model"]["pretrained_model_name_or_path"], cfg["args"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(
-            f"--unet {ckpt}: its adapter does not fit the run's starting UNet (e.g. {result.unexpected_keys[0]})"
-        )
-    unet.fuse_lora()
-    unet.unload_lora()
+            f"--unet {ckpt}: a checkpoint, but {ckpt.parent / 'run_config.json'} does not name the run's starting "
+            "UNet (model.unet); pass a checkpoint inside a train_spin.py output folder"
+        ) from None
+    lora = args.get("lora_rank")
+    weights = ckpt / (ADAPTER_FILE if lora else "model.safetensors")
+    if not weights.is_file():
+        raise UserError(f"--unet {ckpt}: a checkpoint without its weights ({weights.name}); pass another checkpoint")
+    # loaded, not built from its config: diffusers' loading in another thread can leave a built model on meta tensors
+    unet = load_unet(start, base, args.get("revision"), args.get("variant"))
+    state = load_file(str(weights))
+    try:
+        if lora:
+            unet.add_adapter(lora_config(lora, args.get("lora_alpha"), args["lora_target_modules"]))
+            unexpected = set_peft_model_state_dict(unet, state).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"unexpected {unexpected[0]}")
+            unet.fuse_lora()
+            unet.unload_lora()
+        else:  # a multi-process run saves the DDP wrapper's names, behind "module."
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+            unet.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(
+            f"--unet {ckpt}: its {weights.name} does not fit the run's starting UNet: {str(e).splitlines()[0]}"
+        ) from None
     return unet.to(torch.float32)
 
 
+def lora_config(rank, alpha, target_modules):
+    """peft's LoraConfig of train_spin.py's adapters: scale alpha / rank (alpha None: the rank), the comma-separated
+    target modules, B initialised to zero (so the adapted UNet starts as the UNet itself)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install peft") from None
+    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+
+
 def open_dataset(name, split, streaming=False):
-    """Load `name` (hub id, local folder in any `datasets` format, e.g. parquet files or webdataset .tar shards, or one
-    parquet/json/jsonl/csv/tar file)."""
+    """A `datasets` dataset from a hub id, a local folder in any format `datasets` reads (parquet files, webdataset
+    .tar shards, an image folder with metadata.jsonl) or one parquet/json/jsonl/csv/tar file."""
     import datasets
 
     p = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not p.exists():
+    local = name.startswith((".", "/", "~")) or p.exists()
+    if local and not p.exists():
         raise UserError(f"--dataset {name}: no such file or folder; pass a local dataset path or a hub id")
+    kinds = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}
+    if p.is_file() and p.suffix not in kinds:
+        raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
+    files = [p] if p.is_file() else split_files(p, split) if p.is_dir() else []
     try:
-        if p.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}.get(
-                p.suffix
-            )
-            if kind is None:
-                raise UserError(f"--dataset {name}: unknown file type {p.suffix!r}; use parquet, json(l), csv or tar")
-            return datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
-        files = split_files(p, split) if p.is_dir() else []
         if files:
-            kind = {".tar": "webdataset", ".parquet": "parquet"}[files[0].suffix]
+            data_files = {split: [str(f) for f in files]}
             return datasets.load_dataset(
-                kind, data_files={split: [str(f) for f in files]}, split=split, streaming=streaming
+                kinds[files[0].suffix], data_files=data_files, split=split, streaming=streaming
             )
-        return datasets.load_dataset(str(p) if looks_local else name, split=split, streaming=streaming)
-    except UserError:
-        raise
+        return datasets.load_dataset(str(p) if local else name, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not looks_local and (
-            isinstance(e, ConnectionError) or type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError")
-        ):
+        unresolved = ("DatasetNotFoundError", "RepositoryNotFoundError")
+        if not local and (isinstance(e, ConnectionError) or type(e).__name__ in unresolved):
             raise UserError(f"--dataset {name} does not resolve ({msg.rstrip('.')}){unresolved_hint(name)}") from None
         raise UserError(f"could not load --dataset {name} split {split!r}: {msg}") from None
 
@@ -2733,11 +2688,9 @@ def unresolved_hint(name):
 
 def split_files(folder, split):
     """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
-    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet` and the like (`datasets`' own inference files
-    test_unique_00000.tar and test_unique/ under 'test', mixed with the test split). None found, both kinds, or a
-    dataset card that lists the files: [] and `datasets` decides, as for any other folder."""
-    import re
-
+    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet`... (`datasets`' own inference would mix
+    test_unique_00000.tar into 'test'). None, both kinds, or a dataset card that lists the files: [] (`datasets`
+    decides)."""
     readme = folder / "README.md"
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
         return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it
@@ -2758,11 +2711,11 @@ PICKAPIC_CAPTIONS = ("caption", "caption.txt", "original_prompt.txt")
 
 
 def pickapic_columns(column_names, caption_column="caption"):
-    """{field: column} for caption, jpg_0, jpg_1, label_0, label_1 when the dataset is Pick-a-Pic (either layout),
-    else None. A --caption_column other than the default is taken as given."""
+    """{field: column} for caption, jpg_0, jpg_1, label_0, label_1 when the dataset is Pick-a-Pic, in its parquet
+    layout or as webdataset tars (jpg_0.jpg, label_0.txt...), else None. A --caption_column of its own is kept."""
     names = list(column_names)
 
-    def column(field):  # the original name, else the name with one extension (jpg_0.jpg, label_0.txt)
+    def column(field):  # the original name, else the name with one extension
         return (
             field
             if field in names
@@ -2777,16 +2730,10 @@ def pickapic_columns(column_names, caption_column="caption"):
     return {"caption": caption_column, **cols}
 
 
-def is_pickapic(column_names):
-    return pickapic_columns(column_names) is not None
-
-
 def iter_examples(ds, caption_column="caption", image_column=None, with_images=True, with_loser=False, stats=None):
-    """Yield {"caption", "image", "image_lose"} from a dataset. Pick-a-Pic rows (jpg_0/jpg_1/label_0/label_1, as
-    parquet columns or webdataset files: see pickapic_columns) give the image labelled 1 as "image" and the other as
-    "image_lose"; ties are dropped and counted in stats["ties_dropped"] (stats["rows_read"] counts every row read,
-    ties included; usable rows are what is yielded). Images are returned undecoded (bytes, path dict or PIL): see
-    decode_image()."""
+    """{"caption", "image", "image_lose"} per usable row, images undecoded (bytes, path dict or PIL). A Pick-a-Pic row
+    gives its image labelled 1 as "image" and the other as "image_lose"; ties are dropped and counted.
+    stats["rows_read"] counts every row read, ties included, stats["ties_dropped"] the ties."""
     import datasets
 
     stats = {} if stats is None else stats
@@ -2800,22 +2747,22 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
             "labels (the one labelled 1); drop --image_column and it is picked by label, ties dropped"
         )
     pickapic = cols is not None and image_column is None
-    if pickapic:
-        caption_column = cols["caption"]
+    caption_column = cols["caption"] if pickapic else caption_column
     if image_column is None and not pickapic:
         image_column = next((c for c in ("image", "jpg", "png", "img") if c in names), "image")
     need = [caption_column] + ([cols["label_0"], cols["label_1"]] if pickapic else [])
     images = ([cols["jpg_0"], cols["jpg_1"]] if pickapic else [image_column]) if with_images else []
     missing = [c for c in need + images if c not in names]
     if missing:
+        raise UserError(f"dataset has no column(s) {missing} (it has {names}); set --caption_column / --image_column")
+    if with_loser and not pickapic:
         raise UserError(
-            f"dataset has no column(s) {missing} (it has {names}); "
-            "set --caption_column / --image_column to the right names"
+            "--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset (jpg_0, jpg_1, label_0, label_1)"
         )
     ds = ds.select_columns(need + images)
     for c in images:
         if isinstance((ds.features or {}).get(c), datasets.Image):
-            ds = ds.cast_column(c, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
+            ds = ds.cast_column(c, datasets.Image(decode=False))  # decoded by decode_image: corrupt files are skipped
     for row in ds:
         stats["rows_read"] += 1
         caption = row[caption_column]
@@ -2825,8 +2772,8 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
                 l0, l1 = float(row[cols["label_0"]]), float(row[cols["label_1"]])
             except (TypeError, ValueError):
                 raise UserError(
-                    f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, "
-                    f"{row[cols['label_1']]!r} are not numbers (1, 0 or 0.5); check --dataset"
+                    f"row {stats['rows_read']}: Pick-a-Pic labels {row[cols['label_0']]!r}, {row[cols['label_1']]!r} "
+                    "are not numbers (1, 0 or 0.5); check --dataset"
                 ) from None
             if l0 == l1:
                 stats["ties_dropped"] += 1
@@ -2834,41 +2781,21 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
             win = 0 if l0 > l1 else 1
             if with_images:
                 ex["image"] = row[cols[f"jpg_{win}"]]
-                if with_loser:
-                    ex["image_lose"] = row[cols[f"jpg_{1 - win}"]]
+            if with_loser:
+                ex["image_lose"] = row[cols[f"jpg_{1 - win}"]]
         elif with_images:
             ex["image"] = row[image_column]
-        if with_loser and "image_lose" not in ex:
-            raise UserError(
-                "--loss dpo needs winner/loser pairs: a Pick-a-Pic-format dataset (jpg_0, jpg_1, label_0, label_1)"
-            )
         yield ex
 
 
-def unique_prompts(ds, caption_column="caption", max_prompts=None, stats=None, max_rows=None):
-    """Unique captions in first-seen order (ties in Pick-a-Pic are dropped, as in training); `max_rows` reads
-    only the first usable rows, as train_spin.py --max_train_samples does, so both see the same prompts."""
-    import itertools
-
-    seen = {}
-    for ex in itertools.islice(iter_examples(ds, caption_column, with_images=False, stats=stats), max_rows):
-        if ex["caption"] not in seen:
-            seen[ex["caption"]] = len(seen)
-            if max_prompts and len(seen) >= max_prompts:
-                break
-    return list(seen)
-
-
 def image_key(prompt_index, image_index):
-    """File stem of one image: the same in every folder of images (generate.py, sample.py)."""
+    """File stem of one image: the same in every folder of images (generate.py, sample.py, validation)."""
     return f"p{prompt_index:07d}_i{image_index:03d}"
 
 
 def image_seed(seed, prompt_index, image_index):
-    """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size,
-    process count and resume point, and the same for every model so comparisons are paired."""
-    import hashlib
-
+    """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size, process count
+    and resume point, and the same for every model, so that comparisons are paired."""
     digest = hashlib.sha256(f"{seed}/{prompt_index}/{image_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -2887,15 +2814,15 @@ SCHEDULERS = {
 
 def initial_noise(seeds, shape):
     """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
-    The generators are returned too, already advanced, for schedulers that draw noise at every step."""
+    The generators are returned too, already advanced, for samplers that draw noise at every step."""
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
 def decode_latents(vae, latents, latents_mean_std):
-    """A pipeline's final latent (scaled space, output_type="latent") -> image in [-1, 1], decoded as the pipeline
-    decodes it: in the VAE's own dtype, un-normalized with the VAE config's latents_mean/latents_std where it has them
-    and `latents_mean_std` (SDXL's decoding), else divided by scaling_factor."""
+    """A pipeline's final latent (output_type="latent") -> image in [-1, 1], decoded as the pipeline decodes it: in the
+    VAE's dtype, un-normalised with the VAE config's latents_mean/latents_std where it has them and
+    `latents_mean_std` (SDXL's pipeline), else divided by scaling_factor."""
     latents = latents.to(vae.dtype)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if latents_mean_std and mean is not None and std is not None:
@@ -2908,8 +2835,8 @@ def decode_latents(vae, latents, latents_mean_std):
 
 
 def check_tokenizer(tokenizer, what, subfolder):
-    """transformers builds an empty tokenizer where a pipeline folder lacks the tokenizer's files (no vocabulary, no
-    length limit recorded), which would fail later inside the tokenizer's call: refused here in one line."""
+    """transformers builds an empty tokenizer where a pipeline folder lacks its files (no vocabulary, no length
+    limit), which would fail later inside its call: refused here in one line."""
     if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
         raise UserError(
             f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_train import error_line, make_synthetic_dir, metrics, train, train_args
 
+import generate
 import tiny
 import train_spin as ts
 
@@ -57,7 +58,7 @@ def test_webdataset_shards_give_the_parquet_rows(pickapic_parquet, pickapic_webd
     want, want_stats = rows(ts.open_dataset(str(pickapic_parquet), "train"))
     got, stats = rows(ts.open_dataset(str(pickapic_webdataset), "train", streaming))
     assert got == want and stats == want_stats == {"rows_read": 12, "ties_dropped": 1}
-    assert ts.unique_prompts(ts.open_dataset(str(pickapic_webdataset), "train", streaming)) == [
+    assert generate.unique_prompts(generate.open_dataset(str(pickapic_webdataset), "train", streaming)) == [
         "a red circle",
         "a blue square",
         "a green triangle",
@@ -387,7 +388,7 @@ def test_from_a_hub_id_streamed_and_not(tiny_pipeline, pickapic_parquet, pickapi
         assert p.returncode == 0, p.stderr[-3000:]
     assert (
         [r["prompt"] for r in ts.read_jsonl(tmp_path / "synth" / "metadata.jsonl")]
-        == ts.unique_prompts(ts.open_dataset(str(pickapic_parquet), "train"), max_rows=3)
+        == generate.unique_prompts(generate.open_dataset(str(pickapic_parquet), "train"), max_rows=3)
         == ["a red circle", "a blue square", "a green triangle"]
     )
 

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import evaluate
-import generate
 import train_spin
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 160, 0), (255, 255, 255)
@@ -54,7 +53,7 @@ def photo_files(d):
     return out
 
 
-@pytest.mark.parametrize("module", [train_spin, generate, evaluate], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [train_spin, evaluate], ids=lambda m: m.__name__)
 def test_every_script_reads_the_picture_a_viewer_sees(tmp_path, module):
     for kind, (path, expected) in photo_files(tmp_path).items():
         for value in (str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": None}, Image.open(path)):
