@@ -1,25 +1,16 @@
 #!/usr/bin/env python
 """Score folders of generated images with PickScore, HPS v2/v2.1, ImageReward and the LAION aesthetic predictor.
 
-    python evaluate.py runs/exp/samples --output_dir runs/exp/eval            # every model folder under samples/
-    python evaluate.py samples/base samples/iter_1 --metrics hps,pickscore --hps_version v2.1
+    python evaluate.py runs/exp/samples --output_dir runs/exp/eval     # every model folder under samples/, all four
 
-Each image folder holds metadata.jsonl (one line per image: file_name, prompt, prompt_index, image_index, seed) as
-generate.py and sample.py write it; the model name is the folder name. All four scorers run with `transformers`
-alone: HPS and ImageReward checkpoints are converted key by key from their original layouts (open_clip, BLIP) and
-loaded strictly; HPS prompts are tokenised exactly as open_clip's tokenize(). The towers run in fp32 (as the
-official PickScore, ImageReward and aesthetic code do; the official hpsv2.score runs under CUDA autocast) unless
---mixed_precision asks for fp16/bf16. HPS is v2.0 unless --hps_version v2.1. Writes scores.jsonl (one line per
-image), summary.json, summary.md (the model card's table: per model the paper's best of N, i.e. per prompt the
-image with the highest raw mean of the metrics, then mean and median, plus the average over the metrics; the
-per-metric max of N apart; win rates against the first model on per-prompt means and on the best-of-N images) and
-run_config.json to --output_dir.
+Reads the metadata.jsonl of each image folder (the model name is the folder name); writes scores.jsonl, summary.json,
+summary.md (the model card's table and win rates) and run_config.json, and fills each trained model's card.
+The scorers, the figures and the outputs: docs/evaluate.md.
 """
 
 import argparse
 import html
 import json
-import math
 import os
 import re
 import sys
@@ -34,36 +25,42 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ---- settings: the metrics, the official weights (the flags' defaults), the preprocessing constants ----
-# Rows of summary.md in the model card's order; --metrics may name them in any order.
-METRICS = ("hps", "aesthetic", "imagereward", "pickscore")
+METRICS = ("hps", "aesthetic", "imagereward", "pickscore")  # the model card's row order
 METRIC_NAMES = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "ImageReward", "pickscore": "PickScore"}
 METRIC_DECIMALS = {"hps": 4, "aesthetic": 3, "imagereward": 3, "pickscore": 3}  # HPS lives around 0.27
+CARD_METRICS = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "Image Reward", "pickscore": "Pickapic Score"}
+# where the evaluation goes in the model card of train_spin.py --model_card (the same constant in spin_extras.py)
+CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
 
-# Official weights (hub ids). Every flag also takes a local path; both go through the same loading code.
-PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+PRECISIONS = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the towers
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}  # not comparable: always record which
-HPS_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # config + tokenizer the open_clip weights are converted onto
-IMAGEREWARD_REPO = "THUDM/ImageReward"  # ImageReward.pt + med_config.json
-IMAGEREWARD_TOKENIZER = "bert-base-uncased"
-AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
-# sac+logos+ava1-l14-linearMSE.pth, as trl's DDPO example publishes it (the same tensors under another name).
-AESTHETIC_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+# The weights flags: their official hub ids and help. Each takes a hub id, a local file or a folder holding the file.
+WEIGHT_FLAGS = {
+    "--pickscore_model": ("yuvalkirstain/PickScore_v1", "PickScore's CLIPModel"),
+    "--pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's processor"),
+    "--hps_checkpoint": (None, f"HPS .pt (default: {HPS_REPO}'s {' or '.join(HPS_FILES.values())})"),
+    "--hps_clip": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "ViT-H-14 CLIP config + tokenizer for the HPS weights"),
+    "--imagereward_checkpoint": ("THUDM/ImageReward", "ImageReward.pt"),
+    "--imagereward_med_config": (None, "med_config.json (default: beside the checkpoint)"),
+    "--imagereward_tokenizer": ("bert-base-uncased", "ImageReward's BERT tokenizer"),
+    "--aesthetic_clip": ("openai/clip-vit-large-patch14", "the CLIP under the aesthetic head"),
+    "--aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth", "sac+logos+ava1-l14-linearMSE.pth"),
+}
 
-# Preprocessing: all four scorers see 224x224 images normalised with OpenAI CLIP's mean/std.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # all four scorers normalise with OpenAI CLIP's mean/std
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224  # ImageReward and the aesthetic predictor; HPS and PickScore take it from their configs (also 224)
 CLIP_MAX_LENGTH = 77  # CLIP context length (open_clip pads every prompt to it)
-# HPS prompts go through open_clip's tokenize(), spelled out below; recorded in the scoring settings, so that a
-# scores.jsonl made with another tokenisation is not resumed.
-HPS_TOKENIZATION = "open_clip tokenize()"
+HPS_TOKENIZATION = "open_clip tokenize()"  # recorded in the scoring settings: other ids are not resumed
 IMAGEREWARD_MAX_LENGTH = 35  # ImageReward truncates prompts to 35 BERT tokens
 IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward standardises the head's raw output with these
 IMAGEREWARD_STD = 1.0333394966054072
 BLIP_VIT_HEAD_DIM = 64  # BLIP's ViT-B/16 (12 heads) and ViT-L/16 (16 heads) both use 64-wide heads
 BLIP_VIT_LN_EPS = 1e-6  # BLIP's ViT uses LayerNorm(eps=1e-6); transformers' default is 1e-5
+# the keys of ImageReward's med_config.json (BERT + cross-attention) that shape the text model
+MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MED_CONFIG_KEYS += ("max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
 HEAD_LINEARS = (0, 2, 4, 6, 7)  # nn.Sequential indices of the Linear layers in both MLP heads (1, 3, 5 are Dropouts)
 
 
@@ -75,92 +72,48 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument(
-        "image_dirs_pos",
-        nargs="*",
-        metavar="IMAGE_DIR",
-        help="image folders with metadata.jsonl, or a folder of such folders (samples/)",
-    )
+    p.add_argument("image_dirs_pos", nargs="*", metavar="IMAGE_DIR", help="folders with metadata.jsonl, or a parent")
     p.add_argument("--image_dirs", nargs="+", default=[], help="the same, as a flag")
     p.add_argument("--output_dir", default="eval")
-    p.add_argument(
-        "--metrics",
-        action="append",
-        default=None,
-        help=f"comma-separated and/or repeated, any of {','.join(METRICS)} (default: all)",
-    )
-    p.add_argument(
-        "--hps_version",
-        default="2.0",
-        help="v2.0 (default, as the official hpsv2.score) or v2.1; not comparable: recorded in every output",
-    )
+    p.add_argument("--metrics", action="append", help=f"some of {','.join(METRICS)}, comma-separated (default: all)")
+    p.add_argument("--hps_version", default="2.0", help="2.0 (as hpsv2.score) or 2.1: not comparable, always recorded")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument(
-        "--mixed_precision",
-        default="no",
-        help="no (fp32: the official PickScore, ImageReward and aesthetic code run so, hpsv2 under CUDA "
-        "autocast), fp16 or bf16 for the towers: reduced precision "
-        "is faster but moves scores; normalisation, dot products and heads stay fp32",
-    )
-    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    p.add_argument("--baseline", default=None, help="model that win rates are against (default: the first)")
-    p.add_argument(
-        "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding and preprocessing images"
-    )
+    p.add_argument("--mixed_precision", default="no", type=str.lower, choices=PRECISIONS, help="the towers'; no = fp32")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--baseline", help="the model win rates are against (default: the first)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="threads preparing images")
     p.add_argument("--overwrite", action="store_true", help="rescore images already in output_dir/scores.jsonl")
-    p.add_argument("--pickscore_model", default=PICKSCORE_MODEL)
-    p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR)
-    p.add_argument(
-        "--hps_checkpoint",
-        default=None,
-        help=f"HPS .pt file, folder or hub file (default {HPS_REPO}/{HPS_FILES['2.0']} or "
-        f"{HPS_FILES['2.1']} by --hps_version)",
-    )
-    p.add_argument("--hps_clip", default=HPS_CLIP, help="ViT-H-14 CLIP config + tokenizer for the HPS weights")
-    p.add_argument(
-        "--imagereward_checkpoint",
-        default=IMAGEREWARD_REPO,
-        help="ImageReward.pt file, a folder holding it, or a hub repo",
-    )
-    p.add_argument("--imagereward_med_config", default=None, help="med_config.json (default: beside the checkpoint)")
-    p.add_argument("--imagereward_tokenizer", default=IMAGEREWARD_TOKENIZER)
-    p.add_argument("--aesthetic_clip", default=AESTHETIC_CLIP)
-    p.add_argument(
-        "--aesthetic_head", default=AESTHETIC_HEAD, help="sac+logos+ava1-l14-linearMSE.pth (file, folder or hub file)"
-    )
+    for flag, (default, text) in WEIGHT_FLAGS.items():
+        p.add_argument(flag, default=default, help=text)
     args = p.parse_args(argv)
     args.image_dirs = list(args.image_dirs_pos) + list(args.image_dirs)
     del args.image_dirs_pos
+    names = [m.strip().lower() for v in (args.metrics or [",".join(METRICS)]) for m in v.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METRICS))
+    if unknown or not names:
+        raise UserError(f"--metrics {','.join(unknown) or 'is empty'}: choose one or more of {', '.join(METRICS)}")
+    args.metrics = [m for m in METRICS if m in names]  # the model card's order
+    args.hps_version = args.hps_version.lower().removeprefix("v")  # v2.1 -> 2.1
+    if args.hps_version not in HPS_FILES:
+        raise UserError(f"--hps_version {args.hps_version}: choose v2.0 or v2.1")
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
     return args
 
 
-def parse_metrics(values):
-    names = [m.strip().lower() for v in (values or [",".join(METRICS)]) for m in v.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
-    if not names:
-        raise UserError(f"--metrics is empty: choose from {', '.join(METRICS)}")
-    return [m for m in METRICS if m in names]  # the model card's order
-
-
 def pick_device(args):
+    """(device, precision word, tower dtype): fp32 unless asked, as the official scorers (docs/evaluate.md)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # fp32 unless asked: the official PickScore, ImageReward and aesthetic code run their towers in fp32 (hpsv2's
-    # score() under CUDA autocast: fp32 HPS may differ from it slightly on a GPU)
-    mp = str(args.mixed_precision).lower()
-    mp = "no" if mp == "fp32" else mp  # recorded as "no", the other scripts' word for it
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mp not in dtypes:
-        raise UserError(f"--mixed_precision {mp}: choose no (fp32), fp16 or bf16")
+    mp = "no" if args.mixed_precision == "fp32" else args.mixed_precision  # "no": the other scripts' word for fp32
     if mp == "fp16" and device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU: use no or bf16 on a CPU")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available")
-    return device, mp, dtypes[mp]
+    return device, mp, PRECISIONS[mp]
 
 
-# ---- preprocessing (exactly the originals' torchvision pipelines, written with PIL + torch) ----
+# ---- preprocessing: the originals' torchvision pipelines, with PIL + torch ----
+# transformers' CLIPImageProcessor would centre-crop with floor where torchvision rounds: a pixel off on some sizes.
 def pil_to_tensor(img):
     """torchvision ToTensor: HWC uint8 -> CHW float32 in [0, 1]."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
@@ -171,25 +124,21 @@ def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def resize_center_crop(img, size=IMAGE_SIZE):
-    """ImageReward and the aesthetic predictor (OpenAI CLIP's transform): Resize(size, BICUBIC) on the PIL image
-    (shorter side -> size, longer side int()-truncated), CenterCrop(size), ToTensor, Normalize."""
+    """OpenAI CLIP's transform (ImageReward, aesthetic): bicubic Resize of the shorter side, CenterCrop, Normalize."""
     img = img.convert("RGB")
     w, h = img.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.resize((new_w, new_h), Image.BICUBIC)  # at that size already: Pillow returns a copy
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
     return normalize(pil_to_tensor(img))
 
 
 def resize_longest_pad(img, size=IMAGE_SIZE):
-    """HPS v2 (its open_clip fork, ResizeMaxSize): ToTensor first, then a bicubic antialiased resize of the
-    *tensor* so the longer side is `size` (Python round() for the other side), zero-pad to size x size
-    (centred, extra pixel right/bottom), Normalize. Padding happens in [0, 1] space, before normalisation."""
+    """HPS v2's ResizeMaxSize: the tensor's longer side bicubic-resized to `size`, zero-padded square, Normalize."""
     x = pil_to_tensor(img)
     h, w = x.shape[1:]
     scale = size / float(max(h, w))
@@ -201,128 +150,72 @@ def resize_longest_pad(img, size=IMAGE_SIZE):
     return normalize(x)
 
 
-# ---- HPS prompts: open_clip's tokenize(), on the vocab.json + merges.txt of --hps_clip ----
-# HPS v2 was trained and is scored (hpsv2) with open_clip's tokenizer. The Hugging Face CLIPTokenizer of the same
-# vocabulary gives other ids on real prompts: it runs no ftfy and no HTML unescaping, treats a pad token such as
-# laion's "!" as a special token (a literal "!" becomes the pad id), and pads with the pad id. Up to 0.2 apart.
-OPEN_CLIP_SPECIALS = ("<start_of_text>", "<end_of_text>")  # open_clip's names: recognised inside a prompt too
-HF_CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")  # the same two ids, as a HF vocab.json names them
-# open_clip's pre-tokenisation (case-insensitive): its specials, English contractions, runs of letters, single
-# digits, runs of anything else but whitespace. Whitespace separates words and is dropped.
+# ---- HPS prompts: open_clip's tokenize() (docs/evaluate.md: why not the Hugging Face CLIPTokenizer) ----
+# open_clip's names of the start and end tokens (recognised inside a prompt too) -> their names in a HF vocab.json
+CLIP_SPECIALS = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+# open_clip's words: its specials, contractions, runs of letters, single digits, runs of other non-whitespace
 OPEN_CLIP_WORD = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
-END_OF_WORD = "</w>"  # byte-level CLIP BPE marks the last symbol of every word
 
 
 def clean_prompt(text):
-    """open_clip's text cleaning, in its order: ftfy.fix_text (mojibake, curly quotes, ...), HTML entities unescaped
-    twice (so "&amp;amp;" -> "&"), stripped, every run of whitespace one space, lowercased."""
-    import ftfy  # optional, only HPS needs it: HPS() says so in one line when it is missing
+    """open_clip's cleaning: ftfy.fix_text, HTML unescaped twice, whitespace runs -> one space, lowercased."""
+    import ftfy  # only HPS needs it: OpenClipTokenizer says so in one line when it is missing
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()  # str.split() and re's \s agree on what is whitespace
 
 
-def byte_alphabet():
-    """Byte-level BPE's alphabet (GPT-2, CLIP): every byte as one printable character. The printable Latin-1 bytes
-    stand for themselves; the 68 others (controls, space, NBSP, soft hyphen) take chr(256), chr(257), ... in byte
-    order, so that no symbol is whitespace."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
-
-
-BYTE_CHARS = byte_alphabet()
-
-
-def split_words(text):
-    """A cleaned prompt -> open_clip's words (the `regex` module: transformers needs it too)."""
-    import regex  # only HPS needs \p{L} / \p{N} classes, which re lacks
-
-    return regex.findall(OPEN_CLIP_WORD, text, flags=regex.IGNORECASE)
-
-
-def bpe(word, ranks):
-    """Byte-level BPE of one word (already in BYTE_CHARS): one symbol per character, the last one with </w>; then,
-    while some adjacent pair is a merge, merge every occurrence (left to right, never overlapping) of the pair with
-    the lowest rank."""
-    symbols = list(word[:-1]) + [word[-1] + END_OF_WORD]
-    while len(symbols) > 1:
-        best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, math.inf))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
-
-
 def frame_ids(ids, start, end, length=CLIP_MAX_LENGTH):
-    """open_clip's framing: start + ids + end; longer than `length` -> cut to `length` with the end token last (so
-    the text tower always pools an end token); shorter -> padded with 0 (id 0 is "!", but padding never matters:
-    the causal mask hides it from the end token)."""
-    ids = [start, *ids, end]
-    if len(ids) > length:
-        ids = ids[: length - 1] + [end]
+    """open_clip's framing: start + ids + end, cut to `length` with the end token last, padded with 0."""
+    ids = [start, *ids[: length - 2], end]
     return ids + [0] * (length - len(ids))
 
 
-def read_clip_bpe(spec):
-    """(vocab, merges) from the vocab.json and merges.txt of a HF CLIP tokenizer (a folder or hub id). Every merge
-    must make a token of the vocab, and both specials must be in it: one-line errors, not a KeyError mid-run."""
-    vocab_path = resolve_file(spec, "vocab.json", "--hps_clip")
-    merges_path = resolve_file(spec, "merges.txt", "--hps_clip")
-    try:
-        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-        lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError) as e:
-        raise UserError(f"--hps_clip {spec}: cannot read its tokenizer files ({e})") from None
-    if not isinstance(vocab, dict):
-        raise UserError(f"--hps_clip {spec}: {vocab_path} is not a token -> id mapping")
-    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-    bad = [" ".join(m) for m in merges if len(m) != 2 or "".join(m) not in vocab]
-    if bad:
-        raise UserError(f"--hps_clip {spec}: merges.txt does not match vocab.json (e.g. the merge {bad[0]!r})")
-    missing = [t for t in HF_CLIP_SPECIALS if t not in vocab]
-    if missing:
-        raise UserError(f"--hps_clip {spec}: vocab.json has no {missing}: not a CLIP tokenizer")
-    return vocab, merges
-
-
 class OpenClipTokenizer:
-    """open_clip's tokenize(texts) (context length 77) on a HF CLIP vocabulary: clean_prompt, split_words, BYTE_CHARS,
-    bpe, ids from vocab.json, frame_ids. A literal "<end_of_text>" in a prompt is that token, as in open_clip."""
+    """open_clip's tokenize() on --hps_clip's vocab.json + merges.txt; the BPE of each word by `tokenizers`."""
 
-    def __init__(self, vocab, merges, length=CLIP_MAX_LENGTH):
-        self.vocab, self.length = vocab, length
-        self.ranks = {}
-        for rank, pair in enumerate(merges):
-            self.ranks[pair] = rank  # a repeated merge keeps its last rank, as dict(zip(merges, range(n)))
-        self.start, self.end = (vocab[t] for t in HF_CLIP_SPECIALS)
-        self.specials = dict(zip(OPEN_CLIP_SPECIALS, (self.start, self.end)))
-        self.cache = {}  # word -> ids: prompts repeat words
+    def __init__(self, spec):
+        from tokenizers.models import BPE
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        try:
+            import ftfy  # noqa: F401  (open_clip cleans every prompt with it)
+        except ImportError:
+            raise UserError("HPS needs ftfy (pip install ftfy): open_clip cleans prompts with it") from None
+        files = [resolve_file(spec, name, "--hps_clip") for name in ("vocab.json", "merges.txt")]
+        try:
+            self.vocab, merges = BPE.read_file(*files)
+            self.model = BPE(self.vocab, merges, end_of_word_suffix="</w>")
+        except Exception as e:  # tokenizers raises a plain Exception that says why
+            raise UserError(
+                f"--hps_clip {spec}: cannot read its vocab.json + merges.txt, or merges.txt does not "
+                f"match vocab.json ({e})"
+            ) from None
+        missing = [t for t in CLIP_SPECIALS.values() if t not in self.vocab]
+        if missing:
+            raise UserError(f"--hps_clip {spec}: vocab.json has no {missing}: not a CLIP tokenizer")
+        self.specials = {name: self.vocab[hf_name] for name, hf_name in CLIP_SPECIALS.items()}
+        self.start, self.end = self.specials.values()
+        self.to_bytes = ByteLevel(add_prefix_space=False, use_regex=False)  # each byte as one printable character
 
     def word_ids(self, word):
+        """One word's ids: an open_clip special, or the word's byte-level BPE (the last token ends in </w>)."""
         if word in self.specials:
             return [self.specials[word]]
-        if word not in self.cache:
-            chars = "".join(BYTE_CHARS[b] for b in word.encode("utf-8"))
-            self.cache[word] = [self.vocab[s] for s in bpe(chars, self.ranks)]
-        return self.cache[word]
+        [(chars, _)] = self.to_bytes.pre_tokenize_str(word)
+        return [token.id for token in self.model.tokenize(chars)]
 
     def encode(self, prompt):
-        return [i for word in split_words(clean_prompt(prompt)) for i in self.word_ids(word)]
+        import regex  # \p{L} and \p{N}, which re lacks (transformers needs regex too)
+
+        words = regex.findall(OPEN_CLIP_WORD, clean_prompt(prompt), flags=regex.IGNORECASE)
+        return [i for word in words for i in self.word_ids(word)]
 
     def __call__(self, prompts):
-        return torch.tensor([frame_ids(self.encode(p), self.start, self.end, self.length) for p in prompts])
+        return torch.tensor([frame_ids(self.encode(p), self.start, self.end) for p in prompts])
 
 
-# ---- checkpoint key conversion ----
+# ---- checkpoint key conversion (transformers' own conversion scripts need the original packages) ----
 OPEN_CLIP_TOP = {  # open_clip name -> transformers CLIPModel name (".T": stored transposed in open_clip)
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
@@ -346,27 +239,26 @@ OPEN_CLIP_BLOCK = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
+# In ImageReward.pt but not used by the reward: BLIP's contrastive projections and a position-id buffer.
+BLIP_UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
 
 
 def strip_module_prefix(sd):
     """(Distributed)DataParallel saves keys as module.<name>."""
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def open_clip_to_transformers(sd):
-    """open_clip CLIP state dict -> transformers CLIPModel state dict. Unknown keys pass through unchanged, so
-    that the strict load names them as unexpected."""
+    """open_clip CLIP state dict -> CLIPModel state dict; unknown keys pass through, for load_strict to name."""
     out = {}
     for key, value in strip_module_prefix(sd).items():
-        m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
-        m2 = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
-        if m2:  # q, k, v fused along dim 0 in nn.MultiheadAttention
-            tower = "vision_model" if m2.group(1) else "text_model"
+        block = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)", key)
+        layer = block and f"{'vision_model' if block[1] else 'text_model'}.encoder.layers.{block[2]}"
+        if block and block[3] == "attn.in_proj":  # q, k, v fused along dim 0 in nn.MultiheadAttention
             for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{tower}.encoder.layers.{m2.group(2)}.self_attn.{name}.{m2.group(3)}"] = part.clone()
-        elif m and m.group(3) in OPEN_CLIP_BLOCK:
-            tower = "vision_model" if m.group(1) else "text_model"
-            out[f"{tower}.encoder.layers.{m.group(2)}.{OPEN_CLIP_BLOCK[m.group(3)]}.{m.group(4)}"] = value
+                out[f"{layer}.self_attn.{name}.{block[4]}"] = part.clone()
+        elif block and block[3] in OPEN_CLIP_BLOCK:
+            out[f"{layer}.{OPEN_CLIP_BLOCK[block[3]]}.{block[4]}"] = value
         elif key in OPEN_CLIP_TOP:
             new = OPEN_CLIP_TOP[key]
             out[new.removesuffix(".T")] = value.t().contiguous() if new.endswith(".T") else value
@@ -381,36 +273,21 @@ def rename_blip_vit_key(key):
     key = re.sub(r"^patch_embed\.proj\.", "embeddings.patch_embedding.", key)
     key = re.sub(r"^norm\.", "post_layernorm.", key)
     key = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", key)
-    for old, new in (
-        (".norm1.", ".layer_norm1."),
-        (".norm2.", ".layer_norm2."),
-        (".attn.qkv.", ".self_attn.qkv."),
-        (".attn.proj.", ".self_attn.projection."),
-    ):
-        key = key.replace(old, new)
-    return key
-
-
-# In ImageReward.pt but not used by the reward: BLIP's contrastive projections and a position-id buffer.
-BLIP_UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
+    key = re.sub(r"\.norm([12])\.", r".layer_norm\1.", key)
+    return key.replace(".attn.qkv.", ".self_attn.qkv.").replace(".attn.proj.", ".self_attn.projection.")
 
 
 def blip_to_transformers(sd):
-    """ImageReward state dict -> (BlipVisionModel sd, BlipTextModel sd, MLP head sd, unexpected keys). The BERT
-    text encoder of BLIP (med.py) has transformers' BlipTextModel names already: only prefixes change."""
-    vision, text, head, unexpected = {}, {}, {}, []
+    """ImageReward state dict -> (BlipVisionModel sd, BlipTextModel sd (unknown keys too, for load_strict), head sd)."""
+    vision, text, head = {}, {}, {}
     for key, value in strip_module_prefix(sd).items():
         if key.startswith("blip.visual_encoder."):
-            vision[rename_blip_vit_key(key[len("blip.visual_encoder.") :])] = value
-        elif key.startswith(BLIP_UNUSED):
-            continue
-        elif key.startswith("blip.text_encoder."):
-            text[key[len("blip.text_encoder.") :]] = value
+            vision[rename_blip_vit_key(key.removeprefix("blip.visual_encoder."))] = value
         elif key.startswith("mlp."):
-            head[key[len("mlp.") :]] = value
-        else:
-            unexpected.append(key)
-    return vision, text, head, unexpected
+            head[key.removeprefix("mlp.")] = value
+        elif not key.startswith(BLIP_UNUSED):
+            text[key.removeprefix("blip.text_encoder.")] = value
+    return vision, text, head
 
 
 def blip_vision_config(vision_sd):
@@ -431,46 +308,23 @@ def blip_vision_config(vision_sd):
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // BLIP_VIT_HEAD_DIM),
         patch_size=patch,
-        image_size=int(round(math.sqrt(n_pos - 1))) * patch,
+        image_size=round((n_pos - 1) ** 0.5) * patch,
         layer_norm_eps=BLIP_VIT_LN_EPS,
-        hidden_act="gelu",
     )
 
 
-def blip_text_config(med_config, encoder_width):
-    """BlipTextConfig from ImageReward's med_config.json (BERT-base + cross-attention). encoder_width is the
-    ViT width (1024), which BLIP sets in code, overriding the file's 768."""
-    from transformers import BlipTextConfig  # transformers takes seconds to import: only to build a scorer
-
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "hidden_act",
-        "layer_norm_eps",
-        "pad_token_id",
-    )
-    return BlipTextConfig(
-        **{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=encoder_width, is_decoder=True
-    )  # is_decoder=True: build the cross-attention layers
-
-
-def head_layers(sd, in_features, what):
-    """The 5 Linear layers (weight, bias) of an ImageReward / LAION aesthetic MLP head, in float32."""
+def head_layers(sd, in_features, what, device="cpu"):
+    """The 5 Linear layers (weight, bias) of an ImageReward / LAION aesthetic MLP head, in float32 on `device`."""
     expected = {f"layers.{i}.{p}" for i in HEAD_LINEARS for p in ("weight", "bias")}
     if set(sd) != expected:
-        parts = [f"missing {describe_keys(expected - set(sd))}"] if expected - set(sd) else []
-        parts += [f"unexpected {describe_keys(set(sd) - expected)}"] if set(sd) - expected else []
-        raise UserError(f"{what}: MLP head keys do not match layers.{{0,2,4,6,7}}: {'; '.join(parts)}")
+        wrong = key_mismatch(expected - set(sd), set(sd) - expected)
+        raise UserError(f"{what}: MLP head keys do not match layers.{{0,2,4,6,7}}: {wrong}")
     layers, width = [], in_features
     for i in HEAD_LINEARS:
         w, b = sd[f"layers.{i}.weight"].float(), sd[f"layers.{i}.bias"].float()
         if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
             raise UserError(f"{what}: layers.{i} has shape {tuple(w.shape)}, expected (*, {width})")
-        layers.append((w, b))
+        layers.append((w.to(device), b.to(device)))
         width = w.shape[0]
     if width != 1:
         raise UserError(f"{what}: the MLP head ends in {width} outputs, expected 1")
@@ -478,30 +332,16 @@ def head_layers(sd, in_features, what):
 
 
 # ---- score formulas (float32) ----
-def l2_normalize(x):
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def cosine(a, b):
-    """Row-wise cosine of two (B, D) batches."""
-    return (l2_normalize(a.float()) * l2_normalize(b.float())).sum(-1)
-
-
 def pickscore_formula(image_emb, text_emb, logit_scale):
     """PickScore = exp(logit_scale) * cos(image, text) (≈21 for SD-1.5; a raw cosine ≈0.2: the scale left out)."""
-    return logit_scale.float().exp() * cosine(image_emb, text_emb)
-
-
-def hps_formula(image_emb, text_emb):
-    """HPS v2 = cos(image, text), no logit scale (≈0.27 for SD-1.5; benchmarks print it x100)."""
-    return cosine(image_emb, text_emb)
+    return logit_scale.float().exp() * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
 
 
 def linear_head(x, layers):
     """The MLP heads: Linear layers without activations (the originals' ReLUs are commented out), dropout off."""
     x = x.float()
     for w, b in layers:
-        x = F.linear(x, w.to(x.device), b.to(x.device))
+        x = F.linear(x, w, b)
     return x[:, 0]
 
 
@@ -511,35 +351,181 @@ def imagereward_formula(raw):
 
 def aesthetic_formula(image_emb, layers):
     """LAION improved aesthetic predictor: the head on the L2-normalised CLIP ViT-L/14 image embedding."""
-    return linear_head(l2_normalize(image_emb.float()), layers)
+    return linear_head(F.normalize(image_emb.float(), dim=-1), layers)
 
 
 def clip_image_embeds(model, pixel_values):
+    # CLIPModel.get_image_features returns this tensor in transformers 4 but an output object in 5
     p = next(model.parameters())
     pooled = model.vision_model(pixel_values=pixel_values.to(p.device, p.dtype)).pooler_output
     return model.visual_projection(pooled).float()
 
 
-def clip_text_embeds(model, input_ids, attention_mask=None):
-    device = next(model.parameters()).device
-    mask = None if attention_mask is None else attention_mask.to(device)
-    pooled = model.text_model(input_ids=input_ids.to(device), attention_mask=mask).pooler_output
-    return model.text_projection(pooled).float()
+# ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
+class PickScore:
+    """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
+
+    def __init__(self, args, device, dtype):
+        from transformers import AutoProcessor, CLIPModel  # a slow import: only to build a scorer
+
+        self.model = from_pretrained(CLIPModel, args.pickscore_model, "--pickscore_model", output_loading_info=True)
+        self.logit_scale = self.model.logit_scale.detach().float().clone()  # fp32: exp() of fp16 is off by ~0.2%
+        self.model.to(device, dtype).eval()
+        self.processor = from_pretrained(AutoProcessor, args.pickscore_processor, "--pickscore_processor")
+        self.prep_key = ("pickscore processor",)
+        self.weights = {"model": args.pickscore_model, "processor": args.pickscore_processor}
+
+    def prepare(self, image):
+        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        tok = self.processor(
+            text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH, return_tensors="pt"
+        )
+        text = self.model.text_model(**tok.to(self.model.device)).pooler_output
+        image = clip_image_embeds(self.model, pixels)
+        return pickscore_formula(image, self.model.text_projection(text).float(), self.logit_scale.to(image.device))
 
 
-def open_clip_text_embeds(model, input_ids):
-    """open_clip's text features on a transformers CLIPModel: only the causal mask (no padding mask), and pooled at
-    input_ids.argmax(-1), the end token (the largest id), whatever eos_token_id the transformers config names (it
-    pools at the argmax only when that is the legacy 2, else at the first eos_token_id)."""
-    device = next(model.parameters()).device
-    ids = input_ids.to(device)
-    hidden = model.text_model(input_ids=ids).last_hidden_state  # after final_layer_norm, as open_clip's ln_final
-    pooled = hidden[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)]
-    return model.text_projection(pooled).float()
+class HPS:
+    """HPS v2 / v2.1: open_clip ViT-H-14 weights ({"state_dict": ...}) converted onto a transformers CLIPModel."""
+
+    def __init__(self, args, device, dtype):
+        version, clip, default = args.hps_version, args.hps_clip, HPS_FILES[args.hps_version]
+        path = resolve_file(args.hps_checkpoint or f"{HPS_REPO}/{default}", default, "--hps_checkpoint")
+        named = {f: v for v, f in HPS_FILES.items()}.get(Path(path).name)
+        if named and named != version:  # v2.0 and v2.1 scores are not comparable: refuse an obvious mix-up
+            raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{named} but --hps_version is {version}")
+        ckpt = torch_load(path, "--hps_checkpoint")
+        sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+        from transformers import CLIPConfig, CLIPModel  # after the cheap checks: a slow import
+
+        config = from_pretrained(CLIPConfig, clip, "--hps_clip")
+        self.tokenize = OpenClipTokenizer(clip)  # before building ViT-H: a bad folder fails fast
+        if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
+            raise UserError(f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size")
+        for cfg in (config.text_config, config.vision_config):
+            cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
+        with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
+            self.model = CLIPModel(config)
+        load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
+        self.model.to(device, dtype).eval()
+        self.image_size = config.vision_config.image_size
+        self.prep_key = ("resize_longest_pad", self.image_size)  # prepare_item runs each distinct one once
+        self.weights = {"checkpoint": path, "clip": clip, "version": version, "tokenization": HPS_TOKENIZATION}
+
+    def prepare(self, image):
+        return resize_longest_pad(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        # open_clip's text features: causal mask only, pooled at the end token (the largest id), not at eos_token_id
+        ids = self.tokenize(prompts).to(self.model.device)
+        hidden = self.model.text_model(input_ids=ids).last_hidden_state  # after final_layer_norm, as open_clip's
+        text = self.model.text_projection(hidden[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)])
+        image = clip_image_embeds(self.model, pixels)
+        return F.cosine_similarity(image, text.float(), dim=-1)  # HPS v2: no logit scale (≈0.27 for SD-1.5)
 
 
-# ---- aggregation ----
+class ImageReward:
+    """THUDM ImageReward: BLIP ViT-L/16 + BERT with cross-attention to the image tokens + MLP head on [CLS]."""
+
+    def __init__(self, args, device, dtype):
+        spec, flag = args.imagereward_checkpoint, "--imagereward_med_config"
+        path = resolve_file(spec, "ImageReward.pt", "--imagereward_checkpoint")
+        beside = Path(path).parent if is_local(spec) else "/".join(spec.split("/")[:2])  # its folder or hub repo
+        med_path = resolve_file(args.imagereward_med_config or f"{beside}/med_config.json", "med_config.json", flag)
+        try:
+            med = json.loads(Path(med_path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--imagereward_med_config {med_path}: not a JSON config ({e})") from None
+        what = f"--imagereward_checkpoint {path}"
+        vision_sd, text_sd, head_sd = blip_to_transformers(torch_load(path, "--imagereward_checkpoint"))
+        from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionModel  # a slow import
+
+        vision_config = blip_vision_config(vision_sd)
+        text_config = BlipTextConfig(**{k: med[k] for k in MED_CONFIG_KEYS if k in med}, is_decoder=True)
+        text_config.encoder_hidden_size = vision_config.hidden_size  # cross-attention to the ViT (as BLIP's code)
+        with torch.device(device):
+            self.vision = BlipVisionModel(vision_config)
+            self.text = BlipTextModel(text_config, add_pooling_layer=False)
+        load_strict(self.vision, vision_sd, what)
+        load_strict(self.text, text_sd, what)
+        self.head = head_layers(head_sd, self.text.config.hidden_size, what, device)
+        self.vision.to(device, dtype).eval()
+        self.text.to(device, dtype).eval()
+        self.tokenizer = from_pretrained(AutoTokenizer, args.imagereward_tokenizer, "--imagereward_tokenizer")
+        # BLIP's init_tokenizer(): adds [DEC] (bos) and [ENC]; vocab 30522 -> 30524 as in med_config
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        self.image_size = vision_config.image_size
+        self.prep_key = ("resize_center_crop", self.image_size)  # the aesthetic predictor's too
+        self.weights = {"checkpoint": path, "med_config": med_path, "tokenizer": args.imagereward_tokenizer}
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        p = next(self.vision.parameters())
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH, return_tensors="pt"
+        )
+        image = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state  # attended to in full
+        ids, mask = tok["input_ids"].to(p.device), tok["attention_mask"].to(p.device)
+        hidden = self.text(input_ids=ids, attention_mask=mask, encoder_hidden_states=image, is_decoder=False)
+        return imagereward_formula(linear_head(hidden.last_hidden_state[:, 0].float(), self.head))
+
+
+class Aesthetic:
+    """LAION improved aesthetic predictor: MLP head on the normalised openai/clip-vit-large-patch14 embedding."""
+
+    def __init__(self, args, device, dtype):
+        from transformers import CLIPModel  # a slow import: only to build a scorer
+
+        self.model = from_pretrained(CLIPModel, args.aesthetic_clip, "--aesthetic_clip", output_loading_info=True)
+        self.model.to(device, dtype).eval()
+        path = resolve_file(args.aesthetic_head, "aesthetic-model.pth", "--aesthetic_head")
+        sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
+        self.head = head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}", device)
+        self.image_size = self.model.config.vision_config.image_size
+        self.prep_key = ("resize_center_crop", self.image_size)
+        self.weights = {"clip": args.aesthetic_clip, "head": path}
+
+    def prepare(self, image):
+        return resize_center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels, prompts):
+        return aesthetic_formula(clip_image_embeds(self.model, pixels), self.head)
+
+
+SCORERS = {"hps": HPS, "aesthetic": Aesthetic, "imagereward": ImageReward, "pickscore": PickScore}
+
+
+def load_scorers(args, metrics, device, dtype):
+    """Every metric's scorer, all resident (every batch is scored by every metric); transformers' logging quieted."""
+    from transformers.utils import logging as hf_logging  # transformers takes seconds to import: only to score
+
+    hf_logging.set_verbosity_error()  # keep stderr for our one-line messages
+    hf_logging.disable_progress_bar()
+    scorers = {}
+    for m in metrics:
+        t = time.time()
+        scorers[m] = SCORERS[m](args, device, dtype)
+        print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
+    return scorers
+
+
+# ---- aggregation (docs/evaluate.md defines each figure) ----
 AVERAGE = "average"  # the pseudo-metric of the tables' "average score" (the raw mean of the metrics shown)
+FIGURES = {  # summary.json's figures of a model and metric: name -> (aggregate, statistic over prompts)
+    "best_of_n": ("best_of_n", "mean"),
+    "best_of_n_median": ("best_of_n", "median"),
+    "mean": ("mean", "mean"),
+    "median": ("mean", "median"),
+    "per_metric_max_of_n": ("per_metric_max_of_n", "mean"),
+}
 
 
 def stats(values):
@@ -560,19 +546,15 @@ def per_prompt(rows, metric):
 
 
 def image_average(row, metrics):
-    """The plain mean of one image's raw scores on `metrics`; None when one of them is missing or not finite.
-    Raw, as the paper averages them, although the scales differ (PickScore ~21, aesthetic ~5, ImageReward ~0-1,
-    HPS ~0.27): PickScore and aesthetic dominate the mean."""
+    """The plain mean of an image's raw scores on `metrics`, as the paper; None if one is missing or not finite."""
     values = [row.get(m) for m in metrics]
-    if not values or any(v is None or not math.isfinite(float(v)) for v in values):
+    if not values or any(v is None or not np.isfinite(float(v)) for v in values):
         return None
     return sum(float(v) for v in values) / len(values)
 
 
 def select_best_of_n(rows, metrics):
-    """The paper's best of N (its §6.1, the model card's "Best of Five"): per prompt, the one image with the highest
-    raw mean of `metrics` (the four, or those that were run). Ties: the lowest image_index wins.
-    Returns {(prompt_index, prompt): row}."""
+    """The paper's best of N: {(prompt_index, prompt): the row of highest image_average (ties: lowest image_index)}."""
     best = {}
     for r in sorted(rows, key=lambda r: r["image_index"]):
         a = image_average(r, metrics)
@@ -583,18 +565,14 @@ def select_best_of_n(rows, metrics):
 
 
 def aggregate(rows, metric, selection_metrics):
-    """Per prompt over its N images: the mean, the best-of-N image's score (picked by the raw mean of
-    `selection_metrics`) and the per-metric max (each metric's own maximum, possibly of different images: another,
-    higher number than the model card's best of N); then over prompts: mean, median, std of each."""
+    """Per prompt the mean, the best-of-N image's score and the max; then stats of each over prompts."""
     groups = per_prompt(rows, metric)
-    means = [float(np.mean(v)) for v in groups.values()]
-    maxes = [max(v) for v in groups.values()]
     picked = [float(r[metric]) for r in select_best_of_n(rows, selection_metrics).values()]
     sizes = [len(v) for v in groups.values()]
     return {
         "best_of_n": stats(picked),
-        "per_metric_max_of_n": stats(maxes),
-        "mean": stats(means),
+        "per_metric_max_of_n": stats([max(v) for v in groups.values()]),
+        "mean": stats([float(np.mean(v)) for v in groups.values()]),
         "n_prompts": len(groups),
         "n_images": sum(sizes),
         "images_per_prompt": [min(sizes), max(sizes)] if sizes else [0, 0],
@@ -608,63 +586,44 @@ def average_label(metrics):
     return f"avg ({len(metrics)}: {', '.join(METRIC_NAMES[m] for m in metrics)})"
 
 
-def average_scores(model_summary, metrics):
-    """The tables' "average score": for each figure (best of N and its median, mean, median, per-metric max), the
-    plain mean of that figure over `metrics` (a row of the paper's tables averaged across its metric columns; for
-    the medians, the mean of the medians); None if a metric has no value."""
-    figures = {
-        "best_of_n": ("best_of_n", "mean"),
-        "best_of_n_median": ("best_of_n", "median"),
-        "mean": ("mean", "mean"),
-        "median": ("mean", "median"),
-        "per_metric_max_of_n": ("per_metric_max_of_n", "mean"),
-    }
-    out = {"metrics": list(metrics), "label": average_label(metrics)}
-    for key, (group, stat) in figures.items():
-        values = [model_summary[m][group][stat] for m in metrics]
-        out[key] = None if not values or any(v is None for v in values) else sum(values) / len(values)
-    return out
-
-
-def prompt_values(rows, metrics, on):
-    """{metric or AVERAGE: {(prompt_index, prompt): value}} for one model. on="mean": the mean over the prompt's
-    images (AVERAGE: of each image's raw mean of `metrics`); on="best_of_n": the scores of the image that
-    select_best_of_n picked (AVERAGE: its raw mean of `metrics`, the selection criterion itself)."""
-    if on == "best_of_n":
-        picked = select_best_of_n(rows, metrics)
-        out = {m: {k: float(r[m]) for k, r in picked.items()} for m in metrics}
-        out[AVERAGE] = {k: image_average(r, metrics) for k, r in picked.items()}
-        return out
-    out = {m: {k: float(np.mean(v)) for k, v in per_prompt(rows, m).items()} for m in metrics}
-    averages = [{**r, AVERAGE: image_average(r, metrics)} for r in rows]
-    out[AVERAGE] = {k: float(np.mean(v)) for k, v in per_prompt(averages, AVERAGE).items()}
-    return out
-
-
-def win_rates(rows_by_model, baseline, metrics, on="mean"):
-    """Per metric (and AVERAGE), per model: the fraction of the prompts both it and `baseline` have where its value is
-    higher than the baseline's (ties count half); the values are per-prompt means (on="mean") or the best-of-N
-    images' scores (on="best_of_n"), see prompt_values."""
-    values = {model: prompt_values(rows, metrics, on) for model, rows in rows_by_model.items()}
-    out = {}
-    for metric in list(metrics) + [AVERAGE]:
-        base = values[baseline][metric]
-        out[metric] = {}
-        for model in rows_by_model:
-            if model == baseline:
-                continue
-            other = values[model][metric]
-            common = sorted(base.keys() & other.keys())
-            wins = sum(1.0 if other[k] > base[k] else 0.5 if other[k] == base[k] else 0.0 for k in common)
-            out[metric][model] = {"win_rate": wins / len(common) if common else None, "n_prompts": len(common)}
-    return out
-
-
 def selection_label(metrics, n):
     """What picked the best-of-N image, as summary.md and summary.json name it."""
     if set(metrics) == set(METRICS):
         return f"best of {n}"
     return f"best of {n} by the mean of {len(metrics)} metrics ({', '.join(METRIC_NAMES[m] for m in metrics)})"
+
+
+def average_scores(model_summary, metrics):
+    """The tables' "average score": each figure of FIGURES averaged over `metrics`; None if a metric has none."""
+    out = {"metrics": list(metrics), "label": average_label(metrics)}
+    for key, (group, stat) in FIGURES.items():
+        values = [model_summary[m][group][stat] for m in metrics]
+        out[key] = None if None in values else sum(values) / len(values)
+    return out
+
+
+def prompt_values(rows, metrics, on):
+    """{metric or AVERAGE: {(prompt_index, prompt): the mean over the images, or the best-of-N image's score}}."""
+    averaged = [{**r, AVERAGE: image_average(r, metrics)} for r in rows]
+    if on == "best_of_n":
+        picked = select_best_of_n(averaged, metrics)
+        return {m: {k: float(r[m]) for k, r in picked.items()} for m in [*metrics, AVERAGE]}
+    return {m: {k: float(np.mean(v)) for k, v in per_prompt(averaged, m).items()} for m in [*metrics, AVERAGE]}
+
+
+def win_rates(rows_by_model, baseline, metrics, on="mean"):
+    """Per metric (and AVERAGE) and model: the fraction of shared prompts where it beats `baseline`, ties half."""
+    values = {model: prompt_values(rows, metrics, on) for model, rows in rows_by_model.items()}
+    out = {}
+    for metric in [*metrics, AVERAGE]:
+        base = values[baseline][metric]
+        out[metric] = {}
+        for model in [m for m in rows_by_model if m != baseline]:
+            other = values[model][metric]
+            common = base.keys() & other.keys()
+            wins = sum(1.0 if other[k] > base[k] else 0.5 if other[k] == base[k] else 0.0 for k in common)
+            out[metric][model] = {"win_rate": wins / len(common) if common else None, "n_prompts": len(common)}
+    return out
 
 
 def same_seeds(rows_a, rows_b):
@@ -675,279 +634,137 @@ def same_seeds(rows_a, rows_b):
     return bool(common) and all(a[k] is not None and a[k] == b[k] for k in common)
 
 
-# ---- summary.md ----
+def summarize(rows, inputs, metrics, hps_version, skipped, weights, mp):
+    """summary.json: the figures of each model and metric, their averages, win rates, the best-of-N picks, counts."""
+    models, baseline = inputs.models, inputs.baseline
+    by_model = {m: [r for r in rows if r["model"] == m] for m in models}
+    summary = {m: {metric: aggregate(by_model[m], metric, metrics) for metric in metrics} for m in models}
+    n = max(images_per_prompt(summary, m) for m in models)
+    picked = {m: sorted(select_best_of_n(by_model[m], metrics).items()) for m in models}
+    selected = {m: {str(key[0]): r["image_index"] for key, r in picked[m]} for m in models}  # to look at, or check
+    counts = {}
+    for m in models:
+        listed, scored = len(inputs.metadata[m]), len(by_model[m])
+        counts[m] = dict(images_listed=listed, images_scored=scored, images_skipped=len(skipped[m]), skipped=skipped[m])
+    selection = {"label": selection_label(metrics, n), "metrics": metrics, "image_index_by_prompt_index": selected}
+    return {
+        "models": models,
+        "metrics": metrics,
+        "hps_version": hps_version,
+        "baseline": baseline,
+        "summary": summary,
+        "average": {m: average_scores(summary[m], metrics) for m in models},
+        "win_rates": win_rates(by_model, baseline, metrics, on="mean"),
+        "win_rates_best_of_n": win_rates(by_model, baseline, metrics, on="best_of_n"),
+        "best_of_n_selection": selection,
+        "counts": counts,
+        "weights": weights,
+        "mixed_precision": mp,
+        "same_seeds_as_baseline": {m: same_seeds(by_model[baseline], by_model[m]) for m in models if m != baseline},
+        "aggregation": aggregation_text(metrics, n),
+    }
+
+
+def aggregation_text(metrics, n):
+    """How each figure is computed, in words: summary.json's "aggregation" and the end of summary.md."""
+    paper = "the paper's" if set(metrics) == set(METRICS) else "not the paper's, which averages all four"
+    over_prompts = "then mean, median and std (ddof=0) over prompts"
+    names = ", ".join(METRIC_NAMES[m] for m in metrics)
+    return {
+        "best_of_n": f"{selection_label(metrics, n)} ({paper}): per prompt, the image with the highest plain mean of "
+        f"its raw {names} scores (the largest scale, PickScore's ~21, weighs most; ties: the lowest image index), its "
+        f"scores; {over_prompts}",
+        "per_metric_max_of_n": f"per prompt, each metric's maximum over the images (of any image); {over_prompts}",
+        "mean": f"per prompt, the mean over its images; {over_prompts} (the tables' mean and median)",
+        "average": f"{average_label(metrics)}: each figure's plain mean over the metrics",
+        "win_rates": "per metric, the fraction of the prompts shared with the baseline where the model's per-prompt "
+        "mean is higher, ties counting half; for the average, of each image's raw mean of the metrics",
+        "win_rates_best_of_n": "the same on the best-of-N images: each model's selected image per prompt",
+    }
+
+
+# ---- the tables: summary.md and the model card's ----
+MAIN_COLUMNS = (("{model} best of {n}{by}", "best_of_n"), ("{model} mean", "mean"), ("{model} median", "median"))
+MORE_COLUMNS = (
+    ("{model} best of {n} median", "best_of_n_median"),
+    ("{model} per-metric max of {n}", "per_metric_max_of_n"),
+)
+CARD_COLUMNS = (("Best of {n}", "best_of_n"), ("Mean", "mean"), ("Median", "median"))
+
+
+def images_per_prompt(summary, model):
+    """N of the model's best of N: the most images a prompt has."""
+    return max(s["images_per_prompt"][1] for s in summary[model].values())
+
+
 def fmt(x, decimals):
     return "n/a" if x is None else f"{x:.{decimals}f}"
 
 
-def markdown_summary(summary, models, metrics, baseline, wins, hps_version, averages, wins_best):
-    """The model card's table (rows: metrics and the average; columns: best of N / mean / median per model), the
-    per-metric maxima apart, and the win rates on per-prompt means and on the best-of-N images."""
-    name = {m: METRIC_NAMES[m] + (f" v{hps_version}" if m == "hps" else "") for m in metrics}
-    name[AVERAGE] = average_label(metrics)
-    n = max((summary[model][m]["images_per_prompt"][1] for model in models for m in metrics), default=0)
-    subset = set(metrics) != set(METRICS)
-    head, rule = ["Metric"], ["---"]
+def md_table(head, rows):
+    """Markdown table lines; every column but the first right-aligned."""
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def figures_table(report, models, names, decimals, columns, by=""):
+    """A table of FIGURES: a row per metric of `names` (or AVERAGE), per model the `columns` (title, figure)."""
+    head = ["Metric"]
     for model in models:
-        k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
-        head += [
-            f"{model} best of {k}" + (f" (by mean of {len(metrics)})" if subset else ""),
-            f"{model} mean",
-            f"{model} median",
-        ]
-        rule += ["---:"] * 3
-    avg_decimals = max(METRIC_DECIMALS[m] for m in metrics)
-    lines = [
-        "# Evaluation",
-        "",
-        f"{selection_label(metrics, n)}: per prompt, the one image with the highest plain mean of its raw "
-        f"{', '.join(METRIC_NAMES[m] for m in metrics)} scores ("
-        + (
-            "not the paper's selection, which averages all four metrics"
-            if subset
-            else "the paper's selection, the model card's \"Best of Five\""
-        )
-        + "; raw scales, so the largest, PickScore ~21 and aesthetic ~5, weigh most; ties: the lowest image "
-        "index), that image's score of each metric, then the mean over prompts. Mean and median: of the "
-        f"per-prompt means over the N images. {name[AVERAGE]}: the mean of the column's metric values.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join(rule) + " |",
-    ]
-    for m in list(metrics) + [AVERAGE]:
-        cells = [name[m]]
+        n = images_per_prompt(report["summary"], model)
+        head += [title.format(model=model, n=n, by=by) for title, _ in columns]
+    cells = []
+    for m, name in names.items():
+        cells.append([name])
         for model in models:
-            if m == AVERAGE:
-                a, d = averages[model], avg_decimals
-                cells += [fmt(a["best_of_n"], d), fmt(a["mean"], d), fmt(a["median"], d)]
-            else:
-                s, d = summary[model][m], METRIC_DECIMALS[m]
-                cells += [fmt(s["best_of_n"]["mean"], d), fmt(s["mean"]["mean"], d), fmt(s["mean"]["median"], d)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Best of {n} median: the median over prompts of the selected images' scores. Per-metric max of "
-        f"{n}: each metric's own maximum over the prompt's images (possibly of different images, so higher; not "
-        f"the model card's best of {n}), mean over prompts.",
-        "",
-    ]
-    head, rule = ["Metric"], ["---"]
-    for model in models:
-        k = max((summary[model][m]["images_per_prompt"][1] for m in metrics), default=0)
-        head += [f"{model} best of {k} median", f"{model} per-metric max of {k}"]
-        rule += ["---:"] * 2
-    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
-    for m in list(metrics) + [AVERAGE]:
-        cells = [name[m]]
-        for model in models:
-            if m == AVERAGE:
-                a, d = averages[model], avg_decimals
-                cells += [fmt(a["best_of_n_median"], d), fmt(a["per_metric_max_of_n"], d)]
-            else:
-                s, d = summary[model][m], METRIC_DECIMALS[m]
-                cells += [fmt(s["best_of_n"]["median"], d), fmt(s["per_metric_max_of_n"]["mean"], d)]
-        lines.append("| " + " | ".join(cells) + " |")
+            for _, key in columns:
+                group, stat = FIGURES[key]
+                value = report["average"][model][key] if m == AVERAGE else report["summary"][model][m][group][stat]
+                cells[-1].append(fmt(value, decimals[m]))
+    return md_table(head, cells)
+
+
+def markdown_summary(report):
+    """summary.md: the model card's table, the best-of-N medians and maxima, win rates, and what each figure is."""
+    models, metrics, baseline = report["models"], report["metrics"], report["baseline"]
+    names = {m: METRIC_NAMES[m] + (f" v{report['hps_version']}" if m == "hps" else "") for m in metrics}
+    names[AVERAGE] = average_label(metrics)
+    decimals = {**METRIC_DECIMALS, AVERAGE: max(METRIC_DECIMALS[m] for m in metrics)}
+    n = max(images_per_prompt(report["summary"], model) for model in models)
+    by = "" if set(metrics) == set(METRICS) else f" (by mean of {len(metrics)})"
+    lines = ["# Evaluation", "", *figures_table(report, models, names, decimals, MAIN_COLUMNS, by)]
+    lines += ["", *figures_table(report, models, names, decimals, MORE_COLUMNS)]
     others = [m for m in models if m != baseline]
-    for table, what in (
-        (wins, f"per-prompt means (each prompt: the mean over its {n} images)"),
-        (wins_best, f"the best-of-{n} images (each prompt: the image the selection above picked, for each model)"),
-    ):
-        if not others:
-            break
-        lines += [
-            "",
-            f"Win rate against {baseline} on {what}: the fraction of shared prompts where the model's "
-            f"value is higher (ties count half); {name[AVERAGE]}: of the raw mean of the metrics.",
-            "",
-            "| Metric | " + " | ".join(others) + " |",
-            "| --- |" + " ---: |" * len(others),
-        ]
-        for m in list(metrics) + [AVERAGE]:
-            lines.append(f"| {name[m]} | " + " | ".join(fmt(table[m][o]["win_rate"], 3) for o in others) + " |")
+    for key, what in (("win_rates", "per-prompt means"), ("win_rates_best_of_n", f"the best-of-{n} images")):
+        if others:
+            rows = [[names[m]] + [fmt(report[key][m][o]["win_rate"], 3) for o in others] for m in names]
+            lines += ["", f"Win rate against {baseline} on {what}:", "", *md_table(["Metric", *others], rows)]
+    lines += ["", 'How each figure is computed (summary.json\'s "aggregation"):', ""]
+    lines += [f"- {key}: {text}" for key, text in report["aggregation"].items()]
     return "\n".join(lines) + "\n"
 
 
-# ---- the four scorers: prepare(image) on CPU workers, then __call__(pixels, prompts) on the device ----
-class PickScore:
-    """yuvalkirstain/PickScore_v1 (a transformers CLIPModel) with the laion ViT-H-14 processor, as its README."""
-
-    def __init__(self, model, processor, device, dtype):
-        from transformers import AutoProcessor, CLIPModel  # a slow import: only to build a scorer
-
-        self.model = from_pretrained(CLIPModel, model, "--pickscore_model", output_loading_info=True)
-        self.logit_scale = self.model.logit_scale.detach().float().clone()  # fp32: exp() of fp16 is off by ~0.2%
-        self.model.to(device, dtype).eval()
-        self.processor = from_pretrained(AutoProcessor, processor, "--pickscore_processor")
-        self.weights = {"model": model, "processor": processor}
-
-    prep_key = ("pickscore processor",)
-
-    def prepare(self, image):
-        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        tok = self.processor(
-            text=prompts, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH, return_tensors="pt"
-        )
-        text = clip_text_embeds(self.model, tok["input_ids"], tok["attention_mask"])
-        image = clip_image_embeds(self.model, pixels)
-        return pickscore_formula(image, text, self.logit_scale.to(image.device))
-
-
-class HPS:
-    """HPS v2 / v2.1: open_clip ViT-H-14 weights ({"state_dict": ...}) converted onto a transformers CLIPModel."""
-
-    def __init__(self, checkpoint, version, clip, device, dtype):
-        spec = checkpoint or f"{HPS_REPO}/{HPS_FILES[version]}"
-        path = resolve_file(spec, HPS_FILES[version], "--hps_checkpoint")
-        other = {f: v for v, f in HPS_FILES.items()}.get(Path(path).name)
-        if other and other != version:  # v2.0 and v2.1 scores are not comparable: refuse an obvious mix-up
-            raise UserError(f"--hps_checkpoint {Path(path).name} is HPS v{other} but --hps_version is {version}")
-        ckpt = torch_load(path, "--hps_checkpoint")
-        sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-        try:
-            import ftfy  # noqa: F401  (open_clip cleans every prompt with it)
-        except ImportError:
-            raise UserError("HPS needs ftfy (pip install ftfy): open_clip cleans prompts with it") from None
-        from transformers import CLIPConfig, CLIPModel  # after the cheap checks: a slow import
-
-        check_model_path(clip, "--hps_clip")
-        try:
-            config = CLIPConfig.from_pretrained(clip)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--hps_clip {clip}: {str(e).splitlines()[0]}") from None
-        self.tokenize = OpenClipTokenizer(*read_clip_bpe(clip))  # before building ViT-H: a bad folder fails fast
-        if max(self.tokenize.vocab.values()) >= config.text_config.vocab_size:
-            raise UserError(
-                f"--hps_clip {clip}: vocab.json has more tokens than the config's text vocab_size "
-                f"{config.text_config.vocab_size}"
-            )
-        for cfg in (config.text_config, config.vision_config):
-            cfg.hidden_act = "gelu"  # open_clip ViT-H-14 uses nn.GELU, not OpenAI's QuickGELU
-        with torch.device(device):  # initialise on the device: random init of ViT-H on a CPU takes a while
-            self.model = CLIPModel(config)
-        load_strict(self.model, open_clip_to_transformers(sd), f"--hps_checkpoint {path}")
-        self.model.to(device, dtype).eval()
-        self.image_size = config.vision_config.image_size
-        self.weights = {"checkpoint": path, "clip": clip, "version": version, "tokenization": HPS_TOKENIZATION}
-
-    @property
-    def prep_key(self):
-        return ("resize_longest_pad", self.image_size)
-
-    def prepare(self, image):
-        return resize_longest_pad(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        text = open_clip_text_embeds(self.model, self.tokenize(prompts))
-        return hps_formula(clip_image_embeds(self.model, pixels), text)
-
-
-class ImageReward:
-    """THUDM ImageReward: BLIP ViT-L/16 + BERT with cross-attention to the image tokens + MLP head on [CLS]."""
-
-    def __init__(self, checkpoint, med_config, tokenizer, device, dtype):
-        path = resolve_file(checkpoint, "ImageReward.pt", "--imagereward_checkpoint")
-        med_spec = med_config or sibling_spec(checkpoint, "med_config.json")
-        med_path = resolve_file(med_spec, "med_config.json", "--imagereward_med_config")
-        try:
-            med = json.loads(Path(med_path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--imagereward_med_config {med_path}: not a JSON config ({e})") from None
-        what = f"--imagereward_checkpoint {path}"
-        vision_sd, text_sd, head_sd, unexpected = blip_to_transformers(torch_load(path, "--imagereward_checkpoint"))
-        if unexpected:
-            raise UserError(f"{what}: checkpoint does not match the model: unexpected {describe_keys(unexpected)}")
-        from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel  # a slow import, as above
-
-        vision_config = blip_vision_config(vision_sd)
-        with torch.device(device):
-            self.vision = BlipVisionModel(vision_config)
-            self.text = BlipTextModel(blip_text_config(med, vision_config.hidden_size), add_pooling_layer=False)
-        load_strict(self.vision, vision_sd, what)
-        load_strict(self.text, text_sd, what)
-        self.head = [(w.to(device), b.to(device)) for w, b in head_layers(head_sd, self.text.config.hidden_size, what)]
-        self.vision.to(device, dtype).eval()
-        self.text.to(device, dtype).eval()
-        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "--imagereward_tokenizer")
-        # BLIP's init_tokenizer(): adds [DEC] (bos) and [ENC]; vocab 30522 -> 30524 as in med_config
-        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-        self.image_size = vision_config.image_size
-        self.weights = {"checkpoint": path, "med_config": med_path, "tokenizer": tokenizer}
-
-    @property
-    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
-        return ("resize_center_crop", self.image_size)
-
-    def prepare(self, image):
-        return resize_center_crop(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        p = next(self.vision.parameters())
-        tok = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH, return_tensors="pt"
-        )
-        image_embeds = self.vision(pixel_values=pixels.to(p.device, p.dtype)).last_hidden_state
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=p.device)
-        hidden = self.text(
-            input_ids=tok["input_ids"].to(p.device),
-            attention_mask=tok["attention_mask"].to(p.device),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            is_decoder=False,
-        ).last_hidden_state
-        return imagereward_formula(linear_head(hidden[:, 0].float(), self.head))
-
-
-class Aesthetic:
-    """LAION improved aesthetic predictor: MLP head on the normalised openai/clip-vit-large-patch14 embedding."""
-
-    def __init__(self, clip, head, device, dtype):
-        from transformers import CLIPModel  # a slow import: only to build a scorer
-
-        self.model = from_pretrained(CLIPModel, clip, "--aesthetic_clip", output_loading_info=True)
-        self.model.to(device, dtype).eval()
-        path = resolve_file(head, "aesthetic-model.pth", "--aesthetic_head")
-        sd = strip_module_prefix(torch_load(path, "--aesthetic_head"))
-        self.head = [
-            (w.to(device), b.to(device))
-            for w, b in head_layers(sd, self.model.config.projection_dim, f"--aesthetic_head {path}")
-        ]
-        self.image_size = self.model.config.vision_config.image_size
-        self.weights = {"clip": clip, "head": path}
-
-    @property
-    def prep_key(self):  # the same pipeline for ImageReward and the aesthetic predictor: computed once
-        return ("resize_center_crop", self.image_size)
-
-    def prepare(self, image):
-        return resize_center_crop(image, self.image_size)
-
-    @torch.no_grad()
-    def __call__(self, pixels, prompts):
-        return aesthetic_formula(clip_image_embeds(self.model, pixels), self.head)
-
-
-def load_scorers(args, metrics, device, dtype):
-    scorers = {}
-    for m in metrics:  # all resident at once: every batch is scored by every metric
-        t = time.time()
-        if m == "pickscore":
-            scorers[m] = PickScore(args.pickscore_model, args.pickscore_processor, device, dtype)
-        elif m == "hps":
-            scorers[m] = HPS(args.hps_checkpoint, args.hps_version, args.hps_clip, device, dtype)
-        elif m == "imagereward":
-            scorers[m] = ImageReward(
-                args.imagereward_checkpoint, args.imagereward_med_config, args.imagereward_tokenizer, device, dtype
-            )
-        elif m == "aesthetic":
-            scorers[m] = Aesthetic(args.aesthetic_clip, args.aesthetic_head, device, dtype)
-        print(f"loaded {m} in {time.time() - t:.1f}s", flush=True)
-    return scorers
+def fill_model_card(folder, report, out):
+    """The model's table into the evaluation section of its card (sample.py's run_config.json names its folder)."""
+    try:
+        unet = (json.loads((folder / "run_config.json").read_text()).get("model") or {}).get("unet")
+        if unet in (None, "", "base"):
+            return
+        card = Path(unet) / "README.md"
+        text = card.read_text()
+    except (OSError, ValueError):
+        return
+    if CARD_EVALUATION not in text or folder.name not in report["summary"]:
+        return
+    head, _, rest = text.partition(CARD_EVALUATION)
+    tail = rest[rest.index("\n## ") :] if "\n## " in rest else "\n"
+    names = {m: CARD_METRICS[m] for m in report["metrics"]}
+    table = figures_table(report, [folder.name], names, dict.fromkeys(names, 2), CARD_COLUMNS)
+    n = images_per_prompt(report["summary"], folder.name)
+    intro = f"Scored by evaluate.py on the prompts of {out} ({n} images per prompt)."
+    tmp = card.with_name(f"README.md.{os.getpid()}.tmp")
+    tmp.write_text("\n".join([head + CARD_EVALUATION, "", intro, "", *table]) + "\n" + tail)
+    os.replace(tmp, card)
 
 
 # ---- main and its steps ----
@@ -956,40 +773,23 @@ class Inputs(NamedTuple):
 
     dirs: list  # each model's folder (Path)
     models: list  # the models' names (their folders' names), in the tables' order
-    metadata: dict  # model -> the rows of its metadata.jsonl
+    metadata: dict  # model -> its metadata.jsonl rows, each with its "model" and its image's "path" added
     baseline: str  # the model win rates are against
 
 
-class Item(NamedTuple):
-    """One image to score: its model's folder and its metadata.jsonl row."""
-
-    folder: Path
-    row: dict
-
-
-class Prepared(NamedTuple):
-    """prepare_item's result: the image ready for every scorer, or why it is skipped."""
-
-    pixels: dict  # metric -> preprocessed image tensor; None when the image is skipped
-    why: str  # None when the image is ready
-
-
-def check_settings(args):
-    """The metrics to run, in the model card's order; --hps_version normalised (v2.1 -> 2.1); --batch_size checked."""
-    metrics = parse_metrics(args.metrics)
-    args.hps_version = str(args.hps_version).lower().lstrip("v")
-    if args.hps_version not in HPS_FILES:
-        raise UserError(f"--hps_version {args.hps_version}: choose v2.0 or v2.1")
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    return metrics
-
-
 def read_inputs(args):
-    """The image folders of the arguments, their metadata.jsonl rows and the baseline, all checked."""
+    """The image folders, their metadata.jsonl rows (plus "model" and image "path") and the baseline, all checked."""
     dirs = find_model_dirs(args.image_dirs)
-    models = [d.name for d in dirs]
-    metadata = {d.name: read_metadata(d) for d in dirs}
+    metadata = {d.name: read_jsonl(d / "metadata.jsonl") for d in dirs}
+    for d in dirs:
+        if not metadata[d.name]:
+            raise UserError(f"{d}/metadata.jsonl lists no images")
+        for i, row in enumerate(metadata[d.name], 1):
+            missing = [k for k in ("file_name", "prompt", "prompt_index", "image_index") if k not in row]
+            if missing:
+                raise UserError(f"{d}/metadata.jsonl line {i}: missing {missing}")
+            row.update(model=d.name, path=d / row["file_name"])
+    models = list(metadata)
     baseline = args.baseline or models[0]
     if baseline not in models:
         raise UserError(f"--baseline {baseline}: not one of the models {models}")
@@ -998,15 +798,12 @@ def read_inputs(args):
 
 def scoring_settings(args, metrics, mp):
     """What makes a score: scores.jsonl is resumed only under the same settings."""
+    weight_flags = ("pickscore_", "hps_", "imagereward_", "aesthetic_")  # the weights flags (and hps_version)
     scoring = {
         "metrics": metrics,
         "hps_version": args.hps_version,
         "mixed_precision": mp,
-        "weights": {
-            k: getattr(args, k)
-            for k in sorted(vars(args))
-            if k.startswith(("pickscore_", "hps_", "imagereward_", "aesthetic_"))
-        },
+        "weights": {k: getattr(args, k) for k in sorted(vars(args)) if k.startswith(weight_flags)},
     }
     if "hps" in metrics:
         scoring["hps_tokenization"] = HPS_TOKENIZATION
@@ -1014,16 +811,13 @@ def scoring_settings(args, metrics, mp):
 
 
 def resume_scores(out, scoring, metadata, overwrite):
-    """The rows of scores.jsonl that an earlier run with the same settings made for images still listed (keyed by
-    model and file); scores.jsonl is rewritten to hold just them, which also drops a truncated last line."""
+    """scores.jsonl's rows of images still listed, rewritten (a truncated last line dropped); other settings refused."""
     scores_path, config_path = out / "scores.jsonl", out / "run_config.json"
     kept = []
     if scores_path.exists() and not overwrite:
         old = json.loads(config_path.read_text()).get("scoring") if config_path.is_file() else None
         if old != scoring:
-            raise UserError(
-                f"{scores_path} holds scores made with other settings: pass --overwrite or another --output_dir"
-            )
+            raise UserError(f"{scores_path} holds scores of other settings: pass --overwrite or another --output_dir")
         wanted = {(m, r["file_name"]) for m, rows in metadata.items() for r in rows}
         kept = [r for r in read_jsonl(scores_path) if (r["model"], r["file_name"]) in wanted]
     with open(scores_path.with_name("scores.jsonl.tmp"), "w") as f:
@@ -1032,170 +826,65 @@ def resume_scores(out, scoring, metadata, overwrite):
     return kept
 
 
-def load_all_scorers(args, metrics, device, dtype):
-    """Every metric's scorer, all resident; transformers' own logging quieted first."""
-    from transformers.utils import logging as hf_logging  # transformers takes seconds to import: only to score
-
-    hf_logging.set_verbosity_error()  # keep stderr for our one-line messages
-    hf_logging.disable_progress_bar()
-    return load_scorers(args, metrics, device, dtype)
-
-
-def prepare_item(item, scorers):
-    """Worker: decode one image and preprocess it once per distinct pipeline (ImageReward and aesthetic share)."""
-    folder, row = item
-    path = Path(folder) / row["file_name"]
-    if not path.is_file():
-        return Prepared(None, "missing file")
-    image = decode_image(str(path))
+def prepare_item(row, scorers):
+    """Worker: one image preprocessed once per distinct prep_key -> {metric: pixels}, or why it is skipped (a str)."""
+    if not row["path"].is_file():
+        return "missing file"
+    image = decode_image(str(row["path"]))
     if image is None:
-        return Prepared(None, "unreadable image")
-    cache, out = {}, {}
+        return "unreadable image"
+    done, out = {}, {}
     try:
         for m, s in scorers.items():
-            if s.prep_key not in cache:
-                cache[s.prep_key] = s.prepare(image)
-            out[m] = cache[s.prep_key]
+            if s.prep_key not in done:
+                done[s.prep_key] = s.prepare(image)
+            out[m] = done[s.prep_key]
     except Exception as e:  # e.g. a degenerate 1-pixel-wide image: skip it like an unreadable one
-        return Prepared(None, f"cannot preprocess ({type(e).__name__}: {e})")
-    return Prepared(out, None)
+        return f"cannot preprocess ({type(e).__name__}: {e})"
+    return out
 
 
-def score_batch(good, scorers, metrics):
-    """[(Item, pixels)] -> their scores.jsonl rows: every metric on the whole batch at once."""
-    prompts = [item.row["prompt"] for item, _ in good]
-    scores = {m: scorers[m](torch.stack([pixels[m] for _, pixels in good]), prompts).cpu().tolist() for m in metrics}
-    return [
-        {
-            "model": item.folder.name,
-            "prompt_index": item.row["prompt_index"],
-            "image_index": item.row["image_index"],
-            "prompt": item.row["prompt"],
-            "file_name": item.row["file_name"],
-            "seed": item.row.get("seed"),
-            **{m: scores[m][i] for m in metrics},
-        }
-        for i, (item, _) in enumerate(good)
-    ]
+def score_batch(batch, scorers, metrics):
+    """[(metadata row, pixels)] -> their scores.jsonl rows: every metric on the whole batch at once."""
+    keys = ("model", "prompt_index", "image_index", "prompt", "file_name", "seed")  # then one per metric
+    rows = [{k: row.get(k) for k in keys} for row, _ in batch]
+    for m in metrics:
+        scores = scorers[m](torch.stack([pixels[m] for _, pixels in batch]), [row["prompt"] for row in rows])
+        for row, score in zip(rows, scores.cpu().tolist()):
+            row[m] = score
+    return rows
 
 
 def score_images(todo, scorers, metrics, args, scores_path, skipped):
-    """Score `todo` [Item] batch by batch, appending each batch's rows to scores.jsonl (a killed run keeps them);
-    workers decode the next batch meanwhile. Unreadable images go to skipped[model]. Returns the new rows."""
+    """Score `todo` batch by batch (the workers prepare the next), appending to scores.jsonl; returns the new rows."""
     batches = [todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    new = []
-    t0, n_scored = time.time(), 0
+    new, t0 = [], time.time()
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, open(scores_path, "a") as f:
-        futures = [pool.submit(prepare_item, it, scorers) for it in batches[0]] if batches else []
+        submit = lambda batch: [pool.submit(prepare_item, row, scorers) for row in batch]
+        futures = submit(batches[0]) if batches else []
         for bi, batch in enumerate(batches):
-            results = [fut.result() for fut in futures]
-            if bi + 1 < len(batches):
-                futures = [pool.submit(prepare_item, it, scorers) for it in batches[bi + 1]]
+            prepared = [future.result() for future in futures]
+            futures = submit(batches[bi + 1]) if bi + 1 < len(batches) else []
             good = []
-            for item, prepared in zip(batch, results):
-                if prepared.pixels is None:
-                    skipped[item.folder.name].append({"file_name": item.row["file_name"], "reason": prepared.why})
-                    print(
-                        f"warning: {item.folder / item.row['file_name']}: {prepared.why}, skipped",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            for row, pixels in zip(batch, prepared):
+                if isinstance(pixels, str):  # why it is skipped
+                    skipped[row["model"]].append({"file_name": row["file_name"], "reason": pixels})
+                    print(f"warning: {row['path']}: {pixels}, skipped", file=sys.stderr)
                 else:
-                    good.append((item, prepared.pixels))
-            if not good:
-                continue
-            rows = score_batch(good, scorers, metrics)
+                    good.append((row, pixels))
+            rows = score_batch(good, scorers, metrics) if good else []
             new += rows
-            f.writelines(json.dumps(rec) + "\n" for rec in rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows)
             f.flush()
-            n_scored += len(good)
             if bi % 20 == 0 or bi == len(batches) - 1:
-                rate = n_scored / max(time.time() - t0, 1e-9)
-                print(f"batch {bi + 1}/{len(batches)}: {n_scored} images scored ({rate:.1f}/s)", flush=True)
+                rate = len(new) / max(time.time() - t0, 1e-9)
+                print(f"batch {bi + 1}/{len(batches)}: {len(new)} images scored ({rate:.1f}/s)", flush=True)
     return new
-
-
-def aggregation_text(metrics, n):
-    """summary.json's "aggregation": how each figure was computed, in words."""
-    return {
-        "best_of_n": f"{selection_label(metrics, n)} (the paper's and the model card's): per prompt, the image "
-        f"with the highest plain mean of its raw {', '.join(metrics)} scores (ties: the lowest "
-        "image_index); that image's score of each metric; then over prompts: mean, median, std",
-        "per_metric_max_of_n": "per prompt, each metric's own maximum over its images (possibly of different "
-        "images; not the model card's best of N); then over prompts: mean, median, std",
-        "mean": "per prompt, the mean over its images; then over prompts: mean, median, std (ddof=0)",
-        "average": f"{average_label(metrics)}: for each figure (best_of_n, best_of_n_median, mean, median, "
-        "per_metric_max_of_n), the plain mean of that figure over the metrics",
-        "win_rates": "per metric: the fraction of prompts shared with the baseline where the model's per-prompt "
-        "mean over its images is higher, ties count half; 'average': of the raw mean of the "
-        "metrics",
-        "win_rates_best_of_n": "the same on the best_of_n images: each model's selected image per prompt",
-    }
-
-
-def summarize(rows_by_model, inputs, metrics, hps_version, skipped, weights, mp):
-    """summary.json: per model and metric the aggregates, their average over the metrics, the win rates against
-    the baseline (on per-prompt means and on the best-of-N images), which image the best of N took, and counts."""
-    models, baseline = inputs.models, inputs.baseline
-    summary = {m: {metric: aggregate(rows_by_model[m], metric, metrics) for metric in metrics} for m in models}
-    n = max((summary[m][metric]["images_per_prompt"][1] for m in models for metric in metrics), default=0)
-    selected = {}  # which image the best of N took, per model and prompt_index (to look at it, or to check it)
-    for m in models:
-        picked = sorted(select_best_of_n(rows_by_model[m], metrics).items(), key=lambda kv: kv[0][0])
-        selected[m] = {str(key[0]): r["image_index"] for key, r in picked}
-    counts = {
-        m: {
-            "images_listed": len(inputs.metadata[m]),
-            "images_scored": len(rows_by_model[m]),
-            "images_skipped": len(skipped[m]),
-            "skipped": skipped[m],
-        }
-        for m in models
-    }
-    return {
-        "models": models,
-        "metrics": metrics,
-        "hps_version": hps_version,
-        "baseline": baseline,
-        "summary": summary,
-        "average": {m: average_scores(summary[m], metrics) for m in models},
-        "win_rates": win_rates(rows_by_model, baseline, metrics, on="mean"),
-        "win_rates_best_of_n": win_rates(rows_by_model, baseline, metrics, on="best_of_n"),
-        "best_of_n_selection": {
-            "label": selection_label(metrics, n),
-            "metrics": metrics,
-            "image_index_by_prompt_index": selected,
-        },
-        "counts": counts,
-        "weights": weights,
-        "mixed_precision": mp,
-        "same_seeds_as_baseline": {
-            m: same_seeds(rows_by_model[baseline], rows_by_model[m]) for m in models if m != baseline
-        },
-        "aggregation": aggregation_text(metrics, n),
-    }
-
-
-def write_tables(out, report):
-    """summary.json and summary.md (the model card's table and the win rates)."""
-    write_json_atomic(out / "summary.json", report)
-    (out / "summary.md").write_text(
-        markdown_summary(
-            report["summary"],
-            report["models"],
-            report["metrics"],
-            report["baseline"],
-            report["win_rates"],
-            report["hps_version"],
-            report["average"],
-            report["win_rates_best_of_n"],
-        )
-    )
 
 
 def main(argv=None):
     args = parse_args(argv)
-    metrics = check_settings(args)
+    metrics = args.metrics
     inputs = read_inputs(args)  # checked before any model is loaded
     device, mp, dtype = pick_device(args)
 
@@ -1208,109 +897,43 @@ def main(argv=None):
     write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config))
 
     # Score every image not scored yet.
-    scorers = load_all_scorers(args, metrics, device, dtype)
+    scorers = load_scorers(args, metrics, device, dtype)
     done = {(r["model"], r["file_name"]) for r in kept}
-    todo = [
-        Item(folder, r)
-        for folder in inputs.dirs
-        for r in inputs.metadata[folder.name]
-        if (folder.name, r["file_name"]) not in done
-    ]
+    todo = [r for rows in inputs.metadata.values() for r in rows if (r["model"], r["file_name"]) not in done]
+    models = f"{len(inputs.models)} model(s) with {', '.join(metrics)} on {device} ({mp})"
+    print(f"scoring {len(todo)} images ({len(done)} already scored) from {models}", flush=True)
     skipped = {m: [] for m in inputs.models}
-    print(
-        f"scoring {len(todo)} images ({len(done)} already scored) from {len(inputs.models)} model(s) with "
-        f"{', '.join(metrics)} on {device} ({mp})",
-        flush=True,
-    )
     rows = kept + score_images(todo, scorers, metrics, args, out / "scores.jsonl", skipped)
 
-    # Aggregate, compare with the baseline, write the tables.
-    rows_by_model = {m: [r for r in rows if r["model"] == m] for m in inputs.models}
+    # Aggregate, compare with the baseline, write the tables, fill the model cards.
     weights = {m: s.weights for m, s in scorers.items()}
-    report = summarize(rows_by_model, inputs, metrics, args.hps_version, skipped, weights, mp)
-    write_tables(out, report)
+    report = summarize(rows, inputs, metrics, args.hps_version, skipped, weights, mp)
+    write_json_atomic(out / "summary.json", report)
+    (out / "summary.md").write_text(markdown_summary(report))
     for folder in inputs.dirs:
-        fill_model_card(folder, inputs.metadata[folder.name], report, out)
+        fill_model_card(folder, report, out)
     counts = {m: {k: v for k, v in c.items() if k != "skipped"} for m, c in report["counts"].items()}
     write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config, weights=weights, counts=counts))
     print((out / "summary.md").read_text())
     n_skipped = sum(len(v) for v in skipped.values())
-    print(
-        f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json"
-        + (f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else "")
-    )
-
-
-# the line train_spin.py writes into a model card where the evaluation goes (the same constant there)
-CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
-CARD_METRICS = {"hps": "HPS", "aesthetic": "Aesthetic", "imagereward": "Image Reward", "pickscore": "Pickapic Score"}
-
-
-def card_table(summary, model, metrics, n_images, source):
-    """The released cards' evaluation table for one model: per metric, best of N (the paper's selection), the mean
-    and the median over prompts of the per-prompt means."""
-    lines = [
-        f"Scored by evaluate.py on {source} ({n_images} images per prompt).",
-        "",
-        f"| Metric | Best of {n_images} | Mean | Median |",
-        "|---|---|---|---|",
-    ]
-    for m in metrics:
-        s = summary[model][m]
-        lines.append(
-            f"| {CARD_METRICS.get(m, m)} | {s['best_of_n']['mean']:.2f} | {s['mean']['mean']:.2f} | "
-            f"{s['mean']['median']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def fill_model_card(folder, rows, report, out):
-    """The sampled model's folder (sample.py's run_config.json names it) holds a model card written by train_spin.py:
-    its evaluation section gets this model's table. Other models (a hub id, base) have no card to fill."""
-    try:
-        unet = (json.loads((folder / "run_config.json").read_text()).get("model") or {}).get("unet")
-        if unet in (None, "", "base"):
-            return
-        card = Path(unet) / "README.md"
-        text = card.read_text()
-    except (OSError, ValueError):
-        return
-    if CARD_EVALUATION not in text or folder.name not in report["summary"]:
-        return
-    per_prompt = {}
-    for r in rows:
-        per_prompt[r["prompt_index"]] = per_prompt.get(r["prompt_index"], 0) + 1
-    n = max(per_prompt.values(), default=1)
-    head, _, rest = text.partition(CARD_EVALUATION)
-    tail = rest[rest.index("\n## ") :] if "\n## " in rest else "\n"
-    table = card_table(report["summary"], folder.name, report["metrics"], n, f"the prompts of {out}")
-    tmp = card.with_name(f"README.md.{os.getpid()}.tmp")
-    tmp.write_text(f"{head}{CARD_EVALUATION}\n\n{table}\n{tail}")
-    os.replace(tmp, card)
+    note = f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else ""
+    print(f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json{note}")
 
 
 # ---- plumbing: image folders in, weights files by hub id or local path ----
-def natural_key(name):
-    """iter_2 sorts before iter_10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def find_model_dirs(paths):
     """Image folders (with metadata.jsonl) from the arguments: a folder itself, or every such subfolder of it."""
     dirs = []
     for p in map(Path, paths):
+        subs = [sub for sub in p.iterdir() if (sub / "metadata.jsonl").is_file()] if p.is_dir() else []
         if (p / "metadata.jsonl").is_file():
             dirs.append(p)
-        elif p.is_dir() and any((sub / "metadata.jsonl").is_file() for sub in p.iterdir() if sub.is_dir()):
-            subs = [sub for sub in p.iterdir() if (sub / "metadata.jsonl").is_file()]
-            dirs += sorted(subs, key=lambda s: natural_key(s.name))
+        elif subs:
+            dirs += sorted(subs, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s.name)])
         elif not p.exists():
             raise UserError(f"{p}: no such folder")
         else:
-            raise UserError(
-                f"{p}: no metadata.jsonl there (nor in any subfolder); pass a folder written by "
-                "sample.py or generate.py"
-            )
+            raise UserError(f"{p}: no metadata.jsonl there nor in a subfolder: pass a sample.py or generate.py folder")
     names = [d.name for d in dirs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -1320,24 +943,13 @@ def find_model_dirs(paths):
     return dirs
 
 
-def read_metadata(folder):
-    rows = read_jsonl(Path(folder) / "metadata.jsonl")
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("file_name", "prompt", "prompt_index", "image_index") if k not in row]
-        if missing:
-            raise UserError(f"{folder}/metadata.jsonl line {i}: missing {missing}")
-    if not rows:
-        raise UserError(f"{folder}/metadata.jsonl lists no images")
-    return rows
-
-
 def is_local(spec):
     return spec.startswith((".", "/", "~")) or Path(spec).exists()
 
 
 def resolve_file(spec, default_name, flag):
-    """A local path for a weights file: a local file, a local folder (+ default_name), or a hub id
-    'owner/repo' (+ default_name) or 'owner/repo/path/in/repo', downloaded with huggingface_hub."""
+    """A local path for a weights file: a file, a folder (+ default_name), a hub repo (+ default_name) or hub file."""
+    # transformers' cached_file takes a folder or a repo, but neither a file path nor a repo/path/in/repo spec
     if is_local(spec):
         p = Path(spec).expanduser()
         p = p / default_name if p.is_dir() else p
@@ -1351,16 +963,7 @@ def resolve_file(spec, default_name, flag):
 
         return hf_hub_download(repo, filename)
     except Exception as e:  # offline, unknown repo or file, network: all the user's to fix
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{flag} {spec}: could not get {filename} from the hub repo {repo}: {msg}") from None
-
-
-def sibling_spec(spec, name):
-    """The spec of `name` beside the file/folder/hub repo `spec` (med_config.json beside ImageReward.pt)."""
-    if is_local(spec):
-        p = Path(spec).expanduser()
-        return str((p if p.is_dir() else p.parent) / name)
-    return "/".join(spec.split("/")[:2] + [name])
+        raise UserError(f"{flag} {spec}: could not get {filename} from the hub repo {repo}: {first_line(e)}") from None
 
 
 def torch_load(path, flag):
@@ -1368,8 +971,7 @@ def torch_load(path, flag):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{flag} {path}: cannot load it as a torch checkpoint ({msg})") from None
+        raise UserError(f"{flag} {path}: cannot load it as a torch checkpoint ({first_line(e)})") from None
 
 
 def from_pretrained(cls, spec, flag, **kwargs):
@@ -1378,37 +980,36 @@ def from_pretrained(cls, spec, flag, **kwargs):
     try:
         out = cls.from_pretrained(spec, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{flag} {spec}: {str(e).splitlines()[0]}") from None
-    if isinstance(out, tuple):  # (model, loading_info)
-        model, info = out
-        if info.get("missing_keys"):
-            raise UserError(f"{flag} {spec}: weights missing for {describe_keys(info['missing_keys'])}")
-        return model
+        raise UserError(f"{flag} {spec}: {first_line(e)}") from None
+    out, info = out if isinstance(out, tuple) else (out, {})  # (model, loading_info) when asked for
+    if info.get("missing_keys"):
+        raise UserError(f"{flag} {spec}: weights {key_mismatch(info['missing_keys'], [])}")
     return out
 
 
-def describe_keys(keys, n=4):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+def key_mismatch(missing, unexpected, n=4):
+    """'missing a, b; unexpected c, d and 3 more': the keys of a checkpoint that do not fit the model."""
+    parts = []
+    for what, keys in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
+        if keys:
+            parts.append(f"{what} {', '.join(keys[:n])}" + (f" and {len(keys) - n} more" if len(keys) > n else ""))
+    return "; ".join(parts)
 
 
 def load_strict(module, state_dict, what):
-    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys as one readable line."""
-    expected = module.state_dict()
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    """load_state_dict(strict=True), with missing, unexpected or mis-shaped keys said in one line."""
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # torch raises on mis-shaped tensors even when not strict: one line each
+        shapes = str(e).strip().splitlines()[1:] or [str(e)]
+        raise UserError(f"{what}: checkpoint does not fit the model config: {shapes[0].strip()}") from None
     if missing or unexpected:
-        parts = ([f"missing {describe_keys(missing)}"] if missing else []) + (
-            [f"unexpected {describe_keys(unexpected)}"] if unexpected else []
-        )
-        raise UserError(f"{what}: checkpoint does not match the model: {'; '.join(parts)}")
-    bad = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if bad:
-        raise UserError(f"{what}: checkpoint shapes do not match the model config: {describe_keys(bad, 2)}")
-    module.load_state_dict(state_dict, strict=True)
+        raise UserError(f"{what}: checkpoint does not match the model: {key_mismatch(missing, unexpected)}")
+
+
+def first_line(error):
+    """An exception's message in one line (its type when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---- helpers every script carries: each is the same text wherever it appears (tests/test_shared.py checks) ----
@@ -1489,7 +1090,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+        if "default" in text or action.default is None or action.default is False or action.required:
             return text
         return super()._get_help_string(action)
 

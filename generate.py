@@ -1,22 +1,10 @@
 """generate.py: the opponent (θ_k) samples synthetic images for the training prompts (SPIN-Diffusion step 1).
 
     python generate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --unet runs/x/iter_1 --dataset yuvalkirstain/pickapic_v2 --output_dir runs/x/synth_1
+        --unet runs/x/iter_1 --dataset sayakpaul/pickapic_v2_webdataset --output_dir runs/x/synth_1
     accelerate launch --num_processes 8 generate.py ...      # the same folder, 8x faster
 
-The pipeline class is the one the model's model_index.json names: StableDiffusionPipeline (SD-1.x, SD-2.x with
-v-prediction) or StableDiffusionXLPipeline (SDXL: two text encoders, pooled embedding, micro-conditioning with
-original = target size = --resolution and crop (0, 0), an fp16 VAE decoded in float32 where its config says
-force_upcast).
-
-Output (train_spin.py reads it):
-    run_config.json   model identity (pipeline class, the UNet's sha256 fingerprint) + every setting
-    metadata.jsonl    one line per image: file_name, latent_file, prompt, prompt_index, image_index, seed
-    images/<key>.png, latents/<key>.safetensors ("latent": float32 [4, h, w], the pipeline's final latent,
-                      in the scaled space: what vae.encode(x).latent_dist.mean * scaling_factor gives)
-    stats.json        counts, and the keys of all-black / non-finite results
-Every image's noise comes from its own seed, image_seed(seed, prompt_index, image_index), so the result does
-not depend on batch size, process count or where a killed run was resumed. Rerun the same command to resume.
+docs/generate_and_sample.md: the folder it writes (train_spin.py reads it), the flags, seeds, resuming.
 """
 
 import argparse
@@ -26,20 +14,15 @@ import json
 import os
 import re
 import sys
-import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-# ---- flags ----
-# Flags that change the pixels. A folder made with other values is refused, never mixed. Not here: --batch_size
-# (only the order of float sums changes) and --max_prompts/--dataset (the prompt list itself is compared).
+# Settings that change the pixels: a folder made with other values is refused (--batch_size only reorders float sums).
 IMAGE_SETTINGS = (
     "num_images_per_prompt",
     "num_inference_steps",
@@ -49,549 +32,265 @@ IMAGE_SETTINGS = (
     "seed",
     "mixed_precision",
 )
+SDXL = "StableDiffusionXLPipeline"  # micro-conditioning, a force_upcast VAE, latents_mean/std in decoding
+# The pipeline classes we run (model_index.json's "_class_name") and what each loads without: the safety checker (its
+# black images would poison the training data), the watermark (make_images decodes the latents itself).
+PIPELINE_ARGS = {
+    "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    SDXL: {"add_watermarker": False},
+}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
+BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument(
-        "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
-        "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
-        "StableDiffusionXLPipeline",
-    )
-    add_base_weights_flags(p)
-    p.add_argument(
-        "--unet",
-        default="base",
-        help="the opponent UNet: a train_spin.py folder (holding unet/), a bare "
-        "UNet folder, a hub id (UCLA-AGI/SPIN-Diffusion-iter1) or 'base'",
-    )
-    p.add_argument("--dataset", help="prompts: unique captions of a dataset (hub id or local), Pick-a-Pic ties dropped")
-    p.add_argument("--split", default="train")
-    p.add_argument("--caption_column", default="caption")
-    p.add_argument("--prompts_file", help="prompts: one per line (instead of --dataset)")
-    p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
-    p.add_argument(
-        "--max_train_samples",
-        type=int,
-        help="read only the first N usable rows of --dataset (after "
-        "dropping ties), as train_spin.py does: pass both scripts the same value",
-    )
+    p.add_argument("--unet", default="base", help="the opponent: train_spin.py folder, UNet folder, hub id or base")
+    p.add_argument("--max_train_samples", type=int, help="read the first N usable rows of --dataset, as train_spin.py")
+    p.add_argument("--per_row", action="store_true", help="a prompt per usable row of --dataset (Algorithm 1)")
+    return parse_image_args(p, argv, split="train", images_per_prompt=1)
+
+
+def parse_image_args(p, argv, split, images_per_prompt):
+    """Adds the flags generate.py and sample.py share (docs/generate_and_sample.md), parses and checks them."""
+    sd15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    p.add_argument("--pretrained_model_name_or_path", default=sd15, help="base pipeline: SD-1.x, SD-2.x or SDXL")
+    p.add_argument("--revision", help="git revision of the base's hub repo (its parts and the 'base' UNet)")
+    p.add_argument("--variant", help="weights variant of the base's parts and the 'base' UNet, e.g. fp16")
+    p.add_argument("--dataset", help="prompts: the unique captions of a dataset (hub id or local); ties dropped")
+    p.add_argument("--split", default=split, help="split of --dataset")
+    p.add_argument("--caption_column", default="caption", help="caption column of --dataset")
+    p.add_argument("--prompts_file", help="prompts: one per line")
+    p.add_argument("--max_prompts", type=int, help="use only the first N prompts")
     p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
-    p.add_argument(
-        "--per_row",
-        action="store_true",
-        help="one prompt per usable training row (duplicate captions "
-        "kept), as the paper's Algorithm 1 draws one synthetic image per row; train_spin.py pairs row i "
-        "with its own image. Default: one prompt per unique caption (cheaper: rows / unique captions "
-        "times fewer images), each caption's rows sharing its images",
-    )
-    p.add_argument("--num_images_per_prompt", type=int, default=1)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument(
-        "--resolution",
-        type=int,
-        help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL)",
-    )
+    p.add_argument("--num_images_per_prompt", type=int, default=images_per_prompt, help="images per prompt")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA, no on CPU")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0, help="default 0: image i of prompt p uses image_seed(seed, p, i)")
+    p.add_argument("--mixed_precision", choices=sorted(DTYPES), help="default: fp16 on CUDA, no on CPU")
+    p.add_argument("--output_dir", required=True, help="the image folder (rerun the command to resume)")
     args = p.parse_args(argv)
-    for name in (
-        "num_images_per_prompt",
-        "num_inference_steps",
-        "batch_size",
-        "max_prompts",
-        "max_train_samples",
-        "resolution",
-    ):
+    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "resolution"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     return args
 
 
-def add_base_weights_flags(p):
-    """--revision and --variant, diffusers' flags: which weights of --pretrained_model_name_or_path load (sample.py
-    takes them too)."""
-    p.add_argument(
-        "--revision",
-        help="git revision (branch, tag or commit) of the base pipeline's hub repo to load its parts from, and its "
-        "UNet with --unet base (a --unet of another model is its own; a local folder ignores it)",
-    )
-    p.add_argument(
-        "--variant",
-        help="weights variant of the base pipeline's parts, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors), "
-        "and of its UNet with --unet base (a --unet of another model is its own)",
-    )
-
-
-# ---- the stage: prompts, seeds, the pipeline, images (also run by sample.py, which imports them) ----
-# Pipeline classes (model_index.json's "_class_name") that generate.py and sample.py run: the arguments each is loaded
-# with, whether it decodes with its VAE upcast to float32 when the VAE is float16 and its config says force_upcast
-# (diffusers' SDXL pipeline does; its StableDiffusionPipeline does not), whether it takes SDXL's micro-conditioning,
-# whether its decoding applies the VAE config's latents_mean/latents_std where there are some, and the UNet
-# addition embedding it drives (SDXL's UNet takes pooled text + size/crop ids: "text_time"). SD-1.x and SD-2.x
-# (768-v: v-prediction is the scheduler's business) are StableDiffusionPipeline.
-PIPELINES = {
-    "StableDiffusionPipeline": {
-        "load": {"safety_checker": None, "requires_safety_checker": False},
-        "upcast_vae": False,
-        "micro_conditioning": False,
-        "latents_mean_std": False,
-        "unet_addition_embed_type": None,
-    },
-    "StableDiffusionXLPipeline": {
-        "load": {"add_watermarker": False},  # we decode ourselves: no watermark either way
-        "upcast_vae": True,
-        "micro_conditioning": True,
-        "latents_mean_std": True,
-        "unet_addition_embed_type": "text_time",
-    },
-}
-BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
-
-
-def shard(num_prompts, rank, world_size):
-    """Prompt i belongs to process i % world_size: balanced, and independent of what is already done."""
-    return range(rank, num_prompts, world_size)
-
-
-def plan(prompt_indices, num_images_per_prompt, done):
-    """(prompt_index, image_index) still to make, in order."""
-    return [(p, i) for p in prompt_indices for i in range(num_images_per_prompt) if (p, i) not in done]
-
-
-def prompts_digest(prompts):
-    return "sha256:" + hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-
-
-def metadata_row(prompt, prompt_index, image_index, seed, with_latent):
-    key = image_key(prompt_index, image_index)
-    row = {"file_name": f"images/{key}.png"}
-    if with_latent:
-        row["latent_file"] = f"latents/{key}.safetensors"
-    row.update(prompt=prompt, prompt_index=prompt_index, image_index=image_index, seed=seed)
-    return row
-
-
-def resolve_precision(name, device):
-    """--mixed_precision: default fp16 on CUDA (the usual SD-1.5 inference precision), float32 elsewhere."""
-    name = name or ("fp16" if torch.device(device).type == "cuda" else "no")
-    return name, {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def micro_conditioning(pipe, resolution):
-    """SDXL's size/crop conditioning for an image generated at `resolution`: original size = target size = the
-    image's own, crop (0, 0), as diffusers' defaults are, but passed explicitly and recorded in the settings (the
-    training side conditions synthetic images on the size they were generated at). {} for other pipelines."""
-    if not PIPELINES[type(pipe).__name__]["micro_conditioning"]:
-        return {}
-    return {
-        "original_size": (resolution, resolution),
-        "crops_coords_top_left": (0, 0),
-        "target_size": (resolution, resolution),
-    }
-
-
-def model_record(pipe):
-    """What run_config.json's "model" says about the pipeline besides the UNet: its class and its VAE's dtype."""
-    return {"pipeline_class": type(pipe).__name__, "vae_dtype": str(pipe.vae.dtype).replace("torch.", "")}
-
-
-def folder_settings(args, pipe, prompts, fingerprint):
-    """Everything that determines the images of a folder (compared by check_folder on every rerun)."""
-    pretrained = args.pretrained_model_name_or_path
-    if Path(pretrained).expanduser().exists():
-        pretrained = str(Path(pretrained).expanduser().resolve())
-    settings = {
-        "pretrained_model_name_or_path": pretrained,
-        "unet_fingerprint": fingerprint,
-        "prompts_sha256": prompts_digest(prompts),
-        "num_prompts": len(prompts),
-    }
-    settings.update({k: getattr(args, k) for k in IMAGE_SETTINGS})
-    settings["scheduler"] = type(pipe.scheduler).__name__
-    # the base's text encoder and VAE weights; recorded only when given, so folders made without them keep resuming
-    settings.update({k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)})
-    extra = micro_conditioning(pipe, args.resolution)
-    if extra:  # only where the pipeline takes it, so folders of SD-1.x/2.x keep their settings (and resume)
-        settings["micro_conditioning"] = {k: list(v) for k, v in extra.items()}
-    return settings
-
-
-def load_prompts(
-    prompts=None,
-    prompts_file=None,
-    dataset=None,
-    split="train",
-    caption_column="caption",
-    max_prompts=None,
-    max_train_samples=None,
-    streaming=False,
-    per_row=False,
-):
-    """The prompt list from exactly one source, duplicates dropped (first seen wins). Its order defines
-    prompt_index, so the same source always gives the same indices. `per_row`: the caption of every usable row
-    of `dataset` (ties dropped, duplicates kept), so prompt_index is the training row (train_spin.py pairs by it)."""
-    given = [name for name, v in (("--prompt", prompts), ("--prompts_file", prompts_file), ("--dataset", dataset)) if v]
+def load_prompts(args):
+    """The prompts of exactly one source, in prompt_index order, duplicates dropped (first seen wins); --per_row:
+    every usable row's caption, duplicates kept, so prompt_index is the training row (train_spin.py pairs by it)."""
+    per_row, max_rows = getattr(args, "per_row", False), getattr(args, "max_train_samples", None)
+    given = [f"--{k}" for k in ("prompt", "prompts_file", "dataset") if getattr(args, k, None)]
     if len(given) != 1:
-        raise UserError(
-            f"give the prompts with exactly one of --dataset, --prompts_file"
-            f"{' or --prompt' if prompts is not None else ''} (got {' and '.join(given) or 'none'})"
-        )
-    if per_row and not dataset:
+        sources = "--dataset or --prompts_file" + (" or --prompt" if hasattr(args, "prompt") else "")
+        raise UserError(f"give the prompts with exactly one of {sources} (got {' and '.join(given) or 'none'})")
+    if per_row and not args.dataset:
         raise UserError("--per_row needs --dataset (one image per training row of that dataset)")
-    if dataset and per_row:
-        rows = iter_examples(open_dataset(dataset, split, streaming), caption_column, with_images=False)
-        limit = min(filter(None, (max_train_samples, max_prompts)), default=None)
-        out = [ex["caption"] for ex in itertools.islice(rows, limit)]
-    elif dataset:
-        # Pick-a-Pic ties are dropped here exactly as in training, so every prompt has a training row.
-        out = unique_prompts(
-            open_dataset(dataset, split, streaming), caption_column, max_prompts, max_rows=max_train_samples
-        )
+    if args.dataset:
+        ds = open_dataset(args.dataset, args.split, args.streaming)
+        if per_row:
+            rows = itertools.islice(iter_examples(ds, args.caption_column, with_images=False), max_rows)
+            found = [ex["caption"] for ex in itertools.islice(rows, args.max_prompts)]
+        else:
+            found = unique_prompts(ds, args.caption_column, args.max_prompts, max_rows)
     else:
-        if prompts_file:
+        lines = getattr(args, "prompt", None)
+        if args.prompts_file:
             try:
-                prompts = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+                lines = Path(args.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"--prompts_file {prompts_file}: cannot read it ({type(e).__name__})") from None
-        out = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))[: max_prompts or None]
-    if not out:
-        raise UserError(f"no prompts in {given[0]} {dataset or prompts_file or ''}".rstrip())
-    return out
+                raise UserError(f"--prompts_file {args.prompts_file}: cannot read it ({type(e).__name__})") from None
+        found = list(dict.fromkeys(line.strip() for line in lines if line.strip()))[: args.max_prompts]
+    if not found:
+        raise UserError(f"no prompts in {given[0]} {args.dataset or args.prompts_file or ''}".rstrip())
+    return found
 
 
-def pipeline_class_name(pretrained, revision=None):
-    """The pipeline class a model folder or hub id names (its model_index.json's "_class_name", read through
-    diffusers' own loading path, so a hub id is downloaded/cached as from_pretrained does it); one that we do not run
-    is refused."""
-    from diffusers import DiffusionPipeline  # diffusers takes seconds to import: only once a model is named
+def pipeline_class_name(args):
+    """The pipeline class the base's model_index.json names (read as from_pretrained reads it); others are refused."""
+    from diffusers import DiffusionPipeline  # seconds to import: only once a model is named
 
+    base = args.pretrained_model_name_or_path
+    check_model_path(base)
     try:
-        name = DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
+        name = DiffusionPipeline.load_config(base, revision=args.revision).get("_class_name")
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not read the model_index.json of --pretrained_model_name_or_path {pretrained}: "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    if name not in PIPELINES:
-        raise UserError(
-            f"--pretrained_model_name_or_path {pretrained} is a {name} (model_index.json), which is not "
-            f"supported; supported: {', '.join(PIPELINES)} (SD-1.x, SD-2.x, SDXL)"
-        )
+        raise UserError(f"could not read the model_index.json of {base}: {str(e).splitlines()[0]}") from None
+    if name not in PIPELINE_ARGS:
+        raise UserError(f"{base} is a {name}, which is not supported; supported: {', '.join(PIPELINE_ARGS)}")
     return name
 
 
-def check_unet_fits(unet, class_name, where="--unet"):
-    """A UNet of another model family (an SD-1.5 UNet with an SDXL base, or the reverse) is refused in one line, before
-    any image is made."""
-    want, got = PIPELINES[class_name]["unet_addition_embed_type"], unet.config.get("addition_embed_type")
-    if got != want:
-        raise UserError(
-            f"{where}: the UNet (addition_embed_type {got!r}) does not fit the base's {class_name} "
-            f"(which needs {want!r}): pass a UNet of the base's model family"
-        )
-
-
-def cast_unet(unet, dtype, device=None):
-    """Cast the UNet (after its fingerprint was taken): from_pretrained(dtype=) leaves a passed-in UNet as it is.
-    ModelMixin.to warns about fp32-only modules even when a model has none (UNet2DConditionModel): then the
-    plain torch cast does the same thing quietly."""
-    if getattr(unet, "_keep_in_fp32_modules", None):
-        return unet.to(device=device, dtype=dtype)
-    return torch.nn.Module.to(unet, device=device, dtype=dtype)
-
-
-def load_pipeline(
-    pretrained, unet, scheduler, dtype, device, class_name=None, unet_where="--unet", revision=None, variant=None
-):
-    """The pipeline class that `pretrained` names (see PIPELINES) around `unet`, with everything that class loads
-    (SDXL: both text encoders and tokenizers), safety checker off (its black images would poison the synthetic data
-    and bias comparisons), inner progress bar off, SDPA attention (diffusers' default). Where the class decodes with an
-    fp32 VAE (SDXL's fp16 VAE overflows; its config says force_upcast), the VAE is kept in float32 here: make_images
-    decodes with it, so the pipeline itself never needs to. `revision`/`variant`: which weights of `pretrained` load."""
+def load_pipeline(args, unet, unet_where, device, pipe=None):
+    """The base's pipeline around `unet` in --mixed_precision, or `pipe` with `unet` swapped in (sample.py's next
+    model); --resolution defaults to the model's own. SDXL's fp16 VAE with force_upcast stays float32, as diffusers'
+    SDXL pipeline decodes (make_images decodes with it)."""
     import diffusers  # diffusers and transformers take seconds to import: only once a pipeline is loaded
     import transformers
 
-    class_name = class_name or pipeline_class_name(pretrained, revision)
-    check_unet_fits(unet, class_name, unet_where)
+    class_name = type(pipe).__name__ if pipe is not None else pipeline_class_name(args)
+    want, got = "text_time" if class_name == SDXL else None, unet.config.get("addition_embed_type")
+    if got != want:  # SDXL's UNet takes pooled text and size ids
+        raise UserError(f"{unet_where}: the UNet ({got!r}) does not fit the base's {class_name} (which needs {want!r})")
+    # diffusers' ModelMixin.to warns of fp32-only modules, which UNet2DConditionModel has none of: torch's own cast
+    unet = torch.nn.Module.to(unet, dtype=DTYPES[args.mixed_precision])
+    if pipe is not None:
+        pipe.unet = unet.to(pipe.device)
+        return pipe
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    base, variant = args.pretrained_model_name_or_path, args.variant
+    load = dict(revision=args.revision, variant=variant, **PIPELINE_ARGS[class_name])
     try:
-        pipe = getattr(diffusers, class_name).from_pretrained(
-            pretrained,
-            unet=cast_unet(unet, dtype),
-            dtype=dtype,
-            revision=revision,
-            variant=variant,
-            **PIPELINES[class_name]["load"],
-        )
+        pipe = getattr(diffusers, class_name).from_pretrained(base, unet=unet, dtype=unet.dtype, **load)
     except (OSError, ValueError) as e:
-        msg = variant_hint(e, variant)
-        raise UserError(f"could not load the pipeline {pretrained!r}: {msg}") from None
+        raise UserError(f"could not load the pipeline {base!r}: {variant_hint(e, variant)}") from None
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:
-            check_tokenizer(getattr(pipe, name), f"the pipeline {pretrained!r}", name)
-    if scheduler:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    if PIPELINES[class_name]["upcast_vae"] and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            check_tokenizer(getattr(pipe, name), f"the pipeline {base!r}", name)
+    if args.scheduler:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    if class_name == SDXL and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.resolution % pipe.vae_scale_factor:
+        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
     return pipe.to(device)
 
 
-@torch.inference_mode()
-def make_images(pipe, prompts, jobs, args, writer, with_latents, progress=None):
-    """Run the pipeline over `jobs` [(prompt_index, image_index)] in batches and hand results to `writer`.
-    Returns counts; non-finite results are not written, all-black ones are written and listed."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    shape = (
-        pipe.unet.config.in_channels,
-        args.resolution // pipe.vae_scale_factor,
-        args.resolution // pipe.vae_scale_factor,
+def micro_conditioning(pipe, resolution):
+    """SDXL's size/crop conditioning, passed explicitly and recorded: original = target size = the image's own, crop
+    (0, 0), as train_spin.py conditions the opponent's images. {} for other pipelines."""
+    if type(pipe).__name__ != SDXL:
+        return {}
+    return {"original_size": (resolution,) * 2, "crops_coords_top_left": (0, 0), "target_size": (resolution,) * 2}
+
+
+def folder_config(stage, args, pipe, prompts, unet_arg, fingerprint, **model):
+    """run_config.json of an image folder: its model, and the settings that decide its images (check_folder)."""
+    base = Path(args.pretrained_model_name_or_path).expanduser()
+    settings = {k: getattr(args, k) for k in IMAGE_SETTINGS}
+    settings.update(
+        pretrained_model_name_or_path=str(base.resolve()) if base.exists() else args.pretrained_model_name_or_path,
+        unet_fingerprint=fingerprint,
+        prompts_sha256="sha256:" + hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        num_prompts=len(prompts),
+        scheduler=type(pipe.scheduler).__name__,
     )
-    stats = {"written": 0, "nonfinite": [], "black": []}
-    extra = micro_conditioning(pipe, args.resolution)
-    for start in range(0, len(jobs), args.batch_size):
+    # recorded only where given (revision, variant) or taken (SDXL), so older folders keep their settings and resume
+    settings.update({k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)})
+    if conditioning := micro_conditioning(pipe, args.resolution):
+        settings["micro_conditioning"] = {k: list(v) for k, v in conditioning.items()}
+    model.update(pretrained_model_name_or_path=args.pretrained_model_name_or_path, unet=unet_arg)
+    model.update(unet_fingerprint=fingerprint, pipeline_class=type(pipe).__name__)
+    model["vae_dtype"] = str(pipe.vae.dtype).removeprefix("torch.")
+    return run_config(stage, args, model=model, settings=settings)
+
+
+@torch.inference_mode()
+def make_images(pipe, prompts, jobs, args, writer, desc=None):
+    """Make the images `jobs` [(prompt_index, image_index)] name, in batches, each from its own seed's noise, and hand
+    them to `writer`. Returns the counts: non-finite results are not written, all-black ones are listed."""
+    from tqdm.auto import tqdm  # a dependency of diffusers
+
+    side, conditioning = args.resolution // pipe.vae_scale_factor, micro_conditioning(pipe, args.resolution)
+    shape, stats = (pipe.unet.config.in_channels, side, side), {"written": 0, "nonfinite": [], "black": []}
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc=desc, unit="batch", disable=desc is None):
         batch = jobs[start : start + args.batch_size]
-        seeds = [image_seed(args.seed, p, i) for p, i in batch]
-        noise, gens = initial_noise(seeds, shape)
+        noise, generators = initial_noise([image_seed(args.seed, *job) for job in batch], shape)
         latents = pipe(
             prompt=[prompts[p] for p, _ in batch],
-            latents=noise.to(device, dtype),
-            generator=gens,
+            latents=noise.to(pipe.unet.device, pipe.unet.dtype),
+            generator=generators,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             height=args.resolution,
             width=args.resolution,
             output_type="latent",
-            **extra,
+            **conditioning,
         ).images
-        # Decode ourselves: one pipeline call gives both the final latent and the image.
-        x = decode_latents(pipe.vae, latents, PIPELINES[type(pipe).__name__]["latents_mean_std"])
-        finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)).tolist()
-        pixels = to_pixels(x)
-        latents = latents.float().cpu()
-        keep = []
-        for j, (p, i) in enumerate(batch):
-            if not finite[j]:
-                stats["nonfinite"].append(image_key(p, i))
-                continue
-            if pixels[j].max() <= BLACK_MAX_PIXEL:
-                stats["black"].append(image_key(p, i))
-            keep.append(j)
-        if keep:
-            rows = [metadata_row(prompts[batch[j][0]], *batch[j], seeds[j], with_latents) for j in keep]
-            writer.submit(rows, pixels[keep].numpy(), latents[keep] if with_latents else None)
-            stats["written"] += len(keep)
-        if progress is not None:
-            progress.update(len(batch))
+        images = decode_latents(pipe.vae, latents, bool(conditioning))  # here: one call gives latent and image
+        finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(images).flatten(1).all(1)).tolist()
+        pixels, keys = to_pixels(images).numpy(), [image_key(*job) for job in batch]
+        keep = [j for j in range(len(batch)) if finite[j]]
+        stats["nonfinite"] += [keys[j] for j in range(len(batch)) if not finite[j]]
+        stats["black"] += [keys[j] for j in keep if pixels[j].max() <= BLACK_MAX_PIXEL]
+        stats["written"] += len(keep)
+        writer.submit([keys[j] for j in keep], pixels[keep], latents[keep].float().cpu())
     return stats
 
 
-class FolderRun(NamedTuple):
-    """What fill_folder did in this process."""
+class FolderWriter:
+    """Writes images and latents in background threads (PNG encoding is slow), so the pipeline never waits on it."""
 
-    stats: dict  # make_images' counts: written, and the keys of non-finite and all-black results
-    skipped_done: int  # images the folder held already, from an earlier run
-    seconds: float  # time spent making images
+    def __init__(self, folder, with_latents, threads=4):
+        self.folder, self.with_latents = Path(folder), with_latents
+        self.pool, self.pending, self.max_pending = ThreadPoolExecutor(threads), [], 2 * threads
 
+    def submit(self, keys, pixels, latents):
+        """keys: image keys; pixels: uint8 [B, H, W, 3] numpy; latents: float32 [B, C, h, w] on the CPU."""
+        while len(self.pending) >= self.max_pending:  # bounds memory, and raises a writer's error (disk full) here
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self.write, keys, pixels, latents))
 
-def fill_folder(folder, config, pipe, prompts, args, state, with_latents, desc):
-    """Make the images `folder` still lacks, in every process: refuse a folder made by another model or with other
-    settings (check_folder), prepare it (main process), then this process's prompts (shard), every image from its own
-    seed, finished ones skipped, each batch written by a FolderWriter into this process's metadata part. The caller
-    merges the parts (merge_metadata) once every process is done. generate.py and sample.py fill folders with it."""
-    from tqdm.auto import tqdm  # a dependency of diffusers, imported only once there is work to show
+    def write(self, keys, pixels, latents):
+        for key, image, latent in zip(keys, pixels, latents):
+            if self.with_latents:
+                tensors = {"latent": latent.clone()}
+                save_atomic(self.folder / "latents" / f"{key}.safetensors", lambda tmp: save_file(tensors, tmp))
+            save_atomic(self.folder / "images" / f"{key}.png", lambda tmp: Image.fromarray(image).save(tmp, "PNG"))
 
-    check_folder(folder, config)  # every process checks, so a refusal never leaves the others waiting
-    if state.is_main_process:
-        prepare_folder(folder, config, with_latents=with_latents)
-    state.wait_for_everyone()
-
-    done = {(r["prompt_index"], r["image_index"]) for r in read_jsonl(folder / "metadata.jsonl")}
-    jobs = plan(shard(len(prompts), state.process_index, state.num_processes), args.num_images_per_prompt, done)
-    writer = FolderWriter(folder, state.process_index)
-    progress = tqdm(total=len(jobs), unit="img", desc=desc, disable=not state.is_main_process)
-    t0 = time.time()
-    try:
-        stats = make_images(pipe, prompts, jobs, args, writer, with_latents=with_latents, progress=progress)
-    finally:
-        writer.close()  # what finished is kept, even on Ctrl-C
-        progress.close()
-    return FolderRun(stats, len(done), time.time() - t0)
+    def close(self):
+        """Waits for every file, raising a writer's error."""
+        self.pool.shutdown()
+        for write in self.pending:
+            write.result()
 
 
-def folder_stats(old, all_stats, run, expected, present, processes):
-    """stats.json after a run: this run's counts over every process (`all_stats`: their make_images counts), and the
-    all-black keys of every run so far (`old`: the stats.json before this run, {} when there was none)."""
-    written = sum(s["written"] for s in all_stats)
-    nonfinite = sorted(k for s in all_stats for k in s["nonfinite"])
-    black = sorted(set(old.get("black_keys", [])) | {k for s in all_stats for k in s["black"]})
-    return {
-        "images_expected": expected,
-        "images_present": present,
-        "last_run": {
-            "written": written,
-            "skipped_done": run.skipped_done,
-            "seconds": round(run.seconds, 2),
-            "images_per_s": round(written / max(run.seconds, 1e-9), 3),
-            "processes": processes,
-            "nonfinite_keys": nonfinite,
-        },
-        "black_keys": black,
-    }
+def save_atomic(path, save):
+    """save(tmp_path), then rename: a killed run leaves a .tmp file (removed by the next run), never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp)
+    os.replace(tmp, path)
 
 
-def finish_folder(out, all_stats, run, expected, processes):
-    """Main process, once every process is done: merge the metadata parts, write stats.json, say what happened."""
-    rows = merge_metadata(out)
-    old = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
-    stats = folder_stats(old, all_stats, run, expected, len(rows), processes)
-    write_json_atomic(out / "stats.json", stats)
-    written, nonfinite, black = stats["last_run"]["written"], stats["last_run"]["nonfinite_keys"], stats["black_keys"]
-    if nonfinite:
-        print(
-            f"warning: {len(nonfinite)} result(s) had NaN/inf values and were not written (e.g. {nonfinite[0]}); "
-            "try --mixed_precision no or bf16 for them",
-            file=sys.stderr,
-        )
-    if black:
-        print(
-            f"warning: {len(black)} all-black image(s) (listed in stats.json black_keys): check them before "
-            "training on them",
-            file=sys.stderr,
-        )
-    print(
-        f"generate: wrote {written} image(s) in {run.seconds:.1f}s "
-        f"({written / max(run.seconds, 1e-9):.2f} images/s), "
-        f"{run.skipped_done} already there, {len(nonfinite)} non-finite, {len(black)} all-black; "
-        f"{len(rows)}/{expected} images in {out / 'metadata.jsonl'}"
-    )
+def plan(num_prompts, images_per_prompt, rank=0, world_size=1, done=frozenset()):
+    """This process's (prompt_index, image_index) not `done`: image n of the run is process n % world_size's, so the
+    shares never overlap, whatever is done."""
+    jobs = itertools.product(range(num_prompts), range(images_per_prompt))
+    # accelerate's split_between_processes shares the same way in blocks, but needs the process state: this is pure
+    return [job for job in itertools.islice(jobs, rank, None, world_size) if job not in done]
 
 
-def main():
-    args = parse_args()
-    from accelerate import PartialState  # accelerate takes seconds to import: not for --help or sample.py's import
-
-    state = start_processes(PartialState)
-    check_model_path(args.pretrained_model_name_or_path)
-    # an unsupported model fails before any work
-    class_name = pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
-    prompts = on_main_process(
-        state,
-        lambda: load_prompts(
-            None,
-            args.prompts_file,
-            args.dataset,
-            args.split,
-            args.caption_column,
-            args.max_prompts,
-            args.max_train_samples,
-            args.streaming,
-            per_row=args.per_row,
-        ),
-    )
-
-    # The fingerprint is taken on the float32 weights, before any cast: train_spin.py compares it with the
-    # UNet it trains, so the opponent that made these images is known exactly.
-    unet = load_unet(args.unet, args.pretrained_model_name_or_path, args.revision, args.variant)
-    fingerprint = unet_fingerprint(unet)
-    args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path,
-        unet,
-        args.scheduler,
-        dtype,
-        state.device,
-        class_name,
-        f"--unet {args.unet}",
-        args.revision,
-        args.variant,
-    )
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    args.resolution = args.resolution or native
-    if args.resolution % pipe.vae_scale_factor:
-        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
-
-    out = Path(args.output_dir)
-    model = {
-        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-        "unet": args.unet or "base",
-        "unet_fingerprint": fingerprint,
-        **model_record(pipe),
-    }
-    config = run_config("generate", args, model=model, settings=folder_settings(args, pipe, prompts, fingerprint))
-    run = fill_folder(out, config, pipe, prompts, args, state, with_latents=True, desc="generate")
-
-    all_stats = [run.stats]
-    if state.num_processes > 1:  # accelerate's collectives only where several processes run
-        from accelerate.utils import gather_object
-
-        all_stats = gather_object([run.stats])
-    end_processes(state)
-    if state.is_main_process:
-        finish_folder(out, all_stats, run, len(prompts) * args.num_images_per_prompt, state.num_processes)
-
-
-# ---- plumbing: resumable image folders, several processes ----
-WRITER_THREADS = 4  # PNG encoding + disk writes run here, so the accelerator never waits for the disk
-
-
-def read_folder_rows(folder):
-    """Finished images of a folder: metadata.jsonl plus leftover per-process parts, deduplicated by
-    (prompt_index, image_index), keeping only rows whose files exist, sorted."""
-    folder = Path(folder)
-    rows = {}
-    for path in [folder / "metadata.jsonl"] + sorted(folder.glob("metadata.rank*.jsonl")):
-        if path.is_file():
-            for r in read_jsonl(path):
-                rows[(r["prompt_index"], r["image_index"])] = r
-    files = ("file_name", "latent_file")
-    return [r for _, r in sorted(rows.items()) if all((folder / r[f]).is_file() for f in files if f in r)]
-
-
-def merge_metadata(folder):
-    """Fold the per-process parts into one sorted metadata.jsonl (atomically), then drop the parts.
-    Idempotent: a run killed in between merges the same rows again next time."""
-    folder = Path(folder)
-    rows = read_folder_rows(folder)
-    tmp = folder / "metadata.jsonl.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / "metadata.jsonl")
-    for part in folder.glob("metadata.rank*.jsonl"):
-        part.unlink()
+def metadata_rows(folder, prompts, args, with_latents):
+    """metadata.jsonl's rows, in order: one per image whose files are all there (each is written whole or not)."""
+    present, rows = {f"{f.parent.name}/{f.name}" for f in folder.glob("*/*")}, []  # a listing, not a stat per file
+    for p, i in plan(len(prompts), args.num_images_per_prompt):
+        files = {"file_name": f"images/{image_key(p, i)}.png"}
+        if with_latents:
+            files["latent_file"] = f"latents/{image_key(p, i)}.safetensors"
+        if all(f in present for f in files.values()):
+            seed = image_seed(args.seed, p, i)
+            rows.append({**files, "prompt": prompts[p], "prompt_index": p, "image_index": i, "seed": seed})
     return rows
 
 
 def check_folder(folder, config):
-    """Refuse a folder that holds images made by another model or with other settings (never mix them)."""
-    folder = Path(folder)
-    cfg = folder / "run_config.json"
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output_dir {folder} is a file, not a folder")
-    if not cfg.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
-            raise UserError(f"--output_dir {folder} is not empty and has no run_config.json: use a new folder")
+    """Refuse a folder that holds images made by another stage or model or with other settings: never mix them."""
+    if not (folder / "run_config.json").is_file():
+        if folder.exists() and (folder.is_file() or any(folder.iterdir())):
+            raise UserError(f"--output_dir {folder} is not an empty folder and has no run_config.json: use a new one")
         return
     try:
-        old = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{cfg} is unreadable: use a new --output_dir") from None
-    if old.get("stage") != config["stage"]:
-        raise UserError(
-            f"--output_dir {folder} holds a {old.get('stage')!r} run, not {config['stage']!r}: use a new folder"
-        )
-    was, now = old.get("settings", {}), config["settings"]
-    # a setting recorded there and unset now differs too (--variant given there only)
+        old = json.loads((folder / "run_config.json").read_text())
+    except ValueError:
+        raise UserError(f"{folder / 'run_config.json'} is unreadable: use a new --output_dir") from None
+    was = {"stage": old.get("stage"), **old.get("settings", {})}  # another stage's folder differs in "stage"
+    now = {"stage": config["stage"], **config["settings"]}
     diff = [f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in {**was, **now} if was.get(k) != now.get(k)]
     if diff:
         raise UserError(
@@ -600,104 +299,112 @@ def check_folder(folder, config):
         )
 
 
-def prepare_folder(folder, config, with_latents):
-    """Main process only, after check_folder: create the folder, record the config once (it describes how the
-    images were made), delete temp files of a killed run and merge its metadata parts."""
-    folder = Path(folder)
-    for sub in ("images", "latents") if with_latents else ("images",):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    if not (folder / "run_config.json").is_file():
-        write_json_atomic(folder / "run_config.json", config)
-    for tmp in [*folder.glob("*.tmp"), *folder.glob("images/*.tmp"), *folder.glob("latents/*.tmp")]:
-        tmp.unlink()
-    return merge_metadata(folder)
+def fill_folder(folder, config, pipe, prompts, args, state, with_latents, desc):
+    """Make the images `folder` lacks, each process its share; then the main process writes metadata.jsonl and gets
+    the run's counts (stats.json's), the others None. Every process checks the folder: a refusal leaves none waiting."""
+    from accelerate.utils import gather_object
+
+    check_folder(folder, config)
+    if state.is_main_process:
+        for sub in ("images", "latents") if with_latents else ("images",):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        if not (folder / "run_config.json").is_file():  # written once: it says how the images were made
+            write_json_atomic(folder / "run_config.json", config)
+        for tmp in folder.glob("**/*.tmp"):  # a killed run's
+            tmp.unlink()
+    state.wait_for_everyone()
+    done = {(r["prompt_index"], r["image_index"]) for r in metadata_rows(folder, prompts, args, with_latents)}
+    jobs = plan(len(prompts), args.num_images_per_prompt, state.process_index, state.num_processes, done)
+    writer, start = FolderWriter(folder, with_latents), time.time()
+    try:
+        stats = make_images(pipe, prompts, jobs, args, writer, desc if state.is_main_process else None)
+    finally:
+        writer.close()  # what finished is kept, even on Ctrl-C
+    stats = gather_object([stats])  # every process's, once every file is written
+    if not state.is_main_process:
+        return None
+    rows = metadata_rows(folder, prompts, args, with_latents)
+    save_atomic(folder / "metadata.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    return {
+        "images_expected": len(prompts) * args.num_images_per_prompt,
+        "images_present": len(rows),
+        "written": sum(s["written"] for s in stats),
+        "skipped_done": len(done),
+        "seconds": round(time.time() - start, 2),
+        "nonfinite_keys": sorted(key for s in stats for key in s["nonfinite"]),
+        "black_keys": sorted(key for s in stats for key in s["black"]),
+    }
 
 
-def save_atomic(path, save):
-    """save(tmp_path), then rename: a killed run leaves a .tmp file (cleaned up next run), never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    os.replace(tmp, path)
+def report(label, folder, run):
+    """The run's one-line summary, and a warning for each kind of bad result."""
+    written, seconds = run["written"], run["seconds"]
+    print(
+        f"{label}: wrote {written} image(s) in {seconds:.1f}s ({written / max(seconds, 1e-9):.2f} images/s), "
+        f"{run['skipped_done']} already there; {run['images_present']}/{run['images_expected']} images in {folder}"
+    )
+    for name, what in (("nonfinite_keys", "NaN/inf result(s) not written"), ("black_keys", "all-black image(s)")):
+        if run[name]:
+            print(f"warning: {label}: {len(run[name])} {what}, e.g. {run[name][0]}", file=sys.stderr)
 
 
-class FolderWriter:
-    """Writes finished batches in background threads (PNG encoding is slow), then appends their metadata lines
-    to this process's part file, flushed and fsynced: a line is only written once its files exist."""
-
-    def __init__(self, folder, rank, threads=WRITER_THREADS):
-        self.folder, self.threads = Path(folder), threads
-        self.pool, self.pending, self.lock = ThreadPoolExecutor(threads), deque(), threading.Lock()
-        self.part = open(self.folder / f"metadata.rank{rank}.jsonl", "a")
-        self.images_written = 0
-        # Test hook: die like `kill -9` after this many image files, before their metadata line is written.
-        self.kill_after = int(os.environ.get("SPIN_TEST_KILL_AFTER_IMAGES", "0"))
-
-    def submit(self, rows, images, latents=None):
-        """rows: metadata rows; images: uint8 [B, H, W, 3] numpy; latents: float32 [B, C, h, w] CPU or None."""
-        while len(self.pending) >= 2 * self.threads:  # bound memory; also surfaces a worker's error (disk full)
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write, rows, images, latents))
-
-    def _write(self, rows, images, latents):
-        for j, row in enumerate(rows):
-            save_atomic(self.folder / row["file_name"], lambda p: Image.fromarray(images[j]).save(p, format="PNG"))
-            if latents is not None:
-                save_atomic(
-                    self.folder / row["latent_file"],
-                    lambda p: save_file({"latent": latents[j].clone().contiguous()}, str(p)),
-                )
-            with self.lock:
-                self.images_written += 1
-                if self.kill_after and self.images_written >= self.kill_after:
-                    os._exit(137)
-        with self.lock:
-            self.part.writelines(json.dumps(r) + "\n" for r in rows)
-            self.part.flush()
-            os.fsync(self.part.fileno())
-
-    def close(self):
-        while self.pending:
-            self.pending.popleft().result()
-        self.pool.shutdown()
-        self.part.close()
+def main():
+    args = parse_args()
+    state = start_processes(args)
+    pipeline_class_name(args)  # an unsupported model fails before any work
+    prompts = on_main_process(state, lambda: load_prompts(args))
+    unet = load_unet(args.unet, args.pretrained_model_name_or_path, args.revision, args.variant)
+    fingerprint = unet_fingerprint(unet)  # of the float32 weights: train_spin.py checks it trains this opponent
+    pipe = load_pipeline(args, unet, f"--unet {args.unet}", state.device)
+    config = folder_config("generate", args, pipe, prompts, args.unet, fingerprint)
+    out = Path(args.output_dir)
+    run = fill_folder(out, config, pipe, prompts, args, state, with_latents=True, desc="generate")
+    end_processes(state)
+    if state.is_main_process:
+        write_stats(out / "stats.json", run, state.num_processes)
+        report("generate", out, run)
 
 
-def start_processes(partial_state):
-    """This process's place among `accelerate launch` / torchrun processes (or the only one). Without CUDA,
-    several processes need accelerate's CPU mode (gloo); a launch it does not see would make every process
-    write every image, so that is refused."""
+def write_stats(path, run, processes):
+    """stats.json: the run's counts, and the all-black images of every run so far (a rerun makes only missing ones)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    black = sorted(set(old.get("black_keys", [])) | set(run["black_keys"]))
+    write_json_atomic(path, {**run, "black_keys": black, "processes": processes})
+
+
+def start_processes(args):
+    """This process's place among `accelerate launch` / torchrun processes (without CUDA in accelerate's CPU mode,
+    gloo); a launch accelerate does not see is refused. --mixed_precision defaults to fp16 on CUDA, else no."""
+    from accelerate import PartialState  # seconds to import: not for --help
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    state = partial_state(cpu=world > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=world > 1 and not torch.cuda.is_available())
     if state.num_processes != world:
         raise UserError(f"launched as {world} processes but accelerate sees {state.num_processes}")
+    args.mixed_precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "no")
     return state
 
 
 def end_processes(state):
-    """Leave the process group together: a process that exits with it still open can abort at interpreter shutdown
-    (gloo: 'terminate called without an active exception') while the others finish."""
+    """Leave the process group together: one left open can abort at interpreter exit (gloo) while others finish."""
     state.wait_for_everyone()
-    if state.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if state.num_processes > 1:
         torch.distributed.destroy_process_group()
 
 
-def on_main_process(state, fn, broadcast=None):
-    """fn() run by the main process only, its result (or its one-line error) handed to every process: reading the
-    prompts of a streamed Pick-a-Pic once, not once per GPU."""
-    box = [None]
-    if state.is_main_process:
-        try:
-            box = [("ok", fn())]
-        except UserError as e:
-            box = [("error", str(e))]
-    if state.num_processes > 1:
-        if broadcast is None:  # accelerate only where several processes run
-            from accelerate.utils import broadcast_object_list as broadcast
-        broadcast(box)
-    kind, value = box[0]
-    if kind == "error":
-        raise UserError(value)
-    return value
+def on_main_process(state, read):
+    """read() in the main process only (a streamed dataset is read once, not once per GPU); its result, or its
+    one-line error, reaches every process."""
+    from accelerate.utils import broadcast_object_list
+
+    try:
+        box = [read() if state.is_main_process else None]
+    except UserError as e:
+        box = [e]
+    broadcast_object_list(box)  # nothing to do in a single process
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
 
 
 # ---- helpers every script carries: each is the same text wherever it appears (tests/test_shared.py checks) ----
@@ -735,18 +442,6 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
-def read_jsonl(path):
-    """The rows of a jsonl file; a truncated last line (a run killed mid-write) is ignored."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
 def run_config(stage, args, **extra):
     """What made a folder, with which settings: the same shape for every stage."""
     import importlib.metadata as md
@@ -778,7 +473,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+        if "default" in text or action.default is None or action.default is False or action.required:
             return text
         return super()._get_help_string(action)
 
@@ -808,36 +503,24 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
-def is_checkpoint(unet_path):
-    """A checkpoint-N/ folder written by train_spin.py (accelerate's save_state + train_state.json)."""
-    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
-
-
-def unet_source(unet_path, base_path):
-    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
-    if unet_path in (None, "", "base"):
-        return base_path, "unet"
-    if Path(unet_path, "unet", "config.json").is_file():
-        return unet_path, "unet"
-    if Path(unet_path, "config.json").is_file():
-        return unet_path, None
-    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(
-            f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-            "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
-        )
-    return unet_path, "unet"
-
-
 def load_unet(unet_path, base_path, revision=None, variant=None):
     """A UNet in float32: None/'base' (the base pipeline's, at its --revision and --variant), a folder holding unet/, a
     bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
     from diffusers import UNet2DConditionModel
 
-    if is_checkpoint(unet_path):
+    where, sub, pin = unet_path, "unet", {}
+    if unet_path in (None, "", "base"):
+        where, pin = base_path, {"revision": revision, "variant": variant}
+    elif Path(unet_path, "train_state.json").is_file():  # accelerate's save_state + train_state.json
         return load_checkpoint_unet(Path(unet_path))
-    where, sub = unet_source(unet_path, base_path)
-    pin = {"revision": revision, "variant": variant} if unet_path in (None, "", "base") else {}
+    elif not Path(unet_path, "unet", "config.json").is_file():
+        if Path(unet_path, "config.json").is_file():
+            sub = None  # a bare UNet folder
+        elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+            raise UserError(
+                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
+            )
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
@@ -906,8 +589,7 @@ def variant_hint(error, variant):
 
 
 def check_tokenizer(tokenizer, what, subfolder):
-    """transformers builds an empty tokenizer where a pipeline folder lacks its files (no vocabulary, no length
-    limit), which would fail later inside its call: refused here in one line."""
+    """Refuse the empty tokenizer transformers builds where a pipeline folder lacks its files (it fails in its call)."""
     if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
         raise UserError(
             f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
@@ -931,10 +613,8 @@ def open_dataset(name, split, streaming=False):
     files = [p] if p.is_file() else split_files(p, split) if p.is_dir() else []
     try:
         if files:
-            data_files = {split: [str(f) for f in files]}
-            return datasets.load_dataset(
-                kinds[files[0].suffix], data_files=data_files, split=split, streaming=streaming
-            )
+            kind, data_files = kinds[files[0].suffix], {split: [str(f) for f in files]}
+            return datasets.load_dataset(kind, data_files=data_files, split=split, streaming=streaming)
         return datasets.load_dataset(str(p) if local else name, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -957,10 +637,8 @@ def unresolved_hint(name):
 
 
 def split_files(folder, split):
-    """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
-    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet`... (`datasets`' own inference would mix
-    test_unique_00000.tar into 'test'). None, both kinds, or a dataset card that lists the files: [] (`datasets`
-    decides)."""
+    """The .tar or .parquet files of a local folder that name `split`: in a folder of that name, or <split>.tar,
+    <split>_00000.tar... (`datasets` reads test_unique_00000.tar as 'test'); [] where none, both kinds or a card."""
     readme = folder / "README.md"
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
         return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it

@@ -2,17 +2,11 @@
 
     python sample.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --unet base --unet runs/x/iter_1 --unet iter3=UCLA-AGI/SPIN-Diffusion-iter3 \
-        --dataset yuvalkirstain/pickapic_v2 --split test_unique --output_dir runs/x/samples
+        --dataset sayakpaul/pickapic_v2_webdataset --split test_unique --output_dir runs/x/samples
 
-Output: <output_dir>/<model>/ (run_config.json, metadata.jsonl, images/) per model, in generate.py's folder
-schema (without latents), and <output_dir>/grid.png: rows prompts, columns models (first image of each).
-Image (prompt_index, image_index) gets the seed image_seed(seed, prompt_index, image_index) in every model.
-Rerun the same command to resume; add a --unet to sample one more model into the same comparison.
-
-sample.py builds on generate.py, its sibling: it is generate.py's machinery (prompts, seeds, the pipeline of every
-supported model family - SD-1.x, SD-2.x, SDXL -, resumable image folders) applied to several UNets, plus a grid:
-each model's folder is filled by generate.py's fill_folder, as generate.py fills its own. It imports that machinery,
-so keep generate.py beside it.
+Output: <output_dir>/<model>/ per model, in generate.py's folder schema without latents, and <output_dir>/grid.png
+(rows prompts, columns models). It runs generate.py's machinery (prompts, seeds, pipelines, resumable folders) for
+each UNet, so keep generate.py beside it. docs/generate_and_sample.md has the details.
 """
 
 import argparse
@@ -25,30 +19,23 @@ from PIL import Image, ImageDraw, ImageFont
 
 try:
     from generate import (  # noqa: F401 (re-exported, as sample.X: image_seed, make_images, FolderWriter)
-        SCHEDULERS,
         FolderWriter,
         HelpFormatter,
         UserError,
-        add_base_weights_flags,
-        cast_unet,
-        check_model_path,
-        check_unet_fits,
         cli,
         end_processes,
         fill_folder,
-        folder_settings,
+        folder_config,
         image_key,
         image_seed,
         load_pipeline,
         load_prompts,
         load_unet,
         make_images,
-        merge_metadata,
-        model_record,
         on_main_process,
+        parse_image_args,
         pipeline_class_name,
-        resolve_precision,
-        run_config,
+        report,
         save_atomic,
         start_processes,
         unet_fingerprint,
@@ -70,45 +57,11 @@ GRID_HEADER_HEIGHT = 24  # top row with the model names
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
-        "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        help="base pipeline (hub id or local folder): text encoder(s), VAE, tokenizer(s), scheduler; its "
-        "model_index.json names the class: StableDiffusionPipeline (SD-1.x, SD-2.x) or "
-        "StableDiffusionXLPipeline",
-    )
-    add_base_weights_flags(p)
-    p.add_argument(
-        "--unet",
-        action="append",
-        help="a model to sample (repeat): 'base', a train_spin.py folder, a "
-        "bare UNet folder or a hub id, optionally named: iter3=UCLA-AGI/SPIN-Diffusion-iter3 "
-        "(default: base)",
+        "--unet", action="append", help="a model (repeat): [NAME=]base, train_spin.py folder, UNet folder or hub id"
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeat)")
-    p.add_argument("--prompts_file", help="prompts, one per line")
-    p.add_argument("--dataset", help="prompts: unique captions of a dataset (Pick-a-Pic test_unique is the paper's)")
-    p.add_argument("--split", default="test_unique")
-    p.add_argument("--caption_column", default="caption")
-    p.add_argument("--max_prompts", type=int, help="use only the first N unique prompts")
-    p.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it whole")
-    p.add_argument("--num_images_per_prompt", type=int, default=5)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument(
-        "--resolution",
-        type=int,
-        help="image side in pixels (default: the model's own: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL)",
-    )
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: fp16 on CUDA, no on CPU")
     p.add_argument("--grid_prompts", type=int, default=8, help="rows of grid.png (0: no grid)")
-    p.add_argument("--output_dir", required=True)
-    args = p.parse_args(argv)
-    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "resolution"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
+    args = parse_image_args(p, argv, split="test_unique", images_per_prompt=5)
     args.unet = args.unet or ["base"]
     return args
 
@@ -151,6 +104,7 @@ def fit_text(draw, text, font, width):
 
 def wrap_text(draw, text, font, width, max_lines):
     """Greedy word wrap into at most max_lines lines; the last one is truncated with '...'."""
+    # textwrap counts characters; the default font's letters differ in width, so pixels are measured here
     lines, words = [], text.split()
     while words and len(lines) < max_lines:
         line = words.pop(0)
@@ -199,92 +153,34 @@ def grid_from_folders(out, model_names, prompts, n_rows, resolution):
     return make_grid(cells, model_names, prompts[: len(cells)], min(resolution, GRID_CELL_MAX))
 
 
-def sample_model(model, pipe, prompts, args, state, class_name, dtype, out):
-    """Fill <output_dir>/<model.name>/ with one model's images (generate.py's fill_folder) and say what happened.
-    The first model loads the pipeline (text encoder, VAE and tokenizer, shared by every model); each later one
-    swaps in its own UNet. Returns the pipeline."""
-    # Fingerprint on the float32 weights before any cast: names the weights each folder was sampled from.
+def sample_model(model, pipe, prompts, args, state, out):
+    """Fill <output_dir>/<model.name>/ with one model's images (generate.py's fill_folder). The first model loads the
+    pipeline (text encoders, VAE and tokenizers, shared by every model); each later one swaps in its own UNet."""
     unet = load_unet(model.where, args.pretrained_model_name_or_path, args.revision, args.variant)
-    fingerprint = unet_fingerprint(unet)
-    if pipe is None:
-        pipe = load_pipeline(
-            args.pretrained_model_name_or_path,
-            unet,
-            args.scheduler,
-            dtype,
-            state.device,
-            class_name,
-            f"--unet {model.where}",
-            args.revision,
-            args.variant,
-        )
-        args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if args.resolution % pipe.vae_scale_factor:
-            raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
-    else:
-        check_unet_fits(unet, class_name, f"--unet {model.where}")
-        pipe.unet = cast_unet(unet, dtype, state.device)
-    folder = out / model.name
-    record = {
-        "name": model.name,
-        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-        "unet": model.where,
-        "unet_fingerprint": fingerprint,
-        **model_record(pipe),
-    }
-    config = run_config("sample", args, model=record, settings=folder_settings(args, pipe, prompts, fingerprint))
-    run = fill_folder(folder, config, pipe, prompts, args, state, with_latents=False, desc=model.name)
-    state.wait_for_everyone()
+    fingerprint = unet_fingerprint(unet)  # of the float32 weights: names the weights each folder was sampled from
+    pipe = load_pipeline(args, unet, f"--unet {model.where}", state.device, pipe)
+    config = folder_config("sample", args, pipe, prompts, model.where, fingerprint, name=model.name)
+    run = fill_folder(out / model.name, config, pipe, prompts, args, state, with_latents=False, desc=model.name)
     if state.is_main_process:
-        rows = merge_metadata(folder)
-        written = run.stats["written"]
-        print(
-            f"sample: {model.name}: wrote {written} image(s) in {run.seconds:.1f}s "
-            f"({written / max(run.seconds, 1e-9):.2f} images/s), {run.skipped_done} already there; "
-            f"{len(rows)}/{len(prompts) * args.num_images_per_prompt} images in {folder}"
-        )
-    for kind, keys in (("non-finite (not written)", run.stats["nonfinite"]), ("all-black", run.stats["black"])):
-        if keys:
-            print(f"warning: {model.name}: {len(keys)} {kind} image(s), e.g. {keys[0]}", file=sys.stderr)
+        report(f"sample: {model.name}", out / model.name, run)
     return pipe
 
 
 def main():
     args = parse_args()
-    from accelerate import PartialState  # accelerate takes seconds to import: not for --help
-
-    state = start_processes(PartialState)
-    check_model_path(args.pretrained_model_name_or_path)
+    state = start_processes(args)
     models = parse_models(args.unet)
-    # an unsupported model fails before any work
-    class_name = pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
-    prompts = on_main_process(
-        state,
-        lambda: load_prompts(
-            args.prompt,
-            args.prompts_file,
-            args.dataset,
-            args.split,
-            args.caption_column,
-            args.max_prompts,
-            streaming=args.streaming,
-        ),
-    )
-    args.mixed_precision, dtype = resolve_precision(args.mixed_precision, state.device)
-    out = Path(args.output_dir)
-
-    pipe = None
+    pipeline_class_name(args)  # an unsupported model fails before any work
+    prompts = on_main_process(state, lambda: load_prompts(args))
+    out, pipe = Path(args.output_dir), None
     for model in models:
-        pipe = sample_model(model, pipe, prompts, args, state, class_name, dtype, out)
-
+        pipe = sample_model(model, pipe, prompts, args, state, out)
     end_processes(state)
     if state.is_main_process and args.grid_prompts > 0:
         grid = grid_from_folders(out, [m.name for m in models], prompts, args.grid_prompts, args.resolution)
         save_atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
-        print(
-            f"sample: grid of {min(args.grid_prompts, len(prompts))} prompts x {len(models)} models "
-            f"-> {out / 'grid.png'}"
-        )
+        rows = min(args.grid_prompts, len(prompts))
+        print(f"sample: grid of {rows} prompts x {len(models)} models -> {out / 'grid.png'}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ GEN_PER_ROW=${GEN_PER_ROW:-0}      # 1: one opponent image per training row (Alg
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-0}; ADAM8BIT=${ADAM8BIT:-0}
 [[ "$GRADIENT_CHECKPOINTING" == 1 ]] && TRAIN_FLAGS+=(--gradient_checkpointing)
 [[ "$ADAM8BIT" == 1 ]] && TRAIN_FLAGS+=(--use_8bit_adam)
+# spin_extras.py's: each model's card (evaluate.py fills its table), and a scheduler's stop signal saved as a checkpoint
+TRAIN_FLAGS+=(--model_card --checkpoint_on_signal)
 for name in GEN_PER_ROW GRADIENT_CHECKPOINTING ADAM8BIT; do
   [[ "${!name}" == [01] ]] || die "--${name,,} must be 0 or 1, not '${!name}'"
 done

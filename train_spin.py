@@ -1,34 +1,23 @@
 #!/usr/bin/env python
-"""train_spin.py: one SPIN-Diffusion iteration (arXiv 2402.10210), plus the SFT and Diffusion-DPO baselines.
+"""train_spin.py: one SPIN-Diffusion iteration (arXiv 2402.10210), and the SFT and Diffusion-DPO baselines.
 
-    theta_k (initial weights AND frozen reference/opponent) + real images + generate.py's synthetic images
-        -> output_dir/unet/  (theta_{k+1}, diffusers format, safetensors)
+    theta_k (the start AND the frozen opponent) + real images + generate.py's images of theta_k -> output_dir/unet/
 
-For every pair (real latent z0, synthetic latent z0' of the same prompt c) we draw one timestep and one
-noise shared by the pair, and compare the per-sample denoising errors of the policy (m_r, m_s) with those of
-the frozen opponent (r_r, r_s):
+Each pair (real latent, the opponent's latent of the same prompt) is noised with one timestep and one noise, and the
+policy's denoising errors (m_r, m_s) are compared with the frozen opponent's (r_r, r_s):
 
-    margin = (m_r - r_r) - (m_s - r_s)          loss = mean_i  -log sigmoid(-(beta/2) * margin_i)
+    loss = mean_i -log sigmoid(-(beta/2) * ((m_r - r_r) - (m_s - r_s)))      (beta: Diffusion-DPO's beta_dpo)
 
-i.e. lower the error on real data and raise it on the opponent's own samples, both relative to the
-opponent. beta follows Salesforce Diffusion-DPO's `beta_dpo` (SD-1.5 default 5000). At step 0 the policy
-equals the reference, so margin = 0 and the loss is exactly ln 2.
+At step 0 the policy is the opponent: the first loss is exactly ln 2. Real images and prompts are encoded once, into
+--cache_dir; a training step runs the UNet only. Details: docs/train_spin.md.
 
-Speed: real images are VAE-encoded and prompts text-encoded once, into an on-disk cache (--cache_dir) that
-every later iteration reuses; synthetic latents come straight from generate.py. The training step runs the
-UNet only: one policy call on [real; synthetic] and one no-grad reference call.
-
-Reading order: the flags, the math (spin_loss, pair_loss), main() (the iteration's steps in order), one training
-step (train_step), the models, the data and its caches, the run record and checkpoints; last, the helpers every
-script carries a copy of (tests/test_shared.py keeps the copies identical).
-
-Single GPU:   python train_spin.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-                  --dataset yuvalkirstain/pickapic_v2 --synthetic_dir runs/x/synth_0 --output_dir runs/x/iter_1
-Many GPUs:    accelerate launch --num_processes 8 train_spin.py ...   (same flags)
+    python train_spin.py --dataset sayakpaul/pickapic_v2_webdataset --synthetic_dir synth_0 --output_dir iter_1
+    accelerate launch --num_processes 8 train_spin.py ...      (the same flags: 8 processes train what 1 trains)
 """
 
 import argparse
 import bisect
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -38,9 +27,7 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -55,66 +42,49 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-# accelerate, diffusers, transformers and datasets are imported where they are used: together they take seconds to
-# import, which --help and the scripts importing this file's helpers (toy_world.py) need not pay. peft and
-# bitsandbytes are optional: imported only by --lora_rank / --use_8bit_adam.
+# accelerate, diffusers, transformers and datasets are imported where they are used (--help need not wait for them);
+# peft and bitsandbytes only by --lora_rank and --use_8bit_adam.
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line. Flag names follow the diffusers training examples.
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: the flag names of diffusers' training examples
+# ---------------------------------------------------------------------------------------------------------------------
 PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
+CACHE_DIR = os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "spin-diffusion"))
 
 
 def build_parser():
-    # one flag per line reads as a table (ruff's format would spread each over five lines)
+    # one flag per line reads as a table
     # fmt: off
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     # models and data
-    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-      help="base pipeline (VAE, text encoder, tokenizer, scheduler): hub id or folder")
-    a("--revision", default=None, help="git revision (branch, tag or commit) of the base pipeline's hub repo to load "
-      "its parts from, and its UNet with --unet base (a --unet of another model is its own; a local folder ignores it)")
-    a("--variant", default=None, help="weights variant of the base pipeline's parts, e.g. fp16 (diffusion_pytorch_model"
-      ".fp16.safetensors), and of its UNet with --unet base (a --unet of another model is its own)")
-    a("--unet", default=None, help="theta_k to start from and to use as frozen reference: folder with unet/, "
-      "a checkpoint-N folder, hub id (e.g. UCLA-AGI/SPIN-Diffusion-iter1) or 'base' (the base pipeline's UNet)")
-    a("--dataset", "--dataset_name", "--train_data_dir", required=True,
-      help="real data: hub id or local path (parquet file/folder, webdataset tars, image folder with metadata.jsonl)")
+    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base pipeline")
+    a("--revision", default=None, help="git revision of the base pipeline's hub repo (its UNet too: --unet base)")
+    a("--variant", default=None, help="weights variant of the base pipeline, e.g. fp16 (its UNet too: --unet base)")
+    a("--unet", default=None, help="theta_k: a folder holding unet/, a checkpoint-N folder, a hub id or 'base'")
+    a("--dataset", "--dataset_name", "--train_data_dir", required=True, help="real data: hub id or local path")
     a("--split", default="train")
-    a("--image_column", default=None, help="image column (default: Pick-a-Pic jpg_0/jpg_1 by label, else 'image')")
+    a("--image_column", default=None, help="image column (default: Pick-a-Pic's winner by label, else 'image')")
     a("--caption_column", default="caption")
-    a("--max_train_samples", type=int, default=None, help="use only the first N usable rows (after dropping ties)")
-    a("--streaming", action="store_true",
-      help="stream the dataset instead of downloading it whole (Pick-a-Pic is hundreds of GB)")
-    a("--synthetic_dir", default=None,
-      help="folder written by generate.py with the opponent's images (required for --loss spin)")
-    a("--synthetic_latent", choices=["sampler", "image"], default="sampler",
-      help="which latent of each synthetic image to train on: 'sampler', generate.py's final sampler latent, or "
-      "'image', its saved PNG encoded exactly like a real image (docs/toy_world.md compares the two)")
-    a("--allow_opponent_mismatch", action="store_true",
-      help="train even if --synthetic_dir was generated by another UNet")
-    a("--reference_unet", default=None, help="frozen reference, if not the starting UNet (--unet): folder, hub id "
-      "or 'base'. SPIN and Diffusion-DPO use the starting UNet; this is for ablations (theta_0 kept as reference)")
+    a("--max_train_samples", type=int, default=None, help="use only the first N usable rows (ties dropped)")
+    a("--streaming", action="store_true", help="stream the dataset instead of downloading it whole")
+    a("--synthetic_dir", default=None, help="generate.py's folder of theta_k's images (--loss spin)")
+    a("--synthetic_latent", choices=["sampler", "image"], default="sampler", help="generate.py's final sampler "
+      "latent, or its PNG encoded like a real image")
+    a("--allow_opponent_mismatch", action="store_true", help="train even if another UNet made --synthetic_dir")
+    a("--reference_unet", default=None, help="a frozen reference other than --unet (ablations)")
     a("--output_dir", required=True)
-    a("--cache_dir", default=os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "spin-diffusion")),
-      help="where encoded real latents and prompt embeddings are kept (keyed by model and data, reused by every "
-      "iteration)")
-    a("--resolution", type=int, default=None, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
+    a("--cache_dir", default=CACHE_DIR, help="encoded real latents and prompts, reused by every iteration")
+    a("--resolution", type=int, default=None, help="image side in pixels (default: the model's own)")
     # objective
     a("--loss", choices=["spin", "sft", "dpo"], default="spin")
-    a("--beta", "--beta_dpo", type=float, default=5000.0, help="KL strength, in Diffusion-DPO's beta_dpo convention")
-    a("--pair_noise", choices=PAIR_NOISE, default="shared",
-      help="what the two members of a pair share: 'shared' one timestep and one noise (Diffusion-DPO's code), "
-      "'separate_noise' one timestep and two noises (the paper's Appendix C.6), 'independent' nothing")
+    a("--beta", "--beta_dpo", type=float, default=5000.0, help="KL strength, as Diffusion-DPO's beta_dpo")
+    a("--pair_noise", choices=PAIR_NOISE, default="shared", help="what the two members of a pair share")
     a("--independent_pair_noise", action="store_true", help="the same as --pair_noise independent")
-    a("--caption_dropout", "--proportion_empty_prompts", type=float, default=0.0,
-      help="probability of training on the empty prompt (keeps classifier-free guidance working)")
+    a("--caption_dropout", "--proportion_empty_prompts", type=float, default=0.0, help="empty-prompt probability")
     # optimisation
     a("--learning_rate", type=float, default=2e-5)
-    a("--scale_lr", action="store_true", help="multiply the learning rate by accumulation x batch size x processes")
+    a("--scale_lr", action="store_true", help="times accumulation x batch size x processes")
     a("--lr_scheduler", default="linear", help="linear, cosine, constant, constant_with_warmup, ...")
     a("--lr_warmup_steps", type=int, default=200)
     a("--train_batch_size", type=int, default=8, help="pairs per device per micro-step")
@@ -125,49 +95,57 @@ def build_parser():
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=1.0)
-    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: optimizer state in 8 bits")
-    a("--seed", type=int, default=0, help="data order, timesteps and noise (each process draws its own)")
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit")
+    a("--seed", type=int, default=0, help="data order, timesteps and noise")
     # hardware
-    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-      help="default: accelerate config; trainable weights stay fp32")
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's config")
     a("--gradient_checkpointing", action="store_true")
-    a("--enable_xformers_memory_efficient_attention", action="store_true",
-      help="xformers attention where it is installed; else a note: PyTorch's scaled_dot_product_attention is used")
-    # LoRA (peft): train a low-rank adapter instead of every weight
-    a("--lora_rank", "--rank", type=int, default=None, help="train a LoRA adapter of this rank on the UNet "
-      "(default: full fine-tuning); the reference is the same UNet with the adapter off, unet/ is written merged")
-    a("--lora_alpha", type=float, default=None,
-      help="LoRA scale numerator (default: the rank, as diffusers' LoRA examples)")
-    a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
-      help="comma-separated module names the adapter wraps (diffusers' LoRA examples: the attention projections)")
+    a("--enable_xformers_memory_efficient_attention", action="store_true")
+    a("--lora_rank", "--rank", type=int, default=None, help="train a LoRA adapter of this rank (default: all)")
+    a("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0")
     a("--allow_tf32", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
     # bookkeeping
     a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None,
-      help="keep only this many checkpoint-N folders (each: UNet or LoRA adapter + optimizer)")
-    a("--resume_from_checkpoint", default=None,
-      help="a checkpoint-N folder, or 'latest' (in output_dir; starts fresh if none)")
-    a("--report_to", default="none",
-      help="accelerate tracker: tensorboard, wandb, ... (metrics.jsonl is always written)")
-    a("--push_to_hub", action="store_true",
-      help="at the end, upload unet/ (LoRA: also lora/, lora_cumulative/) and the model card README.md")
-    a("--hub_model_id", default=None, help="the hub repository to push to (default: the output folder's name)")
-    a("--hub_token", default=None, help="hub token (default: huggingface_hub's login)")
-    # validation images while training: the same prompts and seeds at step 0, every N steps and at the end
-    a("--validation_prompts", nargs="+", default=None,
-      help="prompts the policy samples while training: output_dir/validation/step-N/ and --report_to's tracker")
+    a("--checkpoints_total_limit", type=int, default=None, help="keep only this many checkpoint-N folders")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint-N folder, or 'latest' (fresh start if none)")
+    a("--report_to", default="none", help="accelerate's tracker: tensorboard, wandb, ...")
+    # a long run's extras: spin_extras.py (docs/train_spin.md, "A long run")
+    a("--validation_prompts", nargs="+", default=None, help="prompts the policy samples while it trains")
     a("--validation_prompts_file", default=None, help="the validation prompts, one per line")
     a("--num_validation_images", type=int, default=2, help="images per validation prompt")
-    a("--validation_steps", type=int, default=100, help="sample the validation prompts every N optimizer steps")
-    a("--validation_seed", type=int, default=0,
-      help="image i of prompt p starts from seed image_seed(seed, p, i), as generate.py --seed makes it")
+    a("--validation_steps", type=int, default=100)
+    a("--validation_seed", type=int, default=0, help="as generate.py's --seed")
     a("--validation_num_inference_steps", type=int, default=50)
     a("--validation_guidance_scale", type=float, default=7.5)
-    a("--validation_scheduler", choices=sorted(SCHEDULERS), default=None,
-      help="sampler, generate.py's --scheduler names (default: the pipeline's own)")
+    a("--validation_scheduler", default=None, help="generate.py's --scheduler names (default: the pipeline's)")
+    a("--model_card", action="store_true", help="write output_dir/README.md, the model card")
+    a("--push_to_hub", action="store_true", help="at the end, upload the model and its card")
+    a("--hub_model_id", default=None, help="the hub repository (default: the output folder's name)")
+    a("--hub_token", default=None, help="hub token (default: huggingface_hub's login)")
+    a("--lora_cumulative", action="store_true", help="also write theta_{k+1} as one adapter on the base UNet")
+    a("--checkpoint_on_signal", action="store_true", help="on SIGTERM or SIGUSR1: checkpoint after this step, exit")
     # fmt: on
     return p
+
+
+# The flags that may differ between a run and its resume or re-run: where things are kept, how fast or how often, what
+# else is made; never what is trained. Every other flag, a new one too, is the run's identity and must agree.
+MAY_CHANGE = (
+    *("output_dir", "cache_dir", "streaming", "resume_from_checkpoint", "checkpointing_steps", "report_to"),
+    *("checkpoints_total_limit", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32"),
+    "enable_xformers_memory_efficient_attention",
+    "mixed_precision",  # a resume may switch it: to bf16 after fp16 stopped on a non-finite loss
+    "allow_opponent_mismatch",  # a permission: the opponent itself, --synthetic_dir's, is checked
+    "independent_pair_noise",  # folded into --pair_noise
+    *("validation_prompts", "validation_prompts_file", "num_validation_images", "validation_steps"),
+    *("validation_seed", "validation_num_inference_steps", "validation_guidance_scale", "validation_scheduler"),
+    *("model_card", "push_to_hub", "hub_model_id", "hub_token", "lora_cumulative", "checkpoint_on_signal"),
+)
+# the flags that ask for spin_extras.py (--synthetic_latent image too)
+EXTRAS = ("validation_prompts", "validation_prompts_file", "model_card", "push_to_hub", "lora_cumulative")
+EXTRAS += ("checkpoint_on_signal",)
 
 
 def parse_args(argv=None):
@@ -177,59 +155,28 @@ def parse_args(argv=None):
         args.pair_noise = "independent"
     if args.loss == "spin" and not args.synthetic_dir:
         p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
-    args.validation_prompts = validation_prompts(args.validation_prompts, args.validation_prompts_file)
-    for name in ("num_validation_images", "validation_steps", "validation_num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
+    extras = load_extras(args)
+    if extras:
+        extras.check_args(args)
     return args
 
 
-def validation_prompts(prompts, prompts_file):
-    """The validation prompts from --validation_prompts or --validation_prompts_file (one per line), blank lines
-    dropped; None for no validation. The run record keeps the list itself."""
-    if prompts and prompts_file:
-        raise UserError("give the validation prompts with --validation_prompts or --validation_prompts_file, not both")
-    if prompts_file:
-        try:
-            prompts = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--validation_prompts_file {prompts_file}: cannot read it ({type(e).__name__})") from None
-        if not any(line.strip() for line in prompts):
-            raise UserError(f"--validation_prompts_file {prompts_file}: no prompts in it")
-    prompts = [q.strip() for q in prompts or [] if q.strip()]
-    return prompts or None
-
-
-# The flags that may differ between a run and its resume or re-run: they change where things are kept, how fast or
-# how often, not what is trained. Every other flag (a new one too) is part of the run's identity and must agree.
-MAY_CHANGE = (
-    "output_dir",  # the folder that holds the record itself
-    "cache_dir",  # where the encoded data is kept (its keys name what it holds)
-    "streaming",  # how the dataset is read, not which rows
-    "allow_opponent_mismatch",  # a permission; the opponent itself is --synthetic_dir's, which is checked
-    "independent_pair_noise",  # folded into --pair_noise, which is checked
-    "mixed_precision",  # a resume may switch it: to bf16 after fp16 stopped on a non-finite loss
-    "gradient_checkpointing",  # memory only: the same numbers
-    "enable_xformers_memory_efficient_attention",  # an attention kernel: memory and speed
-    "allow_tf32",  # a hardware setting
-    "dataloader_num_workers",  # the batches and draws are pure functions of the step (StepBatches)
-    "checkpointing_steps",  # how often checkpoints are written
-    "checkpoints_total_limit",  # how many are kept
-    "resume_from_checkpoint",  # where to continue from
-    "report_to",  # where metrics also go
-    "push_to_hub",  # where the result also goes
-    "hub_model_id",
-    "hub_token",
-    # what the validation samples: pictures of the run, drawn from their own generators (the training is unchanged)
-    "validation_prompts",
-    "validation_prompts_file",
-    "num_validation_images",
-    "validation_steps",
-    "validation_seed",
-    "validation_num_inference_steps",
-    "validation_guidance_scale",
-    "validation_scheduler",
-)
+def load_extras(args):
+    """spin_extras.py, the optional module beside this script, where a flag asks for one of its extras; else None."""
+    asked = [f"--{flag}" for flag in EXTRAS if getattr(args, flag)]
+    asked += ["--synthetic_latent image"] if args.synthetic_latent == "image" and args.loss == "spin" else []
+    if not asked:
+        return None
+    sys.modules.setdefault("train_spin", sys.modules[__name__])  # its `import train_spin` is this running script
+    try:
+        import spin_extras
+    except ModuleNotFoundError as e:
+        if e.name != "spin_extras":
+            raise
+        raise UserError(
+            f"{asked[0]} needs spin_extras.py beside train_spin.py: copy it from the same repository"
+        ) from None
+    return spin_extras
 
 
 def identity(args):
@@ -238,8 +185,8 @@ def identity(args):
 
 
 def check_same_run(saved, current, where):
-    """Refuse, in one line, a run whose identity differs from the one `saved` in its output_dir. A flag the saved
-    record lacks (it was written before the flag existed) counts as its parser default: that run had no other value."""
+    """Refuse, in one line, a run whose identity differs from the one saved. A flag the record lacks (written before
+    the flag existed) counts as its parser default: that run had no other value."""
     if "pair_noise" not in saved and "independent_pair_noise" in saved:  # a run recorded before --pair_noise
         saved = {**saved, "pair_noise": "independent" if saved["independent_pair_noise"] else "shared"}
     parser = build_parser()
@@ -248,29 +195,28 @@ def check_same_run(saved, current, where):
     if diff:
         k, (old, new) = next(iter(diff.items()))
         raise UserError(
-            f"{where} was made with other settings ({len(diff)} differ, e.g. --{k} {old!r} there vs "
-            f"{new!r} now); use the same flags or another --output_dir"
+            f"{where} was made with other settings ({len(diff)} differ, e.g. --{k} {old!r} there vs {new!r} now); "
+            "use the same flags or another --output_dir"
         )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The math: pure functions on tensors (tests compare them with an independent computation).
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# The math: pure functions on tensors (tests compare them with an independent computation)
+# ---------------------------------------------------------------------------------------------------------------------
 def spin_loss(model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn, beta):
-    """Per-pair SPIN-Diffusion loss: -log sigmoid(-(beta/2) * ((m_r - r_r) - (m_s - r_s))), in float32.
-    Diffusion-DPO is the same expression with winner/loser in place of real/synthetic."""
+    """Per-pair SPIN-Diffusion loss -log sigmoid(-(beta/2) ((m_r - r_r) - (m_s - r_s))), in float32. Diffusion-DPO is
+    the same expression with winner/loser in place of real/synthetic."""
     m_r, m_s, r_r, r_s = (x.float() for x in (model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn))
-    margin = (m_r - r_r) - (m_s - r_s)
-    return -F.logsigmoid(-(beta / 2) * margin)
+    return -F.logsigmoid(-(beta / 2) * ((m_r - r_r) - (m_s - r_s)))
 
 
 def per_sample_mse(pred, target):
-    """Mean squared error over C,H,W for each sample, in float32 (fp16 errors times beta ~ 5000 are noise)."""
+    """Mean squared error over C,H,W per sample, in float32 (fp16 errors times a beta of thousands are noise)."""
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
 def diffusion_target(scheduler, latents, noise, timesteps):
-    """What the UNet is trained to predict: the noise (epsilon models) or the velocity (v-prediction)."""
+    """What the UNet learns to predict: the noise (epsilon models) or the velocity (v-prediction)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -280,7 +226,7 @@ def diffusion_target(scheduler, latents, noise, timesteps):
 
 
 def pair_stats(m_r, m_s, r_r, r_s):
-    """What to log for a batch of pairs (sums, so micro-batches and processes can be averaged later)."""
+    """What is logged of a batch of pairs, per pair (micro-steps and processes are averaged later)."""
     margin = (m_r - r_r) - (m_s - r_s)
     return {
         "implicit_acc": (margin < 0).float(),  # the policy prefers the real image more than the reference does
@@ -293,82 +239,63 @@ def pair_stats(m_r, m_s, r_r, r_s):
     }
 
 
-def denoising_errors(model, scheduler, latents, noise, t, text, added=None):
-    """Per-sample error of `model` at denoising `latents` noised with `noise` at timesteps `t`. `added`: SDXL's extra
-    conditioning ({"text_embeds": pooled prompt embedding, "time_ids": micro-conditioning}), None for SD-1.x/2.x."""
-    pred = model(
-        scheduler.add_noise(latents, noise, t),
-        t,
-        encoder_hidden_states=text,
-        added_cond_kwargs=added,
-        return_dict=False,
-    )[0]
-    return per_sample_mse(pred, diffusion_target(scheduler, latents, noise, t))
-
-
-@dataclass
-class Conditioning:
-    """What the UNet is conditioned on for a batch: the prompt embeddings and, for SDXL, its added_cond_kwargs
-    ({"text_embeds": pooled prompt embedding, "time_ids": micro-conditioning}; None for SD-1.x/2.x)."""
+class Conditioning(NamedTuple):
+    """A batch's prompt embeddings and, for SDXL, its added_cond_kwargs (pooled prompt, micro-conditioning)."""
 
     text: torch.Tensor
     added: Optional[dict] = None
 
 
 class Draws(NamedTuple):
-    """What a batch of pairs is noised with: the first member's timesteps and noise, and the second member's (the
-    same tensors when --pair_noise shares them)."""
+    """What a batch of pairs is noised with: the first member's timesteps and noise, the second's (the same tensors
+    when --pair_noise shares them), and the caption-dropout mask (True: the empty prompt)."""
 
     t: torch.Tensor
     noise: torch.Tensor
     t2: torch.Tensor
     noise2: torch.Tensor
+    drop: Optional[torch.Tensor] = None
 
 
-class StepDraws(NamedTuple):
-    """Everything a micro-step draws for its pairs: Draws plus the caption-dropout mask (True: the empty prompt)."""
-
-    t: torch.Tensor
-    noise: torch.Tensor
-    t2: torch.Tensor
-    noise2: torch.Tensor
-    drop: Optional[torch.Tensor]
+def denoising_errors(model, scheduler, latents, noise, t, cond):
+    """Per-sample error of `model` denoising `latents` noised with `noise` at timesteps `t`, conditioned on `cond`."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = model(noisy, t, encoder_hidden_states=cond.text, added_cond_kwargs=cond.added, return_dict=False)[0]
+    return per_sample_mse(pred, diffusion_target(scheduler, latents, noise, t))
 
 
 def pair_loss(policy, reference, scheduler, real, other, draws, cond, *, beta, autocast):
-    """SPIN (other = opponent's sample) or Diffusion-DPO (real = winner, other = loser) on a batch of pairs:
-    one policy call on the concatenated [real; other] batch, one no-grad reference call on the same inputs.
-    `draws` (Draws) noise the pair; `cond` (Conditioning) is the prompt's, its SDXL `added` already laid out for the
-    concatenated batch."""
+    """SPIN (other: the opponent's sample) or Diffusion-DPO (real: winner, other: loser) on a batch of pairs: one policy
+    call on [real; other], one no-grad reference call on the same inputs. `cond` is laid out for the doubled batch."""
     b = real.shape[0]
-    latents, noises = torch.cat([real, other]), torch.cat([draws.noise, draws.noise2])
-    ts, texts = torch.cat([draws.t, draws.t2]), torch.cat([cond.text, cond.text])
-    model_mse = denoising_errors(policy, scheduler, latents, noises, ts, texts, cond.added)
-    with torch.no_grad(), autocast():  # the same precision path as the policy: margin = 0 exactly at step 0
-        ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, texts, cond.added)
+    latents, noises, ts = (
+        torch.cat([real, other]),
+        torch.cat([draws.noise, draws.noise2]),
+        torch.cat([draws.t, draws.t2]),
+    )
+    model_mse = denoising_errors(policy, scheduler, latents, noises, ts, cond)
+    with torch.no_grad(), autocast():  # the policy's precision path: margin = 0 exactly at step 0
+        ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, cond)
     m_r, m_s, r_r, r_s = model_mse[:b], model_mse[b:], ref_mse[:b], ref_mse[b:]
     return spin_loss(m_r, m_s, r_r, r_s, beta).mean(), pair_stats(m_r, m_s, r_r, r_s)
 
 
 def sft_loss(policy, scheduler, real, draws, cond):
-    """The SFT baseline: plain denoising MSE on the real images."""
-    m_r = denoising_errors(policy, scheduler, real, draws.noise, draws.t, cond.text, cond.added)
+    """The SFT baseline: plain denoising error on the real images."""
+    m_r = denoising_errors(policy, scheduler, real, draws.noise, draws.t, cond)
     return m_r.mean(), {"model_mse_real": m_r}
 
 
 def step_generator(seed, micro_step):
-    """CPU generator of one micro-step, independent of where a run was resumed. It draws for the whole global batch
-    and each process keeps the slice of its own pairs (draw_step), so what a pair gets depends on its place in the
-    global batch, not on the process holding it: 2 processes x batch 1 train what 1 process x batch 2 trains, and no
-    two GPUs draw the same noise (SPEC pitfall 4). Seeded as image_seed(seed, 0, micro_step), as the single process
-    of earlier versions was, so one process draws what it always drew."""
+    """The CPU generator of one micro-step. It draws for the whole global batch and each process keeps its own pairs'
+    slice (draw_step): a pair's draws depend on its place in the global batch, not on the process holding it, so 2
+    processes train what 1 trains and no two GPUs draw the same noise."""
     return torch.Generator().manual_seed(image_seed(seed, 0, micro_step))
 
 
 def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared"):
-    """Timesteps and noise for `batch` pairs (Draws). `pair_noise` (PAIR_NOISE): the pair's two members share both
-    ('shared'), share the timestep only ('separate_noise'), or neither ('independent'). Each mode draws the shared
-    values first, so the first member's draws are the same in every mode."""
+    """Timesteps and noise of `batch` pairs (Draws); the shared values are drawn first, so the first member's draws are
+    the same under every --pair_noise."""
     t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
     noise = torch.randn((batch, *latent_shape), generator=gen)
     t2 = torch.randint(0, num_train_timesteps, (batch,), generator=gen) if pair_noise == "independent" else t
@@ -376,18 +303,12 @@ def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared
     return Draws(t, noise, t2, noise2)
 
 
-def draw_step(
-    seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, pair_noise, caption_dropout
-):
-    """Timesteps, noise and caption-dropout mask (StepDraws) of pairs start..stop-1 of one micro-step's global batch."""
+def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, pair_noise, dropout):
+    """The Draws, dropout mask included, of pairs start..stop-1 of one micro-step's global batch."""
     gen = step_generator(seed, micro_step)
-    t, noise, t2, noise2 = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, pair_noise)
-    drop = (
-        torch.rand(global_batch, generator=gen) < caption_dropout
-        if caption_dropout > 0
-        else torch.zeros(global_batch, dtype=torch.bool)
-    )
-    return StepDraws(t[start:stop], noise[start:stop], t2[start:stop], noise2[start:stop], drop[start:stop])
+    draws = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, pair_noise)
+    drop = torch.rand(global_batch, generator=gen) < dropout if dropout > 0 else torch.zeros(global_batch, dtype=bool)
+    return Draws(*(x[start:stop] for x in (*draws[:4], drop)))
 
 
 def epoch_permutation(n, seed, epoch):
@@ -396,24 +317,23 @@ def epoch_permutation(n, seed, epoch):
 
 
 def batch_indices(n, seed, global_batch, micro_step, process_index, per_device, perm=None):
-    """Row indices for one process at one micro-step. Each epoch is a fresh seeded permutation cut into global
-    batches (the last partial batch is dropped); a process takes its slice. Pure function of the step, so a
-    resumed run continues mid-epoch exactly where the interrupted one was. `perm`: the epoch's permutation, if the
-    caller keeps it (computing it costs milliseconds at Pick-a-Pic's size)."""
+    """One process's rows at one micro-step: each epoch a fresh permutation cut into global batches (the last partial
+    one dropped), of which a process takes its slice. A pure function of the step: a resumed run continues mid-epoch
+    exactly. `perm`: the epoch's permutation, where the caller keeps it."""
     epoch, b = divmod(micro_step, n // global_batch)
     perm = epoch_permutation(n, seed, epoch) if perm is None else perm
     start = b * global_batch + process_index * per_device
     return perm[start : start + per_device].tolist()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The training run: one SPIN iteration, step by step
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# The iteration, step by step
+# ---------------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     """theta_k -> theta_{k+1}: the SPIN iteration (or the SFT / Diffusion-DPO baseline), its steps in order."""
     args = parse_args(argv)
-    run = start_run(args)  # the accelerator (one process per GPU), logging, TF32
-    models = load_models(args, run)  # theta_k (the policy), scheduler, tokenizers, SD/SDXL
+    run = start_run(args)  # the accelerator (one process per GPU), logging, spin_extras.py where asked for
+    models = load_models(args, run)  # theta_k (the policy), scheduler, tokenizers, SD or SDXL
     if output_dir_is_done(args, run):  # a finished run with the same settings: nothing to do
         return
     encode = ImageEncoder(args, run, models)  # the VAE, loaded on first use
@@ -422,24 +342,24 @@ def main(argv=None):
     del encode  # the VAE's memory goes before training
     if args.lora_rank:  # the policy: theta_k frozen under a trainable low-rank adapter
         add_lora(models.unet, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
-    reference = make_reference(args, run, models)  # the frozen opponent: theta_k itself
-    trainer = build_optimizer(args, run, models, reference, pairs)  # AdamW + schedule on the policy, prepared
+    trainer = build_trainer(args, run, models, pairs)  # the frozen opponent theta_k, AdamW and schedule, prepared
     resume(args, run, models, trainer)  # --resume_from_checkpoint: continue exactly
-    metrics_path = write_run_record(args, run, models, reference, pairs, data, trainer)
+    write_run_record(args, run, models, pairs, data, trainer)
     # each micro-step, train_step: pair_loss noises the pair (denoising_errors) and takes the loss (spin_loss)
-    train(args, run, models, data, pairs, trainer, metrics_path)
-    save_outputs(args, run, models, trainer, metrics_path)  # output_dir/unet/ (LoRA: also lora/), run finished
+    train(args, run, models, data, pairs, trainer)
+    save_outputs(args, run, models, trainer)  # output_dir/unet/ (LoRA: also lora/), the run marked finished
 
 
 @dataclass
 class Run:
-    """This launch: accelerate's handle, the output folder, a log that prints on the main process only, and the
-    compute dtype (--mixed_precision: the encoders run in it and frozen weights are held in it, cast_frozen)."""
+    """This launch: accelerate's handle, the output folder, a log that prints on the main process, the compute dtype
+    (the encoders run in it, frozen weights are held in it) and spin_extras.py where a flag asked for it."""
 
     accelerator: Any
     out: Path
     log: Callable
     dtype: torch.dtype
+    extras: Any
 
     @property
     def device(self):
@@ -451,14 +371,12 @@ class Run:
 
 
 def start_run(args):
-    """Join a torchrun / accelerate launch. Without CUDA, several processes need accelerate's CPU mode (gloo); a launch
-    it does not see would leave every process believing it is alone (each encoding the cache, each writing every
-    checkpoint and metric), so that is refused."""
+    """Join a torchrun / accelerate launch. Without CUDA several processes need accelerate's CPU mode (gloo); a launch
+    accelerate does not see would leave every process believing it is alone: refused."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    out = Path(args.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out, world = Path(args.output_dir), int(os.environ.get("WORLD_SIZE", "1"))
     refuse_unsupported_engine(os.environ)
     accelerator = Accelerator(
         cpu=world > 1 and not torch.cuda.is_available(),
@@ -469,134 +387,107 @@ def start_run(args):
     )
     if accelerator.num_processes != world:
         raise UserError(
-            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; "
-            "launch with accelerate launch or torchrun, without overriding the process group"
+            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; launch with accelerate "
+            "launch or torchrun, without overriding the process group"
         )
     log = (lambda *a: print(*a, flush=True)) if accelerator.is_main_process else (lambda *a: None)
     check_shared_folders(accelerator, {"--cache_dir": args.cache_dir, "--output_dir": args.output_dir})
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    return Run(accelerator, out, log, dtype)
+    return Run(accelerator, out, log, dtype, load_extras(args))
 
 
 def output_dir_is_done(args, run):
     """A finished output_dir with the same settings is a no-op (shell loops re-run stages freely); one made with other
-    settings is refused. Otherwise the folder is made, and the run goes on."""
-    out = run.out
-    if (out / "unet" / "config.json").is_file() and (out / "run_config.json").is_file():
-        done = json.loads((out / "run_config.json").read_text())
-        check_same_run(done.get("identity", {}), identity(args), f"--output_dir {out}")
+    settings is refused. Otherwise the folder is made."""
+    record = run.out / "run_config.json"
+    if (run.out / "unet" / "config.json").is_file() and record.is_file():
+        done = json.loads(record.read_text())
+        check_same_run(done.get("identity", {}), identity(args), f"--output_dir {run.out}")
         if done.get("finished"):
-            run.log(f"{out}/unet is already trained with these settings: nothing to do")
+            run.log(f"{run.out}/unet is already trained with these settings: nothing to do")
             return True
-    out.mkdir(parents=True, exist_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
     return False
 
 
 @dataclass
-class Reference:
-    """The frozen model the policy is scored against, and the fingerprint of its weights (for the run record)."""
-
-    module: Any  # None for SFT, and for LoRA until build_optimizer sets the policy with its adapter off
-    fingerprint: Optional[str]
-
-
-def make_reference(args, run, models):
-    """The frozen reference/opponent: theta_k itself (a frozen copy; LoRA: the policy's own UNet with the adapter off,
-    no copy), or --reference_unet for ablations. SFT has none. Held in the compute dtype (cast_frozen)."""
-    if args.loss == "sft":
-        return Reference(None, None)
-    if args.lora_rank and args.reference_unet is None:
-        return Reference(None, models.fingerprint)  # WithoutAdapter, set up after accelerator.prepare
-    if args.reference_unet is not None:
-        module = load_unet(args.reference_unet, models.base, args.revision, args.variant)
-        fingerprint = unet_fingerprint(module)
-    else:
-        module, fingerprint = copy.deepcopy(models.unet), models.fingerprint
-    module = cast_frozen(module.requires_grad_(False).eval(), run.dtype).to(run.device)
-    return Reference(module, fingerprint)
-
-
-@dataclass
 class Trainer:
-    """What the optimisation steps: the policy (prepared by accelerate), its reference, the optimizer over its
-    trainable weights, the learning-rate schedule, and the optimizer steps done."""
+    """What the optimisation steps: the policy (prepared by accelerate), the frozen reference and its weights'
+    fingerprint, the optimizer over the policy's trainable weights, the learning-rate schedule, the steps done."""
 
     unet: Any
-    reference: Any
+    reference: Any  # None for SFT
+    reference_fingerprint: Optional[str]
     optimizer: Any
     lr_scheduler: Any
     trainable: list
     global_step: int = 0
 
 
-def build_optimizer(args, run, models, reference, pairs):
-    """AdamW (8-bit with --use_8bit_adam) on the policy's trainable weights (fp32), the learning-rate schedule, and
-    accelerate's preparation of both."""
+def build_trainer(args, run, models, pairs):
+    """The frozen reference: theta_k itself (a copy held in the compute dtype; LoRA: the policy's own UNet with its
+    adapter off) or --reference_unet; AdamW (8-bit with --use_8bit_adam) on the policy's trainable float32 weights and
+    the schedule, prepared by accelerate."""
     from diffusers.optimization import get_scheduler
 
-    unet = models.unet
+    unet, reference, fingerprint = models.unet, None, models.fingerprint
+    if args.loss != "sft" and args.reference_unet is not None:
+        reference = load_unet(args.reference_unet, models.base, args.revision, args.variant)
+        fingerprint = unet_fingerprint(reference)
+    elif args.loss != "sft" and not args.lora_rank:
+        reference = copy.deepcopy(unet)
+    if reference is not None:
+        reference = cast_frozen(reference.requires_grad_(False).eval(), run.dtype).to(run.device)
     if args.lora_rank:
-        cast_frozen(unet, run.dtype)  # the frozen base under the adapter (policy and, adapter off, reference)
+        cast_frozen(unet, run.dtype)  # the frozen UNet under the adapter
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * pairs.global_batch
+    optimizer_cls = torch.optim.AdamW
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = optimizer_cls(
-        trainable,
-        lr=lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    # Stepped by us once per optimizer step (not prepared): warmup and total steps are optimizer steps,
-    # whatever the number of processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
-    )
+    lr = args.learning_rate * (args.gradient_accumulation_steps * pairs.global_batch if args.scale_lr else 1)
+    betas, decay, eps = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
+    optimizer = optimizer_cls(trainable, lr=lr, betas=betas, weight_decay=decay, eps=eps)
+    # stepped by us once per optimizer step, not prepared: warmup and total are optimizer steps, whatever the processes
+    steps = {"num_warmup_steps": args.lr_warmup_steps, "num_training_steps": args.max_train_steps}
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, **steps)
     unet, optimizer = run.accelerator.prepare(unet, optimizer)
     if args.lora_rank:
         checkpoint_adapter_only(run.accelerator)
-        if args.loss != "sft" and reference.module is None:
-            reference.module = WithoutAdapter(run.accelerator.unwrap_model(unet))
-    return Trainer(unet, reference.module, optimizer, lr_scheduler, trainable)
+        if args.loss != "sft" and reference is None:
+            reference = WithoutAdapter(run.accelerator.unwrap_model(unet))
+    fingerprint = fingerprint if args.loss != "sft" else None
+    return Trainer(unet, reference, fingerprint, optimizer, lr_scheduler, trainable)
 
 
 def resume(args, run, models, trainer):
     """--resume_from_checkpoint: the checkpoint's weights, optimizer, RNG states and schedule, once it is known to
-    continue this very run (same settings, process count and starting UNet)."""
+    continue this very run (the same settings, process count and starting UNet)."""
     if not args.resume_from_checkpoint:
         return
-    out, world = run.out, run.accelerator.num_processes
-    ckpt = list_checkpoints(out)[-1] if args.resume_from_checkpoint == "latest" and list_checkpoints(out) else None
+    found, world = list_checkpoints(run.out), run.accelerator.num_processes
+    ckpt = found[-1] if args.resume_from_checkpoint == "latest" and found else None
     if args.resume_from_checkpoint != "latest":
         ckpt = Path(args.resume_from_checkpoint)
         if not (ckpt / "train_state.json").is_file():
             raise UserError(f"--resume_from_checkpoint {ckpt}: not a checkpoint folder (no train_state.json)")
     if ckpt is None:
-        run.log("no checkpoint in output_dir: starting from the beginning")
-        return
+        return run.log("no checkpoint in output_dir: starting from the beginning")
     state = json.loads((ckpt / "train_state.json").read_text())
     check_same_run(state["identity"], identity(args), f"checkpoint {ckpt}")
-    # The global batch, each process's rows and its slice of the draws depend on the process count.
-    if state.get("num_processes", 1) != world:
+    saved = state.get("num_processes", 1)
+    if saved != world:  # the global batch, each process's rows and draws depend on it
         raise UserError(
-            f"checkpoint {ckpt} was written by a run of {state.get('num_processes', 1)} process(es), "
-            f"this one has {world}: an exact continuation needs the same count; resume with "
-            f"{state.get('num_processes', 1)} processes or start another --output_dir"
+            f"checkpoint {ckpt} was written by a run of {saved} process(es), this one has {world}: an exact "
+            f"continuation needs the same count; resume with {saved} processes or start another --output_dir"
         )
     if state["unet_fingerprint"] != models.fingerprint:
         raise UserError(
@@ -608,117 +499,51 @@ def resume(args, run, models, trainer):
     run.log(f"resumed from {ckpt} at step {trainer.global_step}")
 
 
-def train(args, run, models, data, pairs, trainer, metrics_path):
-    """The optimisation: --max_train_steps optimizer steps of --gradient_accumulation_steps micro-steps (train_step),
-    from the resumed step on; a metrics.jsonl row per step, a checkpoint every --checkpointing_steps, validation images
-    every --validation_steps; a scheduler's stop signal (StopSignals) ends it after a checkpoint of the step."""
-    accum, per_device, world = args.gradient_accumulation_steps, args.train_batch_size, run.accelerator.num_processes
-    loader = step_loader(args, run, models, pairs, trainer.global_step)
-    # add_noise/get_velocity index it on the device, without a copy per step
-    models.scheduler.alphas_cumprod = models.scheduler.alphas_cumprod.to(run.device)
+def train(args, run, models, data, pairs, trainer):
+    """--max_train_steps optimizer steps of --gradient_accumulation_steps micro-steps (train_step) from the resumed
+    one: a metrics.jsonl row per step, a checkpoint every --checkpointing_steps; spin_extras.py's validation images and
+    stop signals where asked for."""
+    accum, world = args.gradient_accumulation_steps, run.accelerator.num_processes
+    models.scheduler.alphas_cumprod = models.scheduler.alphas_cumprod.to(run.device)  # indexed there each step
     run.log(
         f"training {args.loss}: {len(pairs.dataset)} pairs, {args.max_train_steps} steps of "
-        f"{per_device} x {world} x {accum} = {pairs.global_batch * accum} pairs"
+        f"{args.train_batch_size} x {world} x {accum} = {pairs.global_batch * accum} pairs"
     )
-    progress = tqdm(
-        total=args.max_train_steps, initial=trainer.global_step, disable=not run.main_process, desc=f"train {args.loss}"
-    )
-    stop = StopSignals()  # a scheduler's SIGTERM / SIGUSR1: checkpoint after this step and exit
-    sums = StepSums(run.accelerator, stop)
-    validation = Validation(args, run, models)  # --validation_prompts: pictures of the policy as it trains
-    validation.after_step(trainer.global_step, trainer.unet)  # step 0: what theta_k itself samples
-    with stop, progress as bar:  # the bar is closed before any error message, so the message is the last line
-        for batch in loader:
+    stop = run.extras.StopSignals() if args.checkpoint_on_signal else None
+    validation = run.extras.Validation(args, run, models) if args.validation_prompts else None
+    sums, stopping = StepSums(run.accelerator, stop), False
+    if validation:
+        validation.after_step(trainer.global_step, trainer.unet)  # step 0: what theta_k itself samples
+    bar = tqdm(total=args.max_train_steps, initial=trainer.global_step, disable=not run.main_process)
+    with stop or contextlib.nullcontext(), bar:  # the bar closes before an error message: that stays the last line
+        for batch in step_loader(args, run, models, pairs, trainer.global_step):
             row = train_step(batch, args, run, models, data, trainer, sums)
-            if row is None:  # a micro-step within the accumulation: no optimizer step yet
+            if row is None:  # a micro-step within the accumulation
                 continue
             if run.main_process:
-                with open(metrics_path, "a") as f:
+                with open(run.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             run.accelerator.log(row, step=trainer.global_step)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{row['loss']:.4f}", **({"acc": f"{row['implicit_acc']:.2f}"} if "implicit_acc" in row else {})
-            )
-            last = trainer.global_step == args.max_train_steps  # a stop signal during the last step: just finish
-            if not last and (trainer.global_step % args.checkpointing_steps == 0 or stop.agreed):
-                save_checkpoint(
-                    run.accelerator, run.out, trainer.global_step, trainer.lr_scheduler, args, models.fingerprint
-                )
-                if stop.agreed:
-                    break
-            validation.after_step(trainer.global_step, trainer.unet)
-    validation.close()  # the pipeline holds the policy: let save_outputs free it
-    if stop.agreed and trainer.global_step < args.max_train_steps:
-        exit_stopped(run, args, stop.agreed, trainer.global_step)
-
-
-# How schedulers say "stop soon" (SLURM also --signal=USR1@...). Windows has no SIGUSR1.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
-
-
-class StopSignals:
-    """While training, SIGTERM / SIGUSR1 end the run after the current optimizer step, with a checkpoint of it. The
-    handler only notes the signal; the processes agree on it in the step's one reduce (StepSums.reduce), so all stop
-    after the same step however late the signal reached each. A context, installed around the training loop only:
-    before it a killed run re-encodes its caches safely (atomic pieces), after it unet/ is written atomically."""
-
-    def __init__(self):
-        self.received = set()  # the signals this process got
-        self.agreed = None  # the signal every process stops on, once a step's reduce has seen one
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
-            self.previous = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():  # None: a handler not set from Python, i.e. the default
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self.previous = {}
-
-    def note(self, signum, frame):
-        self.received.add(signum)  # a set: under SLURM a worker may get a signal twice (directly, and from torchrun)
-
-    def flags(self):
-        """One 0/1 per STOP_SIGNALS: whether this process got it (summed over the processes by StepSums.reduce)."""
-        return [float(s in self.received) for s in STOP_SIGNALS]
-
-    def agree(self, counts):
-        """The flags summed over the processes: the first of STOP_SIGNALS any of them got, the same on every one."""
-        self.agreed = next((s for s, c in zip(STOP_SIGNALS, counts) if c > 0), None)
-
-
-def exit_stopped(run, args, signum, step):
-    """After a stop's checkpoint: one line, and exit status 128 + the signal's number (what shells report for a process
-    the signal killed): non-zero, so a `set -e` script (spin_loop.sh) stops instead of starting the next stage."""
-    flag = "" if args.resume_from_checkpoint == "latest" else " with --resume_from_checkpoint latest"
-    run.accelerator.end_training()  # the trackers' last writes, and the process group closed
-    if run.main_process:
-        print(
-            f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
-            f"{run.out / f'checkpoint-{step}'}; run the same command{flag} to continue",
-            file=sys.stderr,
-            flush=True,
-        )
-    sys.exit(128 + signum)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            step, last = trainer.global_step, trainer.global_step == args.max_train_steps
+            stopping = stop is not None and stop.agreed is not None and not last  # in the last step: just finish
+            if stopping or (step % args.checkpointing_steps == 0 and not last):
+                save_checkpoint(run.accelerator, run.out, step, trainer.lr_scheduler, args, models.fingerprint)
+            if stopping:
+                break
+            if validation:
+                validation.after_step(step, trainer.unet)
+    if validation:
+        validation.close()  # its pipeline holds the policy: let save_outputs free it
+    if stopping:
+        run.extras.exit_stopped(run, args, stop.agreed, trainer.global_step)
 
 
 def step_loader(args, run, models, pairs, global_step):
     """Item m is micro-step m's batch with its draws (StepBatches); workers prefetch it into pinned memory."""
-    accum = args.gradient_accumulation_steps
-    steps = StepBatches(
-        pairs.dataset,
-        args.seed,
-        pairs.global_batch,
-        run.accelerator.process_index,
-        args.train_batch_size,
-        pairs.latent_shape,
-        models.scheduler.config.num_train_timesteps,
-        args.pair_noise,
-        args.caption_dropout,
-    )
+    T, accum = models.scheduler.config.num_train_timesteps, args.gradient_accumulation_steps
+    steps = StepBatches(pairs, args, run.accelerator.process_index, T)
     return torch.utils.data.DataLoader(
         steps,
         batch_size=None,
@@ -726,133 +551,71 @@ def step_loader(args, run, models, pairs, global_step):
         num_workers=args.dataloader_num_workers,
         pin_memory=run.device.type == "cuda",
         persistent_workers=args.dataloader_num_workers > 0,
-        worker_init_fn=leave_stop_signals_to_training,
+        worker_init_fn=run.extras.leave_stop_signals_to_training if args.checkpoint_on_signal else None,
     )
 
 
-def leave_stop_signals_to_training(worker_id):
-    """A DataLoader worker leaves SIGTERM / SIGUSR1 to the training process (StopSignals): a scheduler signals every
-    process of the job, and a worker it killed would fail the run before its stop checkpoint. The training process's
-    own SIGTERM (how multiprocessing ends its workers) still ends the worker: sigwaitinfo tells who sent it. A signal
-    goes to any thread that does not block it, so this needs the worker's one thread, as fork starts it (Linux's
-    default up to Python 3.13; spawn and forkserver start a second one): elsewhere SIGTERM keeps its default."""
-    import multiprocessing
-
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the training process never sends it to a worker
-    tasks = Path("/proc/self/task")  # Linux: one entry per thread
-    if not hasattr(signal, "sigwaitinfo") or not tasks.is_dir() or len(list(tasks.iterdir())) > 1:
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
-    parent = multiprocessing.parent_process().pid  # the training process
-
-    def exit_on_parents_sigterm():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(0)
-
-    threading.Thread(target=exit_on_parents_sigterm, daemon=True).start()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One training step
-# ---------------------------------------------------------------------------------------------------------
 def train_step(batch, args, run, models, data, trainer, sums):
-    """One micro-step: the pair (or, SFT, the real image) noised with the step's draws, the loss and its gradient.
-    The last micro-step of an optimizer step also clips, guards against a non-finite loss and steps the optimizer;
-    it returns the step's metrics row, the others None."""
-    accelerator = run.accelerator
+    """One micro-step: the pair (SFT: the real image) noised with the step's draws, the loss and its gradient. The last
+    micro-step of an optimizer step also clips, refuses a non-finite loss and steps: it returns the step's metrics
+    row, the others None."""
+    accelerator, scheduler = run.accelerator, models.scheduler
     sums.pairs += batch["real"].shape[0]  # counted on the host: no device sync
     draws, cond, real = step_inputs(batch, args, models, data, run.device)
     with accelerator.accumulate(trainer.unet):
         if args.loss == "sft":
-            loss, stats = sft_loss(trainer.unet, models.scheduler, real, draws, cond)
+            loss, stats = sft_loss(trainer.unet, scheduler, real, draws, cond)
         else:
-            other = batch["other"].to(run.device, non_blocking=True)
+            other, autocast = batch["other"].to(run.device, non_blocking=True), accelerator.autocast
             loss, stats = pair_loss(
-                trainer.unet,
-                trainer.reference,
-                models.scheduler,
-                real,
-                other,
-                draws,
-                cond,
-                beta=args.beta,
-                autocast=accelerator.autocast,
+                trainer.unet, trainer.reference, scheduler, real, other, draws, cond, beta=args.beta, autocast=autocast
             )
         accelerator.backward(loss)
         sync = accelerator.sync_gradients  # the last micro-step of an optimizer step
         grad_norm = accelerator.clip_grad_norm_(trainer.trainable, args.max_grad_norm) if sync else None
         sums.add(loss, stats, real.shape[0])
         if sync:
-            step = sums.reduce(grad_norm)
-            refuse_non_finite(step, trainer.global_step + 1, accelerator, run.out)
+            row = sums.reduce(grad_norm)
+            refuse_non_finite(row, trainer.global_step + 1, accelerator, run.out)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
     if not sync:
         return None
-    step_lr = trainer.lr_scheduler.get_last_lr()[0]  # the rate this step used
-    skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf/nan gradients
-    if not skipped:  # a skipped step changed no weight, so it does not advance the schedule either
+    row.update(lr=trainer.lr_scheduler.get_last_lr()[0], pairs_per_s=row.pop("pairs") / (time.time() - sums.t0))
+    if accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler found inf/nan gradients
+        row["skipped"] = True  # a step that changed no weight does not advance the schedule either
+    else:
         trainer.lr_scheduler.step()
     trainer.global_step += 1
-    row = step.row(trainer.global_step, step_lr, time.time() - sums.t0, skipped)
     sums.reset()
-    return row
+    return {"step": trainer.global_step, **row}
 
 
 def step_inputs(batch, args, models, data, device):
-    """A micro-step's batch on the device: its draws (StepDraws), its conditioning with caption dropout applied
-    (Conditioning; SDXL's laid out for pair_loss's concatenated batch) and the real latents."""
+    """A micro-step's batch on the device: its Draws, its Conditioning with caption dropout applied (laid out for
+    pair_loss's [real; other] batch) and the real latents."""
 
-    def to_dev(x):
-        return x.to(device, non_blocking=True)
+    def to_dev(name):
+        return batch[name].to(device, non_blocking=True)
 
-    t, noise = to_dev(batch["t"]), to_dev(batch["noise"])
-    t2, noise2 = (to_dev(batch["t2"]), to_dev(batch["noise2"])) if "t2" in batch else (t, noise)
-    text = to_dev(batch["text"])
-    drop = to_dev(batch["drop"]) if args.caption_dropout > 0 else None
-    if drop is not None:
-        text = torch.where(drop[:, None, None], data.empty_text, text)
+    t, noise = to_dev("t"), to_dev("noise")
+    t2, noise2 = (to_dev("t2"), to_dev("noise2")) if "t2" in batch else (t, noise)
+    drop = to_dev("drop") if args.caption_dropout > 0 else None
+    text = to_dev("text") if drop is None else torch.where(drop[:, None, None], data.empty_text, to_dev("text"))
+    members = 1 if args.loss == "sft" else 2
     added = None
-    if models.sdxl:  # pooled prompt embedding (dropped like the prompt) and each image's micro-conditioning
-        pooled = to_dev(batch["pooled"])
-        if drop is not None:
-            pooled = torch.where(drop[:, None], data.empty_pooled, pooled)
-        ids = to_dev(batch["time_ids"])
-        if args.loss != "sft":
-            pooled, ids = torch.cat([pooled, pooled]), torch.cat([ids, to_dev(batch["time_ids_other"])])
-        added = {"text_embeds": pooled, "time_ids": ids}
-    return StepDraws(t, noise, t2, noise2, drop), Conditioning(text, added), to_dev(batch["real"])
-
-
-@dataclass
-class StepMetrics:
-    """One optimizer step's means over its pairs (every micro-step, every process), and its gradient norm."""
-
-    loss: float
-    stats: dict  # the loss's statistics by name (pair_stats; SFT: model_mse_real)
-    pairs: float
-    grad_norm: float
-
-    def row(self, step, lr, seconds, skipped):
-        """The step's metrics.jsonl line."""
-        return {
-            "step": step,
-            "loss": self.loss,
-            **self.stats,
-            "lr": lr,
-            "grad_norm": self.grad_norm,
-            "pairs_per_s": self.pairs / seconds,
-            **({"skipped": True} if skipped else {}),
-        }
+    if models.sdxl:  # the pooled prompt embedding (dropped with the prompt) and each image's micro-conditioning
+        pooled = to_dev("pooled") if drop is None else torch.where(drop[:, None], data.empty_pooled, to_dev("pooled"))
+        ids = [to_dev("time_ids"), to_dev("time_ids_other")][:members]
+        added = {"text_embeds": torch.cat([pooled] * members), "time_ids": torch.cat(ids)}
+    return Draws(t, noise, t2, noise2, drop), Conditioning(torch.cat([text] * members), added), to_dev("real")
 
 
 class StepSums:
-    """The metric sums of one optimizer step's micro-steps. They stay on the device until the optimizer step: one
-    host sync per step (the metrics and the non-finite guard need it), none per micro-step."""
+    """The metric sums of an optimizer step's micro-steps, kept on the device until the step: one host sync per step,
+    none per micro-step. The step's one reduce also carries the stop signals' votes (spin_extras.py)."""
 
-    def __init__(self, accelerator, stop):
+    def __init__(self, accelerator, stop=None):
         self.accelerator, self.stop = accelerator, stop
         self.reset()
 
@@ -865,213 +628,46 @@ class StepSums:
         self.names = list(stats)
 
     def reduce(self, grad_norm):
-        """The sums over every process, divided by the pairs counted: StepMetrics. The same reduce carries each
-        process's stop flags (StopSignals.agree), so agreeing on a stop costs no synchronisation of its own."""
-        dev = self.accelerator.device
-        counts = torch.tensor([float(self.pairs), *self.stop.flags()], device=dev)
+        """The means over every pair of every process: loss, statistics, gradient norm, and the pairs counted."""
+        votes = self.stop.flags() if self.stop else []
+        counts = torch.tensor([float(self.pairs), *votes], device=self.accelerator.device)
         total = self.accelerator.reduce(torch.cat([self.sums, counts]), "sum").tolist()
         end = self.sums.numel()
-        vals, n = total[:end], total[end]
-        self.stop.agree(total[end + 1 :])
-        gn = float(grad_norm) if grad_norm is not None else float("nan")
-        return StepMetrics(vals[0] / n, {k: v / n for k, v in zip(self.names, vals[1:])}, n, gn)
+        if self.stop:
+            self.stop.agree(total[end + 1 :])
+        n, grad_norm = total[end], float("nan") if grad_norm is None else float(grad_norm)
+        stats = {k: v / n for k, v in zip(self.names, total[1:end])}
+        return {"loss": total[0] / n, **stats, "grad_norm": grad_norm, "pairs": n}
 
 
-def refuse_non_finite(step, step_number, accelerator, out):
+def refuse_non_finite(row, step, accelerator, out):
     """A non-finite loss would poison the weights: stop before the optimizer applies it (fp16's grad scaler skips
     non-finite gradients itself)."""
-    if not math.isfinite(step.loss) or (not math.isfinite(step.grad_norm) and accelerator.mixed_precision != "fp16"):
-        last = list_checkpoints(out)
-        raise UserError(
-            f"non-finite loss at step {step_number} (loss {step.loss}, grad norm {step.grad_norm}): "
-            "lower --learning_rate or --beta, prefer bf16 to fp16, check the data"
-            + (f"; the last good checkpoint is {last[-1]}" if last else "")
-            + "; no unet/ was written"
-        )
+    if math.isfinite(row["loss"]) and (math.isfinite(row["grad_norm"]) or accelerator.mixed_precision == "fp16"):
+        return
+    last = list_checkpoints(out)
+    kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+    raise UserError(
+        f"non-finite loss at step {step} (loss {row['loss']}, grad norm {row['grad_norm']}): lower --learning_rate or "
+        f"--beta, prefer bf16 to fp16, check the data{kept}; no unet/ was written"
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Validation images while training: the pictures that show a run diverging or over-training
-# ---------------------------------------------------------------------------------------------------------
-# The pipeline class of each model family, and what it is loaded with: no safety checker (its black images would
-# hide what the model makes) and no watermark, as generate.py loads them.
-VALIDATION_PIPELINES = {
-    "sd": ("StableDiffusionPipeline", {"safety_checker": None, "requires_safety_checker": False}),
-    "sdxl": ("StableDiffusionXLPipeline", {"add_watermarker": False}),
-}
-
-
-class Validation:
-    """--validation_prompts: the policy samples the same prompts from the same seeds before the first step, every
-    --validation_steps and after the last, the way generate.py samples (image i of prompt p from its own seed
-    image_seed(--validation_seed, p, i), the pipeline's final latent decoded here), so step 0 is what generate.py makes
-    from theta_k. Each is written to output_dir/validation/step-N/ (images/, metadata.jsonl, grid.png: a row per
-    prompt) and sent to --report_to's tensorboard or wandb. The prompts are shared out among the processes (prompt p
-    to process p % N, as generate.py shares them) and the main process writes them all, so no process waits on one
-    that samples alone; the rest of the pipeline (VAE, text encoders) is loaded once and kept on the CPU in between.
-    It draws only from its own generators: the training is the same with or without it."""
-
-    def __init__(self, args, run, models):
-        self.args, self.run, self.models, self.pipe = args, run, models, None
-
-    def after_step(self, step, unet):
-        a, accelerator = self.args, self.run.accelerator
-        if not a.validation_prompts or not (step % a.validation_steps == 0 or step == a.max_train_steps):
-            return
-        folder = self.run.out / "validation" / f"step-{step}"
-        if folder.is_dir():  # a resumed run keeps the steps it already sampled (every process sees the same folder)
-            return
-        mine = range(accelerator.process_index, len(a.validation_prompts), accelerator.num_processes)
-        pixels = self.sample(accelerator.unwrap_model(unet), mine) if mine else {}
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            pixels = {p: x for part in gather_object([pixels]) for p, x in part.items()}
-        if self.run.main_process:
-            pixels = np.stack([pixels[p] for p in range(len(a.validation_prompts))])
-            grid = write_validation_folder(folder, pixels, a.validation_prompts, self.seeds())
-            log_validation_images(accelerator, grid, pixels, a.validation_prompts, step)
-        accelerator.wait_for_everyone()
-
-    def seeds(self):
-        n = self.args.num_validation_images
-        return [
-            [image_seed(self.args.validation_seed, p, i) for i in range(n)]
-            for p in range(len(self.args.validation_prompts))
-        ]
-
-    @torch.no_grad()
-    def sample(self, unet, prompt_indices):
-        """{prompt index: uint8 images [images per prompt, H, W, 3]}: one pipeline call per prompt, its images' noise
-        from their own seeds, in the run's precision (under autocast, as the policy trains)."""
-        a, device = self.args, self.run.device
-        pipe = self.pipeline(unet)
-        r, f = a.resolution, pipe.vae_scale_factor
-        shape = (unet.config.in_channels, r // f, r // f)
-        extra = {"original_size": (r, r), "crops_coords_top_left": (0, 0), "target_size": (r, r)}
-        was_training = unet.training
-        unet.eval()
-        out, seeds = {}, self.seeds()
-        try:
-            for p in prompt_indices:
-                noise, gens = initial_noise(seeds[p], shape)
-                with self.run.accelerator.autocast():
-                    latents = pipe(
-                        prompt=[a.validation_prompts[p]] * len(seeds[p]),
-                        latents=noise.to(device),
-                        generator=gens,
-                        num_inference_steps=a.validation_num_inference_steps,
-                        guidance_scale=a.validation_guidance_scale,
-                        height=r,
-                        width=r,
-                        output_type="latent",
-                        **(extra if self.models.sdxl else {}),
-                    ).images
-                out[p] = to_pixels(decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)).numpy()
-        finally:
-            unet.train(was_training)
-            self.offload()
-        return out
-
-    def pipeline(self, unet):
-        """The base pipeline around the policy, loaded on first use; its other parts moved to the device."""
-        if self.pipe is None:
-            import diffusers
-            import transformers
-
-            diffusers.utils.logging.disable_progress_bar()  # their loading bars would break the training's
-            transformers.utils.logging.disable_progress_bar()
-            name, kwargs = VALIDATION_PIPELINES[self.models.family]
-            base = self.models.base
-            pipe = load_component(
-                f"the pipeline {base!r}",
-                getattr(diffusers, name).from_pretrained,
-                base,
-                unet=unet,
-                dtype=self.run.dtype,
-                revision=self.args.revision,
-                variant=self.args.variant,
-                **kwargs,
-            )
-            if self.args.validation_scheduler:
-                cls = getattr(diffusers, SCHEDULERS[self.args.validation_scheduler])
-                pipe.scheduler = cls.from_config(pipe.scheduler.config)
-            pipe.vae.to(self.models.vae_dtype)  # fp32 where the VAE's config asks for it (SDXL's in fp16)
-            pipe.set_progress_bar_config(disable=True)
-            self.pipe = pipe
-        for part in self.parts():
-            part.to(self.run.device)
-        return self.pipe
-
-    def parts(self):
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
-
-    def offload(self):
-        """The VAE and text encoders go back to the CPU: the training has their memory."""
-        if self.pipe is not None and self.run.device.type != "cpu":
-            for part in self.parts():
-                part.to("cpu")
-
-    def close(self):
-        self.pipe = None
-
-
-def validation_grid(pixels):
-    """uint8 [prompts, images, H, W, 3] -> one image: a row per prompt, its images side by side."""
-    return np.concatenate([np.concatenate(list(row), axis=1) for row in pixels], axis=0)
-
-
-def write_validation_folder(folder, pixels, prompts, seeds):
-    """validation/step-N/: images/<key>.png named as generate.py names them, metadata.jsonl (file_name, prompt,
-    prompt_index, image_index, seed) and grid.png; written under a temp name and renamed, so a folder that exists is
-    complete. Returns the grid."""
-    tmp = folder.with_name(f"{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    rows = []
-    for p, (prompt, images) in enumerate(zip(prompts, pixels)):
-        for i, img in enumerate(images):
-            name = f"images/{image_key(p, i)}.png"
-            Image.fromarray(img).save(tmp / name, format="PNG")
-            rows.append({"file_name": name, "prompt": prompt, "prompt_index": p, "image_index": i, "seed": seeds[p][i]})
-    (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grid = validation_grid(pixels)
-    Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return grid
-
-
-def log_validation_images(accelerator, grid, pixels, prompts, step):
-    """The step's pictures to the trackers that show images: tensorboard gets the grid, wandb every image with its
-    prompt as caption."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            images = [wandb.Image(img, caption=f"{p}: {q}") for p, q in enumerate(prompts) for img in pixels[p]]
-            tracker.log({"validation": images}, step=step)
-
-
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Models:
-    """theta_k and the parts of its pipeline that training needs."""
+    """theta_k and what training needs of its pipeline."""
 
     base: str  # --pretrained_model_name_or_path: VAE, text encoder(s), tokenizer(s), scheduler
     scheduler: Any  # DDPMScheduler: how latents are noised and what the UNet predicts
-    tokenizers: tuple  # SD: (CLIP tokenizer,); SDXL: (tokenizer, tokenizer_2)
-    unet: Any  # theta_k, float32: the policy that trains
+    tokenizers: tuple  # SD: (tokenizer,); SDXL: (tokenizer, tokenizer_2)
+    unet: Any  # theta_k in float32: the policy that trains
     fingerprint: str  # of theta_k's weights: the opponent check, the resume check, the run record
-    family: str  # "sd" (SD-1.x/2.x) or "sdxl": model_family
+    family: str  # "sd" (SD-1.x/2.x) or "sdxl"
     force_zeros: bool  # SDXL base: the unconditional branch's prompt embeddings are zeros, not the empty prompt's
-    vae_config: dict
-    vae_dtype: torch.dtype  # the compute dtype, but fp32 where the VAE asks for it (force_upcast)
+    vae_dtype: torch.dtype  # the compute dtype, but fp32 where the VAE's config asks for it (force_upcast)
 
     @property
     def sdxl(self):
@@ -1079,175 +675,107 @@ class Models:
 
 
 def load_component(what, load, *args, **kwargs):
-    """load(*args, **kwargs) (a from_pretrained or load_config); a missing or unreadable file is one line naming
-    `what`."""
+    """load(*args, **kwargs), a from_pretrained or load_config; a file it cannot read is one line naming `what`."""
     try:
         return load(*args, **kwargs)
     except (OSError, ValueError) as e:
-        msg = variant_hint(e, kwargs.get("variant"))
-        raise UserError(f"could not load {what}: {msg}") from None
-
-
-def load_tokenizer(what, cls, base, subfolder, revision):
-    """A pipeline's tokenizer, refused in one line where the folder lacks its files (check_tokenizer)."""
-    tokenizer = load_component(what, cls.from_pretrained, base, subfolder=subfolder, revision=revision)
-    return check_tokenizer(tokenizer, what, subfolder)
-
-
-def model_family(unet_config):
-    """'sdxl' when the UNet also takes the pooled prompt embedding and the micro-conditioning (addition_embed_type
-    text_time), 'sd' for SD-1.x/2.x (none); any other is refused."""
-    kind = unet_config.addition_embed_type
-    if kind not in (None, "text_time"):
-        raise UserError(f"UNet addition_embed_type {kind!r} is not supported (SD-1.x/2.x: none, SDXL: text_time)")
-    return "sdxl" if kind == "text_time" else "sd"
+        raise UserError(f"could not load {what}: {variant_hint(e, kwargs.get('variant'))}") from None
 
 
 def load_models(args, run):
-    """theta_k (--unet, float32) with the base pipeline's scheduler, tokenizer(s) and VAE config; sets --resolution's
-    default, the UNet's native latent size times the VAE's downsampling."""
+    """theta_k (--unet, float32) with the base pipeline's scheduler, tokenizer(s) and VAE settings; --resolution's
+    default is the UNet's native latent size times the VAE's downsampling."""
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
     from transformers import CLIPTokenizer
 
     check_model_path(args.pretrained_model_name_or_path)
-    base, rev = args.pretrained_model_name_or_path, args.revision
-    pipeline = f"the pipeline {base!r}"
-    scheduler = load_component(pipeline, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
-    tokenizers = (load_tokenizer(pipeline, CLIPTokenizer, base, "tokenizer", rev),)
+    base, rev, what = (
+        args.pretrained_model_name_or_path,
+        args.revision,
+        f"the pipeline {args.pretrained_model_name_or_path!r}",
+    )
+    scheduler = load_component(what, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
     unet = load_unet(args.unet, base, rev, args.variant)
     fingerprint = unet_fingerprint(unet)
-    if args.enable_xformers_memory_efficient_attention:
-        use_xformers(unet, run.log)
-    family = model_family(unet.config)
-    force_zeros = False
+    kind = unet.config.addition_embed_type  # SDXL's UNet also takes the pooled prompt and the micro-conditioning
+    if kind not in (None, "text_time"):
+        raise UserError(f"UNet addition_embed_type {kind!r} is not supported (SD-1.x/2.x: none, SDXL: text_time)")
+    family, force_zeros = ("sdxl" if kind else "sd"), False
+    tokenizers = ()
+    for name in ("tokenizer", "tokenizer_2") if kind else ("tokenizer",):
+        tokenizer = load_component(what, CLIPTokenizer.from_pretrained, base, subfolder=name, revision=rev)
+        tokenizers += (check_tokenizer(tokenizer, what, name),)
     if family == "sdxl":
-        sdxl_pipeline = f"the SDXL pipeline {base!r}"
-        tokenizers += (load_tokenizer(sdxl_pipeline, CLIPTokenizer, base, "tokenizer_2", rev),)
-        config = load_component(sdxl_pipeline, DiffusionPipeline.load_config, base, revision=rev)
+        config = load_component(what, DiffusionPipeline.load_config, base, revision=rev)
         force_zeros = bool(config.get("force_zeros_for_empty_prompt", True))
-    vae_config = load_component(
-        f"the VAE config of {base!r}", AutoencoderKL.load_config, base, subfolder="vae", revision=rev
-    )
-    if args.resolution is None:
-        args.resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    # SDXL's VAE overflows in fp16: its config asks for fp32 (force_upcast), as the pipeline does; bf16's range is
-    # fp32's, so bf16 is kept.
-    vae_dtype = torch.float32 if vae_config.get("force_upcast", False) and run.dtype == torch.float16 else run.dtype
-    return Models(base, scheduler, tokenizers, unet, fingerprint, family, force_zeros, vae_config, vae_dtype)
+    vae = load_component(f"the VAE config of {base!r}", AutoencoderKL.load_config, base, subfolder="vae", revision=rev)
+    args.resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()  # the reference, a copy of this UNet, inherits it
+        except ModuleNotFoundError:
+            run.log("note: xformers is not installed; the UNet uses PyTorch's scaled_dot_product_attention")
+    # SDXL's VAE overflows in fp16, its config asks for fp32 (force_upcast); bf16 has fp32's range, so it is kept
+    vae_dtype = torch.float32 if vae.get("force_upcast", False) and run.dtype == torch.float16 else run.dtype
+    return Models(base, scheduler, tokenizers, unet, fingerprint, family, force_zeros, vae_dtype)
 
 
-def use_xformers(unet, log):
-    """diffusers' --enable_xformers_memory_efficient_attention: xformers' kernels where the package is installed (the
-    reference, a copy of this UNet, inherits them); without it the UNet keeps PyTorch's scaled_dot_product_attention,
-    a memory-efficient kernel already, and the log says so instead of failing."""
-    import importlib.util
-
-    if importlib.util.find_spec("xformers") is None:
-        log(
-            "note: xformers is not installed; the UNet uses PyTorch's scaled_dot_product_attention (memory-efficient "
-            "already)"
-        )
-        return
-    unet.enable_xformers_memory_efficient_attention()
-
-
-UNSUPPORTED_ENGINES = {
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-    "ACCELERATE_USE_FSDP": "FSDP",
-    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
-}
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+UNSUPPORTED_ENGINES["ACCELERATE_USE_MEGATRON_LM"] = "Megatron-LM"
 
 
 def refuse_unsupported_engine(environ):
-    """This script accumulates, clips, guards against non-finite losses and saves around a plain DDP step. DeepSpeed,
-    FSDP and Megatron-LM take those over (their own accumulation, clipping after their step, no autocast, sharded or
-    bf16 saves), so a launch through them would train something else without saying so."""
+    """DeepSpeed, FSDP and Megatron-LM take over accumulation, clipping, autocast and saving, which this script does
+    around a plain DDP step: a launch through them would train something else without saying so."""
     for var, name in UNSUPPORTED_ENGINES.items():
         if environ.get(var, "false").lower() in ("true", "1", "yes"):
             raise UserError(
                 f"{name} launches are not supported: train_spin.py runs DDP on any number of GPUs and nodes "
-                "(accelerate launch --multi_gpu, or torchrun); for a model that does not fit, train a "
-                "LoRA adapter (--lora_rank)"
+                "(accelerate launch --multi_gpu, or torchrun); for a model that does not fit, train a LoRA "
+                "adapter (--lora_rank)"
             )
 
 
 def check_shared_folders(accelerator, folders):
-    """Every process writes into --cache_dir (its pieces of the cache) and --output_dir (its RNG state in each
-    checkpoint) and reads what the others wrote there, so with several nodes each must be one shared folder. The main
-    process leaves a marker in each; a process that does not see it stops every process with one line."""
+    """Every process writes its part of the caches and checkpoints into --cache_dir and --output_dir and reads the
+    others': on several nodes each must be one shared folder. The main process leaves a marker in each; a process that
+    does not see it stops every process with one line."""
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import broadcast_object_list, gather_object
 
     token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else None])[0]
     marks = {flag: Path(folder) / f".shared-check-{token}" for flag, folder in folders.items()}
-    if accelerator.is_main_process:
-        for mark in marks.values():
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text("")
+    for mark in marks.values() if accelerator.is_main_process else ():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text("")
     accelerator.wait_for_everyone()
     unseen = gather_object([[flag for flag, mark in marks.items() if not mark.is_file()]])
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for mark in marks.values():
-            mark.unlink(missing_ok=True)
+    for mark in marks.values() if accelerator.is_main_process else ():
+        mark.unlink(missing_ok=True)
     bad = sorted({flag for per_process in unseen for flag in per_process})
     if bad:
         ranks = [i for i, per_process in enumerate(unseen) if per_process]
         raise UserError(
             f"{' and '.join(bad)} must be one folder shared by all {accelerator.num_processes} processes "
-            f"(process(es) {ranks} do not see the main process's files there): on several nodes put "
-            "them on a filesystem every node mounts at the same path"
+            f"(process(es) {ranks} do not see the main process's files there): on several nodes put them on a "
+            "filesystem every node mounts at the same path"
         )
 
 
-def is_norm(module):
-    return isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(module).__name__
-
-
 def cast_frozen(module, dtype):
-    """Hold a module's frozen weights in the compute dtype. Under autocast every matmul and convolution casts its
-    fp32 weight to that dtype on each call anyway, so the cast copy computes exactly the same, in half the memory;
-    normalisation layers compute in fp32 under autocast, so their weights stay fp32. Trainable weights stay fp32."""
+    """Hold a module's frozen weights in the compute dtype: under autocast every matmul and convolution casts its fp32
+    weight to it on each call anyway, so this computes the same in half the memory; normalisation layers compute in
+    fp32 under autocast, so theirs stay fp32. (diffusers' cast_training_params casts the trainable weights only.)"""
     if dtype == torch.float32:
         return module
     for m in module.modules():
+        norm = isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(m).__name__
         for p in m.parameters(recurse=False):
-            if not p.requires_grad:
-                # the norms' fp32 weights are copied too, so that no tensor keeps the loaded file's mapping alive
-                p.data = p.data.clone() if is_norm(m) else p.data.to(dtype)
+            if not p.requires_grad:  # the norms' copied too: no tensor keeps the loaded file's mapping alive
+                p.data = p.data.clone() if norm else p.data.to(dtype)
     return module
-
-
-def checkpoint_adapter_only(accelerator):
-    """A LoRA run's checkpoint-N/ holds the adapter, not the frozen UNet under it (its optimizer state holds only the
-    adapter's anyway): megabytes instead of gigabytes. Resuming puts the adapter back into the same frozen UNet."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    def save(models, weights, output_dir):
-        if accelerator.is_main_process:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, ADAPTER_FILE)
-            )
-        weights.clear()
-
-    def load(models, input_dir):
-        path = os.path.join(input_dir, ADAPTER_FILE)
-        if not os.path.isfile(path):
-            raise UserError(
-                f"checkpoint {input_dir} has no {ADAPTER_FILE}: it was not written by a LoRA run "
-                "(resume with the flags that made it, or use another --output_dir)"
-            )
-        result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), load_file(path))
-        if result.unexpected_keys:
-            raise UserError(
-                f"checkpoint {input_dir}: its adapter does not fit this UNet (e.g. {result.unexpected_keys[0]}); "
-                "resume with the --lora_* flags that made it"
-            )
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
 
 
 def add_lora(unet, rank, alpha, target_modules, seed=0):
@@ -1267,8 +795,7 @@ def add_lora(unet, rank, alpha, target_modules, seed=0):
 
 
 class WithoutAdapter:
-    """The frozen reference of a LoRA run: the policy's own UNet with its adapter switched off, so no second copy of
-    the UNet is held in memory. Called only under no_grad."""
+    """The frozen reference of a LoRA run: the policy's own UNet with its adapter off (no second copy in memory)."""
 
     def __init__(self, unet):
         self.unet = unet
@@ -1281,287 +808,343 @@ class WithoutAdapter:
             self.unet.enable_adapters()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: real rows -> cached latents; captions -> cached text embeddings; synthetic folder -> pairs.
-# ---------------------------------------------------------------------------------------------------------
-SHARD = 1024  # rows per shard file of the text and synthetic-image caches
-PIECE_ROWS = 1024  # rows per piece of a downloaded dataset (a streamed one is cut by its files)
+def checkpoint_adapter_only(accelerator):
+    """A LoRA run's checkpoint-N/ holds the adapter (ADAPTER_FILE), not the frozen UNet under it: megabytes, not
+    gigabytes. Resuming puts it back into the same frozen UNet."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, ADAPTER_FILE)
+            )
+        weights.clear()
+
+    def load(models, input_dir):
+        path = os.path.join(input_dir, ADAPTER_FILE)
+        if not os.path.isfile(path):
+            raise UserError(
+                f"checkpoint {input_dir} has no {ADAPTER_FILE}: it was not written by a LoRA run (resume with the "
+                "flags that made it, or use another --output_dir)"
+            )
+        unexpected = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), load_file(path)).unexpected_keys
+        if unexpected:
+            raise UserError(
+                f"checkpoint {input_dir}: its adapter does not fit this UNet (e.g. {unexpected[0]}); resume with the "
+                "--lora_* flags that made it"
+            )
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: real rows -> cached latents, captions -> cached prompt embeddings, generate.py's folder -> pairs. Our own
+# caches, not datasets' map(): that would encode on every process and cache by the function's hash, not by the weights
+# that encoded the rows; these are built once between all processes and read lazily by row.
+# ---------------------------------------------------------------------------------------------------------------------
+SHARD = 1024  # rows per shard of the text and synthetic-image caches, and per piece of a downloaded dataset
 CHUNK = 64  # images decoded and encoded at a time
+CACHE_FORMAT = 2  # part of every cache key: a cache written in an older layout is rebuilt, never misread
 
 
 @dataclass
 class RealData:
-    """The real rows, encoded: where their latents and prompt embeddings are cached, which rows are usable, each
-    row's prompt, and what caption dropout trains on (the unconditional branch's conditioning)."""
+    """The real rows, encoded: the caches' folders, the latent cache's counters, each row's caption, whether its image
+    decoded and its prompt's row in the text cache, and what caption dropout trains on."""
 
     lat_dir: Path
     txt_dir: Path
-    info: dict  # the latent cache's counters (usable_rows, rows_read, ties_dropped, ...)
-    captions: list  # per cache row
-    valid: list  # per cache row: its image decoded
-    caption_ids: list  # per cache row: its prompt's row in the text cache
+    info: dict  # usable_rows, rows_read, ties_dropped, undecodable_rows, cache_rows, ...
+    captions: list
+    valid: list
+    caption_ids: list
     empty_text: torch.Tensor
     empty_pooled: Optional[torch.Tensor]  # SDXL only
 
 
 class ImageEncoder:
-    """PIL images -> latents, exactly as every real image is encoded (synthetic images too, with --synthetic_latent
+    """PIL images -> latents, the way every real image is encoded (the opponent's PNGs too, with --synthetic_latent
     image). The VAE is loaded on first use: a run whose caches are complete never loads it."""
 
     def __init__(self, args, run, models):
-        self.base, self.dtype, self.device, self.resolution = models.base, models.vae_dtype, run.device, args.resolution
-        self.revision, self.variant = args.revision, args.variant
-        self.vae = None
+        self.args, self.models, self.device, self.vae = args, models, run.device, None
 
-    def __call__(self, imgs):
+    def __call__(self, images):
         from diffusers import AutoencoderKL
 
         if self.vae is None:
-            self.vae = load_component(
-                f"the VAE of {self.base!r}",
-                AutoencoderKL.from_pretrained,
-                self.base,
-                subfolder="vae",
-                torch_dtype=self.dtype,
-                revision=self.revision,
-                variant=self.variant,
-            ).to(self.device)
-            self.vae.requires_grad_(False)
-        x = torch.stack([preprocess_image(im, self.resolution) for im in imgs])
+            a, base, load = self.args, self.models.base, AutoencoderKL.from_pretrained
+            pin = {"revision": a.revision, "variant": a.variant, "torch_dtype": self.models.vae_dtype}
+            self.vae = load_component(f"the VAE of {base!r}", load, base, subfolder="vae", **pin).to(self.device)
+        x = torch.stack([preprocess_image(im, self.args.resolution) for im in images])
         return torch.cat([encode_images(self.vae, x[i : i + 16]) for i in range(0, len(x), 16)])
 
 
 def encode_real_data(args, run, models, encode):
     """The real rows' latents and their prompts' embeddings, each computed once into --cache_dir (keyed by model and
-    data: later iterations reuse them), plus the empty prompt for caption dropout."""
-    lat_dir = encode_real_images(args, run, models, encode)
+    data: later iterations reuse them), and the empty prompt's for caption dropout."""
+    lat_dir = latent_cache(args, run, models, encode)
     info = json.loads((lat_dir / "info.json").read_text())
     captions = json.loads((lat_dir / "captions.json").read_text())
-    invalid = set(info["invalid_rows"])
-    valid = [i not in invalid for i in range(len(captions))]
     run.log(
         f"real data: {info['usable_rows']} usable rows of {info['rows_read']} read "
         f"({info['ties_dropped']} ties dropped, {info['undecodable_rows']} undecodable images skipped)"
     )
     unique = list(dict.fromkeys([""] + captions))  # the empty prompt first: caption dropout's
-    pos = {c: i for i, c in enumerate(unique)}
-    txt_dir = encode_prompts_once(args, run, models, unique)
-    # What caption dropout trains on: what the pipeline's unconditional branch sees (the empty prompt's embeddings,
-    # or zeros for SDXL base's force_zeros_for_empty_prompt), pooled embedding included.
+    txt_dir = text_cache(args, run, models, unique)
+    # caption dropout trains on what the unconditional branch sees: the empty prompt, or zeros (force_zeros)
     empty_text = ShardedTensors(txt_dir, "text")[0].to(run.device)
     empty_pooled = ShardedTensors(txt_dir, "pooled")[0].to(run.device) if models.sdxl else None
     if models.force_zeros:
         empty_text, empty_pooled = torch.zeros_like(empty_text), torch.zeros_like(empty_pooled)
-    return RealData(lat_dir, txt_dir, info, captions, valid, [pos[c] for c in captions], empty_text, empty_pooled)
+    position, invalid = {c: i for i, c in enumerate(unique)}, set(info["invalid_rows"])
+    valid, ids = [i not in invalid for i in range(len(captions))], [position[c] for c in captions]
+    return RealData(lat_dir, txt_dir, info, captions, valid, ids, empty_text, empty_pooled)
 
 
-def encode_real_images(args, run, models, encode):
-    """The latent cache of the real rows (DPO: with each row's loser), built once; returns its folder."""
-    with_loser = args.loss == "dpo"
-    lat_dir = Path(args.cache_dir) / (
-        "latents-"
-        + cache_key(
-            dataset=source_fingerprint(args.dataset),
-            split=args.split,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            max_train_samples=args.max_train_samples,
-            resolution=args.resolution,
-            with_loser=with_loser,
-            vae=weights_identity(models.base, "vae"),
-            vae_dtype=str(models.vae_dtype),
-            **base_pin(args),
+def latent_cache(args, run, models, encode):
+    """The latent cache of the real rows (DPO: with each row's loser), built once; returns its folder. Piece i of the
+    dataset goes to process i mod N, as shard i; with --max_train_samples the rounds stop once the shards made hold
+    enough rows. The result is the same whatever N."""
+    with_loser, max_rows = args.loss == "dpo", args.max_train_samples
+    given = {
+        k: getattr(args, k) for k in ("split", "image_column", "caption_column", "max_train_samples", "resolution")
+    }
+    vae = {"vae": weights_identity(models.base, "vae"), "vae_dtype": str(models.vae_dtype)}
+    key = cache_key(dataset=source_fingerprint(args.dataset), with_loser=with_loser, **given, **vae, **base_pin(args))
+    folder = Path(args.cache_dir) / f"latents-{key}"
+    if cache_complete(folder):
+        return folder
+    run.log(f"encoding the real images once into {folder} ...")
+    t0, pieces = time.time(), dataset_pieces(open_dataset(args.dataset, args.split, args.streaming))
+
+    def make_shard(i):
+        stats = {}
+        columns = (args.caption_column, args.image_column)
+        return encode_piece(
+            iter_examples(pieces[i](), *columns, with_loser=with_loser, stats=stats),
+            stats,
+            encode,
+            with_loser,
+            max_rows,
         )
-    )
-    if not cache_complete(lat_dir):
-        run.log(f"encoding the real images once into {lat_dir} ...")
-        pieces = dataset_pieces(open_dataset(args.dataset, args.split, args.streaming))
 
-        def read(piece, stats):
-            return iter_examples(
-                piece, args.caption_column, args.image_column, with_images=True, with_loser=with_loser, stats=stats
-            )
+    counted = {}  # cache rows per shard, each shard's header read once
 
-        t_build = time.time()
-        build_latent_cache(lat_dir, pieces, read, encode, run.accelerator, with_loser, args.max_train_samples)
-        built, seconds = json.loads((lat_dir / "info.json").read_text())["rows_read"], time.time() - t_build
-        run.log(
-            f"encoded {built} rows in {seconds:.1f}s ({built / seconds:.1f} rows/s, "
-            f"{run.accelerator.num_processes} process(es), {len(pieces)} piece(s) of the dataset)"
+    def enough(made):
+        counted.update({j: len(read_piece(shard_path(folder, j))["captions"]) for j in range(len(counted), made)})
+        return sum(counted.values()) >= max_rows
+
+    made = build_shards(folder, len(pieces), make_shard, run.accelerator, enough if max_rows else None)
+    merged = merge_pieces([read_piece(shard_path(folder, j)) for j in range(made)], max_rows)
+    if not merged["captions"]:
+        raise UserError(
+            "the dataset has no usable rows (after dropping ties); check --dataset/--split/--caption_column"
         )
-    return lat_dir
+    if run.main_process:
+        for j in range(len(merged["sizes"]), len(pieces)):  # shards past the cut (other processes ran ahead)
+            shard_path(folder, j).unlink(missing_ok=True)
+        (folder / "captions.json").write_text(json.dumps(merged["captions"]))
+    invalid = [i for i, ok in enumerate(merged["valid"]) if not ok]
+    finish_cache(folder, run.accelerator, {"sizes": merged["sizes"], **merged["counts"], "invalid_rows": invalid})
+    rows, seconds, world = merged["counts"]["rows_read"], time.time() - t0, run.accelerator.num_processes
+    speed = f"{rows / seconds:.1f} rows/s, {world} process(es), {len(pieces)} piece(s) of the dataset"
+    run.log(f"encoded {rows} rows in {seconds:.1f}s ({speed})")
+    return folder
 
 
-def encode_prompts_once(args, run, models, unique):
-    """The text cache of the unique prompts (the empty one first), built once; returns its folder."""
-    base, sdxl = models.base, models.sdxl
-    txt_dir = Path(args.cache_dir) / (
-        "text-"
-        + cache_key(
-            captions=cache_key(c=unique),
-            tokenizer=weights_identity(base, "tokenizer"),
-            text_encoder=weights_identity(base, "text_encoder"),
-            text_encoder_dtype=str(run.dtype),
-            **base_pin(args),
-            **(
-                {
-                    "tokenizer_2": weights_identity(base, "tokenizer_2"),
-                    "text_encoder_2": weights_identity(base, "text_encoder_2"),
-                }
-                if sdxl
-                else {}
-            ),
+def encode_piece(examples, stats, encode, with_loser, max_rows):
+    """One piece's rows (ties dropped by `examples`; at most max_rows), encoded CHUNK at a time: a shard's (tensors,
+    metadata). A row whose image does not decode keeps its place, marked invalid (a blank image stands in). The
+    metadata holds the captions, each row's place among the rows read (so that a cut at --max_train_samples recounts
+    ties exactly) and the piece's counters."""
+    sides = ("", "_lose") if with_loser else ("",)
+    latents, sizes = {s: [] for s in sides}, {s: [] for s in sides}  # sizes: original height, width (SDXL's)
+    captions, source_rows, valid = [], [], []
+    numbered = ((ex, stats["rows_read"] - 1) for ex in itertools.islice(examples, max_rows))
+    while chunk := list(itertools.islice(numbered, CHUNK)):
+        images = {s: [decode_image(ex["image" + s]) for ex, _ in chunk] for s in sides}
+        for s, column in images.items():
+            latents[s].append(encode([im or Image.new("RGB", (8, 8)) for im in column]).cpu().half())
+            sizes[s] += [(im.height, im.width) if im else (0, 0) for im in column]
+        valid += [all(images[s][i] is not None for s in sides) for i in range(len(chunk))]
+        captions += [ex["caption"] for ex, _ in chunk]
+        source_rows += [row for _, row in chunk]
+    tensors = {"valid": torch.tensor(valid, dtype=torch.bool)}
+    for s in sides:
+        tensors["latents" + s] = torch.cat(latents[s]) if captions else torch.zeros(0, 1, dtype=torch.float16)
+        tensors["image_hw" + s] = torch.tensor(sizes[s], dtype=torch.int32).reshape(-1, 2)
+    counters = {"rows_read": str(stats["rows_read"]), "ties_dropped": str(stats["ties_dropped"])}
+    return tensors, {"captions": json.dumps(captions), "source_rows": json.dumps(source_rows), **counters}
+
+
+def read_piece(path):
+    """A latent shard's header: its captions, source rows, counters and which rows are valid."""
+    with safe_open(str(path), "pt") as f:
+        meta, valid = f.metadata(), f.get_tensor("valid").tolist()
+    counters = {k: int(meta[k]) for k in ("rows_read", "ties_dropped")}
+    return {
+        "captions": json.loads(meta["captions"]),
+        "source_rows": json.loads(meta["source_rows"]),
+        **counters,
+        "valid": valid,
+    }
+
+
+def merge_pieces(pieces, max_rows):
+    """The cache's rows from its pieces in order, cut at `max_rows` rows: captions, validity, rows per shard, and the
+    counters of the rows actually taken (rows read and ties only up to the last row taken)."""
+    captions, valid, sizes, rows_read, ties = [], [], [], 0, 0
+    for p in pieces:
+        take = len(p["captions"]) if max_rows is None else min(len(p["captions"]), max_rows - len(captions))
+        if take == len(p["captions"]) and (max_rows is None or len(captions) + take < max_rows):
+            rows_read, ties = rows_read + p["rows_read"], ties + p["ties_dropped"]  # the whole piece
+        else:  # the cut falls in this piece: only the rows up to its last row taken
+            read = p["source_rows"][take - 1] + 1 if take else 0
+            rows_read, ties = rows_read + read, ties + read - take
+        captions, valid, sizes = (
+            captions + p["captions"][:take],
+            valid + p["valid"][:take],
+            sizes + [len(p["captions"])],
         )
-    )
-    if cache_complete(txt_dir):
-        return txt_dir
-    run.log(f"encoding {len(unique)} prompts once into {txt_dir} ...")
+        if max_rows is not None and len(captions) >= max_rows:
+            break
+    usable = sum(valid)
+    counts = {"cache_rows": len(captions), "usable_rows": usable, "rows_read": rows_read, "ties_dropped": ties}
+    return {
+        "captions": captions,
+        "valid": valid,
+        "sizes": sizes,
+        "counts": {**counts, "undecodable_rows": len(valid) - usable},
+    }
+
+
+def text_cache(args, run, models, captions):
+    """The prompt embeddings of `captions` (the empty prompt first), built once; returns the cache's folder."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    what, pin = f"the text encoder(s) of {base!r}", {"revision": args.revision, "variant": args.variant}
-    text_encoder = load_component(
-        what, CLIPTextModel.from_pretrained, base, subfolder="text_encoder", torch_dtype=run.dtype, **pin
-    ).to(run.device)
-    if sdxl:
-        text_encoder_2 = load_component(
-            what,
-            CLIPTextModelWithProjection.from_pretrained,
-            base,
-            subfolder="text_encoder_2",
-            torch_dtype=run.dtype,
-            **pin,
-        ).to(run.device)
-        build_text_cache(
-            txt_dir,
-            unique,
-            lambda c: encode_prompts_sdxl((text_encoder, text_encoder_2), models.tokenizers, c),
-            run.accelerator,
-        )
-    else:
-        build_text_cache(
-            txt_dir, unique, lambda c: encode_prompts(text_encoder, models.tokenizers[0], c), run.accelerator
-        )
-    return txt_dir
+    names = ("text_encoder", "text_encoder_2")[: len(models.tokenizers)]
+    parts = {n: weights_identity(models.base, n) for n in ("tokenizer", "tokenizer_2")[: len(names)] + names}
+    key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **base_pin(args))
+    folder = Path(args.cache_dir) / f"text-{key}"
+    if cache_complete(folder):
+        return folder
+    run.log(f"encoding {len(captions)} prompts once into {folder} ...")
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    what, pin = f"the text encoder(s) of {models.base!r}", {"revision": args.revision, "variant": args.variant}
+    load = partial(load_component, what, torch_dtype=run.dtype, **pin)
+    encoders = [load(classes[n].from_pretrained, models.base, subfolder=n).to(run.device) for n in names]
+
+    def make_shard(i):
+        part = captions[i * SHARD : (i + 1) * SHARD]
+        chunks = [encode_prompts(encoders, models.tokenizers, part[j : j + 64]) for j in range(0, len(part), 64)]
+        tensors = {"text": torch.cat([text for text, _ in chunks]).half()}
+        return tensors | ({"pooled": torch.cat([pooled for _, pooled in chunks]).half()} if models.sdxl else {}), {}
+
+    return build_cache(folder, len(captions), make_shard, run.accelerator, {"captions": len(captions)})
 
 
-@dataclass
-class Pairs:
-    """What the training steps draw from: the pairs, the latent shape, the global batch (pairs per micro-step over
-    every process), and where the opponent's samples came from (for the run record)."""
+@torch.no_grad()
+def encode_prompts(text_encoders, tokenizers, captions):
+    """Captions -> (prompt embeddings, pooled embedding or None), as the pipelines compute them: SD-1.x/2.x the text
+    encoder's last hidden state; SDXL both encoders' penultimate hidden states side by side and the second's pooled
+    projection (StableDiffusionXLPipeline.encode_prompt)."""
+    sdxl, hidden = len(text_encoders) == 2, []
+    for encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        out = encoder(torch.tensor(ids.input_ids, device=encoder.device), output_hidden_states=sdxl)
+        hidden.append(out.hidden_states[-2] if sdxl else out[0])
+    return torch.cat(hidden, dim=-1).float(), out[0].float() if sdxl else None
 
-    dataset: Any  # PairDataset
-    latent_shape: tuple
-    global_batch: int
-    synth_config: Optional[dict]  # --synthetic_dir's run_config.json (SPIN)
-    syn_dir: Optional[Path]  # the cache of its PNGs encoded like real images (--synthetic_latent image)
+
+def build_shards(folder, count, make_shard, accelerator, enough=None):
+    """Shards 0..count-1 of a cache folder, shard i made by process i mod N (make_shard(i) -> tensors, metadata), in
+    rounds of N; `enough(k)`: stop after the round at which the first k shards suffice. A shard file that exists is
+    complete (written under a temp name), so an interrupted build resumes. Returns how many shards there are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rank, world, made = accelerator.process_index, accelerator.num_processes, 0
+    for first in range(0, count, world):
+        path = shard_path(folder, first + rank)
+        if first + rank < count and not path.is_file():
+            tensors, meta = make_shard(first + rank)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path.with_suffix(".tmp")), metadata=meta)
+            os.replace(path.with_suffix(".tmp"), path)
+        accelerator.wait_for_everyone()
+        made = min(first + world, count)
+        if enough is not None and enough(made):
+            break
+    return made
 
 
-def make_pairs(args, run, models, data, encode):
-    """SPIN: each usable real row with one of the opponent's samples of the same prompt (pair_rows), after checking the
-    opponent is theta_k itself; DPO: each row with its Pick-a-Pic loser; SFT: the real rows alone."""
-    others, rows, other_source = None, [i for i, ok in enumerate(data.valid) if ok], None
-    synth_config, syn_dir = None, None
-    if args.loss == "dpo":
-        other_source, others = ShardedTensors(data.lat_dir, "latents_lose"), rows
-    if args.loss == "spin":
-        synth_config, synthetic = read_synthetic_dir(args.synthetic_dir, args.synthetic_latent)
-        check_opponent(args, run, synth_config, models.fingerprint)
-        pairs, missing = pair_rows(data.captions, data.valid, synthetic)
-        if missing:
-            raise UserError(
-                f"{len(missing)} training prompt(s) have no synthetic image in {args.synthetic_dir} "
-                f"(e.g. {missing[0]!r}); run generate.py on the same --dataset/--split/--max_train_samples"
-            )
-        rows, others = [r for r, _ in pairs], [k for _, k in pairs]
-        if args.synthetic_latent == "sampler":
-            other_source = LatentFiles([r["path"] for r in synthetic])
-        else:
-            syn_dir = encode_synthetic_images(args, run, models, synthetic, encode)
-            other_source = ShardedTensors(syn_dir, "latents")
-    latent_shape = tuple(ShardedTensors(data.lat_dir, "latents")[rows[0]].shape)
-    if other_source is not None and tuple(other_source[others[0]].shape) != latent_shape:
-        raise UserError(
-            f"synthetic latents are {tuple(other_source[others[0]].shape)} but real latents at "
-            f"--resolution {args.resolution} are {latent_shape}: generate and train at the same resolution"
-        )
-    dataset = PairDataset(
-        data.lat_dir,
-        data.txt_dir,
-        rows,
-        others,
-        data.caption_ids,
-        other_source,
-        sdxl_resolution=args.resolution if models.sdxl else None,
-        loser=args.loss == "dpo",
+def build_cache(folder, rows, make_shard, accelerator, info):
+    """A cache of `rows` rows in shards of SHARD rows (build_shards), then its info.json; returns its folder."""
+    shards = math.ceil(rows / SHARD)
+    build_shards(folder, shards, make_shard, accelerator)
+    finish_cache(folder, accelerator, {"sizes": [min(SHARD, rows - i * SHARD) for i in range(shards)], **info})
+    return folder
+
+
+def finish_cache(folder, accelerator, info):
+    """info.json (rows per shard and counters), written last by the main process, marks a cache complete."""
+    if accelerator.is_main_process:
+        write_json_atomic(folder / "info.json", info)
+    accelerator.wait_for_everyone()
+
+
+def shard_path(folder, i):
+    return Path(folder) / f"shard-{i:05d}.safetensors"
+
+
+def cache_complete(folder):
+    return Path(folder, "info.json").is_file()
+
+
+def cache_key(**parts):
+    return hashlib.sha256(
+        json.dumps({**parts, "format": CACHE_FORMAT}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+
+def source_fingerprint(name):
+    """A dataset's identity for the cache key: a local path with the sizes and times of its files, or the hub id."""
+    p = Path(name).expanduser()
+    if not p.exists():
+        return name
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [str(p.resolve())] + [
+        (str(f.relative_to(p)) if f != p else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files
+    ]
+
+
+def weights_identity(base, subfolder):
+    """A pipeline part's identity for the cache keys: its config and each weight file's size and time (other weights
+    under the same config never reuse stale latents); a hub id's path otherwise (pin it with --revision)."""
+    folder = Path(base).expanduser() / subfolder
+    if not folder.is_dir():
+        return f"{base}/{subfolder}"
+    stamp = lambda f: (
+        (f.name, f.read_text()) if f.suffix == ".json" else (f.name, f.stat().st_size, f.stat().st_mtime_ns)
     )
-    global_batch = args.train_batch_size * run.accelerator.num_processes
-    if len(dataset) < global_batch:
-        raise UserError(
-            f"only {len(dataset)} training pairs, fewer than one batch of {global_batch} "
-            "(--train_batch_size x processes): lower --train_batch_size or add data"
-        )
-    return Pairs(dataset, latent_shape, global_batch, synth_config, syn_dir)
+    return [stamp(f) for f in sorted(folder.iterdir()) if f.is_file()]
 
 
-def check_opponent(args, run, synth_config, fingerprint):
-    """SPIN's opponent is theta_k itself: --synthetic_dir must have been generated by the UNet being trained."""
-    made_by = (synth_config.get("model") or {}).get("unet_fingerprint")
-    if made_by == fingerprint:
-        return
-    msg = (
-        f"--synthetic_dir {args.synthetic_dir} was generated by UNet {str(made_by)[:19]}... "
-        f"({(synth_config.get('model') or {}).get('unet')!r}), but the UNet being trained "
-        f"(--unet {args.unet or 'base'}) is {fingerprint[:19]}...: the opponent must be theta_k itself; "
-        "regenerate with the same --unet, "
-        "or pass --allow_opponent_mismatch"
-    )
-    if not args.allow_opponent_mismatch:
-        raise UserError(msg)
-    run.log("warning: " + msg)
+def base_pin(args):
+    """--revision and --variant where given, for the cache keys (a run without them keeps its keys)."""
+    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
 
 
-def encode_synthetic_images(args, run, models, synthetic, encode):
-    """The opponent's saved images, encoded once like real ones (cached: keyed by the files and the VAE); returns the
-    cache's folder."""
-    with Image.open(synthetic[0]["path"]) as im:
-        if im.size != (args.resolution, args.resolution):
-            raise UserError(
-                f"synthetic images are {im.size[0]}x{im.size[1]} but --resolution is {args.resolution}: "
-                "generate and train at the same resolution"
-            )
-    syn_dir = Path(args.cache_dir) / (
-        "synthetic-"
-        + cache_key(
-            files=[(r["path"], os.stat(r["path"]).st_size, os.stat(r["path"]).st_mtime_ns) for r in synthetic],
-            resolution=args.resolution,
-            vae=weights_identity(models.base, "vae"),
-            vae_dtype=str(models.vae_dtype),
-            **base_pin(args),
-        )
-    )
-    if cache_complete(syn_dir):
-        return syn_dir
-    run.log(f"encoding {len(synthetic)} synthetic images like real ones into {syn_dir} ...")
+def dataset_pieces(ds):
+    """The dataset cut into pieces, in order, each readable on its own, so that each process reads (and, streamed,
+    downloads) only its own: a streamed dataset by its files, a downloaded one by SHARD rows."""
+    import datasets
 
-    def encode_synthetic(a, b):
-        imgs = [decode_image(r["path"]) for r in synthetic[a:b]]
-        bad = next((r["path"] for r, im in zip(synthetic[a:b], imgs) if im is None), None)
-        if bad:
-            raise UserError(
-                f"synthetic image {bad} does not decode; delete its line from metadata.jsonl "
-                "(or the whole folder) and rerun generate.py"
-            )
-        return torch.cat([encode(imgs[i : i + CHUNK]) for i in range(0, len(imgs), CHUNK)])
-
-    build_sharded_cache(
-        syn_dir,
-        len(synthetic),
-        encode_synthetic,
-        "latents",
-        run.accelerator,
-        {"synthetic_dir": str(args.synthetic_dir)},
-    )
-    return syn_dir
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.reshard() if hasattr(ds, "reshard") else ds  # parquet: by row groups, where `datasets` can
+        n = ds.num_shards if hasattr(ds, "num_shards") else ds.n_shards
+        return [partial(ds.shard, num_shards=n, index=i) if n > 1 else (lambda: ds) for i in range(n)]
+    return [partial(ds.select, range(a, min(a + SHARD, len(ds)))) for a in range(0, len(ds), SHARD)]
 
 
 def resize_crop(w, h, resolution):
@@ -1575,302 +1158,29 @@ def preprocess_image(img, resolution):
     """Resize the short side to `resolution` (bicubic), centre-crop, scale to [-1, 1], CHW float32."""
     rw, rh, left, top = resize_crop(*img.size, resolution)
     img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return x / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
 @torch.no_grad()
 def encode_images(vae, pixels):
-    """Pixels in [-1, 1] -> scaled latents (the posterior mean: deterministic, so the cache is reproducible)."""
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (posterior.mean * vae.config.scaling_factor).float()
+    """Pixels in [-1, 1] -> scaled latents, the posterior mean: deterministic, so the cache is reproducible."""
+    return (vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor).float()
 
 
 def time_ids(height, width, resolution):
-    """SDXL's micro-conditioning of an image of height x width brought to `resolution` by preprocess_image, as the
+    """SDXL's micro-conditioning of an image of height x width that preprocess_image brought to `resolution`, as the
     pipeline and diffusers' SDXL training take it: original size, crop top-left, target size."""
     _, _, left, top = resize_crop(width, height, resolution)
     return [height, width, top, left, resolution, resolution]
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, captions):
-    """Captions -> the last hidden state of the text encoder on 77 padded tokens, as SD-1.x/2.x condition on."""
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float()
-
-
-@torch.no_grad()
-def encode_prompts_sdxl(text_encoders, tokenizers, captions):
-    """Captions -> SDXL's conditioning, as StableDiffusionXLPipeline.encode_prompt computes it: the penultimate hidden
-    states of both text encoders, concatenated, and the pooled (projected) embedding of the second."""
-    hidden, pooled = [], None
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
-        pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1).float(), pooled.float()
-
-
-def source_fingerprint(name):
-    """Identity of a dataset for the cache key: for local paths, the sizes and times of its files."""
-    p = Path(name).expanduser()
-    if not p.exists():
-        return name
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return [str(p.resolve())] + [
-        (str(f.relative_to(p)) if f != p else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files
-    ]
-
-
-def weights_identity(base, subfolder):
-    """Identity of a pipeline component for the cache keys: its config plus, for a local folder, the size and time
-    of its weight files (a VAE with the same config but other weights must not reuse stale latents); for a hub id,
-    the id (pass --revision with a commit, or download it to a folder, if the hub copy may change). Every weight file
-    of the folder counts, so which --variant loads is base_pin's to say."""
-    folder = Path(base).expanduser() / subfolder
-    if not folder.is_dir():
-        return f"{base}/{subfolder}"
-    files = sorted(f for f in folder.iterdir() if f.is_file())
-    return [
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.suffix != ".json" else (f.name, f.read_text())
-        for f in files
-    ]
-
-
-def base_pin(args):
-    """--revision and --variant where given, for the cache keys: they choose the base's weights (a run without them
-    keeps its keys)."""
-    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
-
-
-CACHE_FORMAT = 2  # part of every cache key: a cache written in an older layout is rebuilt, never misread
-
-
-def cache_key(**parts):
-    parts["format"] = CACHE_FORMAT
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cache_complete(path):
-    return Path(path, "info.json").is_file()
-
-
-def dataset_pieces(ds):
-    """The dataset cut into pieces, in dataset order, each readable on its own: a process reads only its own pieces,
-    so N processes read (and, streamed, download) the data once between them instead of N times. A streamed dataset
-    is cut by its files (parquet: by row groups, where this `datasets` can); a downloaded one by row ranges. How it
-    is cut changes only the cache's file layout, never its rows."""
-    import datasets
-
-    if isinstance(ds, datasets.IterableDataset):
-        if hasattr(ds, "reshard"):
-            ds = ds.reshard()
-        n = ds.num_shards if hasattr(ds, "num_shards") else ds.n_shards
-        return [partial(ds.shard, num_shards=n, index=i) if n > 1 else (lambda: ds) for i in range(n)]
-    n = len(ds)
-    return [partial(ds.select, range(a, min(a + PIECE_ROWS, n))) for a in range(0, n, PIECE_ROWS)]
-
-
-def encode_piece(out, examples, stats, encode, with_loser, max_rows):
-    """Encode one piece's usable rows (ties already dropped by `examples`), at most `max_rows` of them, into one
-    shard file, decoding CHUNK rows at a time (Pick-a-Pic images are large). A row whose image does not decode is
-    kept in place and marked invalid. The file's metadata holds its captions, the position of each row among the
-    piece's rows read (so a cut at --max_train_samples can recount ties exactly) and the piece's counters."""
-    captions, source_rows, valid, cols = [], [], [], {"latents": [], "latents_lose": []}
-    sizes = {"image_hw": [], "image_hw_lose": []}  # original height, width: SDXL's micro-conditioning
-    examples = itertools.islice(examples, max_rows)
-    while chunk := list(itertools.islice(((ex, stats["rows_read"] - 1) for ex in examples), CHUNK)):
-        imgs = [[decode_image(ex["image"]) for ex, _ in chunk]]
-        if with_loser:
-            imgs.append([decode_image(ex["image_lose"]) for ex, _ in chunk])
-        ok = torch.tensor([all(col[i] is not None for col in imgs) for i in range(len(chunk))])
-        for key, col in zip(("latents", "latents_lose"), imgs):
-            sizes["image_hw" + key[len("latents") :]] += [
-                (im.height, im.width) if im is not None else (0, 0) for im in col
-            ]
-            lat = encode([im for im, good in zip(col, ok) if good]).cpu() if ok.any() else None
-            full = torch.zeros((len(chunk), *(lat.shape[1:] if lat is not None else (1,))))
-            if lat is not None:
-                full[ok] = lat
-            cols[key].append(full.to(torch.float16))  # half the disk; latents are O(1)
-        captions += [ex["caption"] for ex, _ in chunk]
-        source_rows += [i for _, i in chunk]
-        valid.append(ok)
-
-    def cat(parts):  # chunks of an all-undecodable chunk are (n, 1): give them the piece's latent shape
-        shape = next((p.shape[1:] for p in parts if p.shape[1:] != (1,)), (1,))
-        return (
-            torch.cat([p if p.shape[1:] == shape else p.new_zeros((len(p), *shape)) for p in parts])
-            if parts
-            else torch.zeros(0, 1)
-        )
-
-    tensors = {
-        "latents": cat(cols["latents"]).contiguous(),
-        "valid": torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool),
-        "image_hw": torch.tensor(sizes["image_hw"], dtype=torch.int32).reshape(-1, 2),
-    }
-    if with_loser:
-        tensors["latents_lose"] = cat(cols["latents_lose"]).contiguous()
-        tensors["image_hw_lose"] = torch.tensor(sizes["image_hw_lose"], dtype=torch.int32).reshape(-1, 2)
-    meta = {
-        "captions": json.dumps(captions),
-        "source_rows": json.dumps(source_rows),
-        "rows_read": str(stats["rows_read"]),
-        "ties_dropped": str(stats["ties_dropped"]),
-    }
-    tmp = out.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-
-
-def read_piece(path):
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        return {
-            "captions": json.loads(meta["captions"]),
-            "source_rows": json.loads(meta["source_rows"]),
-            "rows_read": int(meta["rows_read"]),
-            "ties_dropped": int(meta["ties_dropped"]),
-            "valid": f.get_tensor("valid").tolist(),
-        }
-
-
-def merge_pieces(pieces, max_rows):
-    """The cache's row list from its pieces in order, cut at `max_rows` usable rows: captions, validity, rows per
-    shard file, and the counters of the rows actually taken (ties and rows read only up to the cut). Each counter
-    has its own name: rows read, ties dropped, cache rows (ties dropped, undecodable ones kept in place),
-    undecodable and usable rows are never mixed up."""
-    captions, valid, sizes, rows_read, ties = [], [], [], 0, 0
-    for p in pieces:
-        take = len(p["captions"]) if max_rows is None else min(len(p["captions"]), max_rows - len(captions))
-        if take == len(p["captions"]) and (max_rows is None or len(captions) + take < max_rows):
-            rows_read += p["rows_read"]  # the whole piece was used
-            ties += p["ties_dropped"]
-        else:  # the cut falls in this piece: count only the rows up to its last usable row taken
-            read = p["source_rows"][take - 1] + 1 if take else 0
-            rows_read, ties = rows_read + read, ties + read - take
-        captions += p["captions"][:take]
-        valid += p["valid"][:take]
-        sizes.append(len(p["captions"]))
-        if max_rows is not None and len(captions) >= max_rows:
-            break
-    return {
-        "captions": captions,
-        "valid": valid,
-        "sizes": sizes,
-        "counts": {
-            "cache_rows": len(captions),
-            "usable_rows": sum(valid),
-            "rows_read": rows_read,
-            "ties_dropped": ties,
-            "undecodable_rows": len(valid) - sum(valid),
-        },
-    }
-
-
-def build_latent_cache(path, pieces, read, encode, accelerator, with_loser, max_rows):
-    """Encode every usable real row once. Piece i goes to process i mod N, which reads only its own pieces, in rounds
-    of N pieces; with --max_train_samples the rounds stop once the pieces done hold enough usable rows. The result
-    (shard i = piece i's usable rows) is the same whatever N. info.json, written last by the main process, marks
-    the cache complete; a shard file that exists is complete, so an interrupted build resumes."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    shard = lambda i: path / f"shard-{i:05d}.safetensors"  # noqa: E731
-    done, usable = 0, 0
-    for first in range(0, len(pieces), world):
-        i = first + rank
-        if i < len(pieces) and not shard(i).is_file():
-            stats = {}
-            encode_piece(shard(i), read(pieces[i](), stats), stats, encode, with_loser, max_rows)
-        accelerator.wait_for_everyone()
-        if max_rows is not None:  # every process reads the same small headers, so all stop at the same round
-            usable += sum(len(read_piece(shard(j))["captions"]) for j in range(done, min(first + world, len(pieces))))
-        done = min(first + world, len(pieces))
-        if max_rows is not None and usable >= max_rows:
-            break
-    merged = merge_pieces([read_piece(shard(j)) for j in range(done)], max_rows)
-    if not merged["captions"]:
-        raise UserError(
-            "the dataset has no usable rows (after dropping ties); check --dataset/--split/--caption_column"
-        )
-    if accelerator.is_main_process:
-        for j in range(len(merged["sizes"]), len(pieces)):  # pieces past the cut (other processes ran ahead)
-            shard(j).unlink(missing_ok=True)
-        (path / "captions.json").write_text(json.dumps(merged["captions"]))
-        write_json_atomic(
-            path / "info.json",
-            {
-                "sizes": merged["sizes"],
-                **merged["counts"],
-                "invalid_rows": [i for i, v in enumerate(merged["valid"]) if not v],
-            },
-        )
-    accelerator.wait_for_everyone()
-
-
-def build_sharded_cache(path, n, encode_range, key, accelerator, info=None):
-    """A cache of n rows in shards of SHARD rows: process k encodes shards k, k+N, ...; `encode_range(a, b)` gives
-    rows a..b-1 as one tensor (saved under `key`) or a dict of tensors. info.json (rows per shard + `info`), written
-    last, marks it complete."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for idx, start in enumerate(range(0, n, SHARD)):
-        out = path / f"shard-{idx:05d}.safetensors"
-        if idx % world == rank and not out.is_file():
-            tensors = encode_range(start, min(start + SHARD, n))
-            tensors = tensors if isinstance(tensors, dict) else {key: tensors}
-            tmp = out.with_suffix(".tmp")
-            save_file({k: v.cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, out)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        sizes = [min(SHARD, n - s) for s in range(0, n, SHARD)]
-        write_json_atomic(path / "info.json", {"sizes": sizes, **(info or {})})
-    accelerator.wait_for_everyone()
-
-
-def build_text_cache(path, captions, encode, accelerator):
-    """Prompt embeddings, 64 captions per text-encoder call. `encode` gives the hidden states, or (SDXL) the hidden
-    states and the pooled embeddings, saved as "text" and "pooled"."""
-
-    def encode_range(a, b):
-        parts = [encode(captions[i : min(i + 64, b)]) for i in range(a, b, 64)]
-        if isinstance(parts[0], tuple):
-            return {"text": torch.cat([p[0] for p in parts]), "pooled": torch.cat([p[1] for p in parts])}
-        return torch.cat(parts)
-
-    build_sharded_cache(path, len(captions), encode_range, "text", accelerator, {"captions": len(captions)})
-    if accelerator.is_main_process:
-        (Path(path) / "captions.json").write_text(json.dumps(captions))
-
-
 class ShardedTensors:
-    """Lazy row access to a cache folder's shard-*.safetensors, rows per file from its info.json (each DataLoader
-    worker opens its own file handles)."""
+    """Lazy row access to one tensor of a cache folder's shards (rows per shard from info.json); each DataLoader worker
+    opens its own file handles."""
 
     def __init__(self, path, key):
-        self.path, self.key, self.files, self.bisect = Path(path), key, {}, bisect.bisect_right
-        sizes = json.loads((self.path / "info.json").read_text())["sizes"]
-        self.starts = [0]
-        for s in sizes:
-            self.starts.append(self.starts[-1] + s)
+        self.path, self.key, self.files = Path(path), key, {}
+        self.starts = [0, *itertools.accumulate(json.loads((self.path / "info.json").read_text())["sizes"])]
 
     def __len__(self):
         return self.starts[-1]
@@ -1878,14 +1188,122 @@ class ShardedTensors:
     def __getitem__(self, i):
         if not 0 <= i < self.starts[-1]:
             raise IndexError(f"row {i} of a cache with {self.starts[-1]} rows ({self.path})")
-        s = self.bisect(self.starts, i) - 1
+        s = bisect.bisect_right(self.starts, i) - 1
         if s not in self.files:
-            self.files[s] = safe_open(str(self.path / f"shard-{s:05d}.safetensors"), "pt")
+            self.files[s] = safe_open(str(shard_path(self.path, s)), "pt")
         j = i - self.starts[s]
         return self.files[s].get_slice(self.key)[j : j + 1][0].float()
 
-    def __getstate__(self):  # handles do not pickle: DataLoader workers reopen
+    def __getstate__(self):  # file handles do not pickle: DataLoader workers reopen them
         return {**self.__dict__, "files": {}}
+
+
+class Pairs(NamedTuple):
+    """What the training steps draw from: the pairs, the latent shape, the global batch (pairs per micro-step over every
+    process), and where the opponent's samples came from (for the run record)."""
+
+    dataset: Any  # PairDataset
+    latent_shape: tuple
+    global_batch: int
+    synth_config: Optional[dict]  # --synthetic_dir's run_config.json (SPIN)
+    syn_dir: Optional[Path]  # the cache of its PNGs encoded like real images (--synthetic_latent image)
+
+
+def make_pairs(args, run, models, data, encode):
+    """SPIN: each usable real row with one of the opponent's samples of its prompt (pair_rows), once the opponent is
+    known to be theta_k itself; DPO: each row with its Pick-a-Pic loser; SFT: the real rows alone."""
+    rows, others, other_source = [i for i, ok in enumerate(data.valid) if ok], None, None
+    synth_config, syn_dir = None, None
+    if args.loss == "dpo":
+        other_source, others = ShardedTensors(data.lat_dir, "latents_lose"), rows
+    if args.loss == "spin":
+        synth_config, synthetic = read_synthetic_dir(args.synthetic_dir, args.synthetic_latent)
+        check_opponent(args, run, synth_config, models.fingerprint)
+        pairs, missing = pair_rows(data.captions, data.valid, synthetic)
+        if missing:
+            raise UserError(
+                f"{len(missing)} training prompt(s) have no synthetic image in --synthetic_dir (e.g. {missing[0]!r}); "
+                "run generate.py on the same --dataset/--split/--max_train_samples"
+            )
+        rows, others = [r for r, _ in pairs], [k for _, k in pairs]
+        other_source = LatentFiles([r["path"] for r in synthetic]) if args.synthetic_latent == "sampler" else None
+        if args.synthetic_latent == "image":  # spin_extras.py: the PNGs encoded like real images
+            syn_dir = run.extras.synthetic_cache(args, run, models, synthetic, encode)
+            other_source = ShardedTensors(syn_dir, "latents")
+    latent_shape = tuple(ShardedTensors(data.lat_dir, "latents")[rows[0]].shape)
+    if other_source is not None and tuple(other_source[others[0]].shape) != latent_shape:
+        raise UserError(
+            f"synthetic latents are {tuple(other_source[others[0]].shape)} but real latents at --resolution "
+            f"{args.resolution} are {latent_shape}: generate and train at the same resolution"
+        )
+    dataset = PairDataset(
+        data, rows, others, other_source, args.resolution if models.sdxl else None, args.loss == "dpo"
+    )
+    global_batch = args.train_batch_size * run.accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise UserError(
+            f"only {len(dataset)} training pairs, fewer than one batch of {global_batch} (--train_batch_size x "
+            "processes): lower --train_batch_size or add data"
+        )
+    return Pairs(dataset, latent_shape, global_batch, synth_config, syn_dir)
+
+
+def check_opponent(args, run, synth_config, fingerprint):
+    """SPIN's opponent is theta_k itself: --synthetic_dir must have been generated by the UNet being trained."""
+    model = synth_config.get("model") or {}
+    if model.get("unet_fingerprint") == fingerprint:
+        return
+    msg = (
+        f"--synthetic_dir {args.synthetic_dir} was generated by UNet {str(model.get('unet_fingerprint'))[:19]}... "
+        f"({model.get('unet')!r}), but the UNet being trained (--unet {args.unet or 'base'}) is {fingerprint[:19]}...: "
+        "the opponent must be theta_k itself; regenerate with the same --unet, or pass --allow_opponent_mismatch"
+    )
+    if not args.allow_opponent_mismatch:
+        raise UserError(msg)
+    run.log("warning: " + msg)
+
+
+def read_synthetic_dir(path, kind="image"):
+    """generate.py's folder: run_config.json (who made it) and its finished images, in prompt and image order (the
+    metadata.jsonl rows whose file exists: the PNG for kind "image", the sampler's latent for "sampler")."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--synthetic_dir {path}: folder not found; run generate.py first")
+    if not (path / "run_config.json").is_file() or not (path / "metadata.jsonl").is_file():
+        raise UserError(f"--synthetic_dir {path}: no run_config.json/metadata.jsonl; it must be generate.py's folder")
+    config = json.loads((path / "run_config.json").read_text())
+    field = "file_name" if kind == "image" else "latent_file"
+    per_row = bool((config.get("args") or {}).get("per_row"))  # generate.py --per_row: prompt i is training row i
+    rows = []
+    for rec in read_jsonl(path / "metadata.jsonl"):
+        if rec.get(field) and (path / rec[field]).is_file():
+            rows.append({**rec, "path": str(path / rec[field]), **({"row": rec["prompt_index"]} if per_row else {})})
+    if not rows:
+        what = "PNG files" if kind == "image" else "latents"
+        hint = " (or pass --synthetic_latent image)" if kind != "image" else ""
+        raise UserError(
+            f"--synthetic_dir {path}: no finished images with {what}; rerun generate.py to complete it{hint}"
+        )
+    return config, sorted(rows, key=lambda r: (r["prompt_index"], r["image_index"]))
+
+
+def pair_rows(captions, valid, synthetic):
+    """Each valid real row with one synthetic image of its caption: the caption's j-th row takes its image j mod (its
+    images), so every image is used; a folder of generate.py --per_row (records carry "row") pairs row i with its own
+    image, as the paper's Algorithm 1. Returns [(row, index into `synthetic`)] and the captions without an image."""
+    per_row = bool(synthetic) and "row" in synthetic[0]
+    by_key, seen, pairs, missing = {}, {}, [], {}
+    for k, rec in enumerate(synthetic):
+        by_key.setdefault((rec["row"], rec["prompt"]) if per_row else rec["prompt"], []).append(k)
+    for row, (caption, ok) in enumerate(zip(captions, valid)):
+        found = by_key.get((row, caption) if per_row else caption) if ok else []
+        if ok and not found:
+            missing[caption] = None
+        if found:
+            j = 0 if per_row else seen.get(caption, 0)
+            seen[caption] = j + 1
+            pairs.append((row, found[j % len(found)]))
+    return pairs, list(missing)
 
 
 class LatentFiles:
@@ -1895,87 +1313,20 @@ class LatentFiles:
         self.paths = paths
 
     def __getitem__(self, i):
-        return load_latent(self.paths[i])
-
-
-def load_latent(path):
-    return load_file(str(path))["latent"].float()
-
-
-def pair_rows(captions, valid, synthetic):
-    """Pair each valid real row with one synthetic image of its caption. The j-th row of a caption takes that
-    caption's synthetic image j mod (images per caption), so every synthetic image is used. A folder generated
-    with generate.py --per_row (records carry "row", see read_synthetic_dir) pairs row i with its own image
-    (the first of row i, of the same caption), as the paper's Algorithm 1 does. Returns [(row, index into
-    `synthetic`)] and the captions that have no synthetic image."""
-    by_prompt, seen, pairs, missing = {}, {}, [], {}
-    per_row = bool(synthetic) and "row" in synthetic[0]
-    for k, rec in enumerate(synthetic):
-        key = (rec["row"], rec["prompt"]) if per_row else rec["prompt"]
-        by_prompt.setdefault(key, []).append(k)
-    for row, (cap, ok) in enumerate(zip(captions, valid)):
-        if not ok:
-            continue
-        if per_row:
-            found = by_prompt.get((row, cap))
-            if found:
-                pairs.append((row, found[0]))
-            else:
-                missing[cap] = None
-            continue
-        found = by_prompt.get(cap)
-        if not found:
-            missing[cap] = None
-            continue
-        j = seen.get(cap, 0)
-        seen[cap] = j + 1
-        pairs.append((row, found[j % len(found)]))
-    return pairs, list(missing)
-
-
-def read_synthetic_dir(path, kind="image"):
-    """generate.py's folder: run_config.json (who generated) + metadata.jsonl (one line per finished image). `kind`
-    is the file each row needs: "image" (the PNG, file_name) or "sampler" (the sampler's latent, latent_file)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"--synthetic_dir {path}: folder not found; run generate.py first")
-    if not (path / "run_config.json").is_file() or not (path / "metadata.jsonl").is_file():
-        raise UserError(
-            f"--synthetic_dir {path}: no run_config.json/metadata.jsonl; it must be a folder written by generate.py"
-        )
-    config = json.loads((path / "run_config.json").read_text())
-    field = "file_name" if kind == "image" else "latent_file"
-    # generate.py --per_row: prompt i is usable training row i (duplicates kept), so each record names its row
-    per_row = bool((config.get("args") or {}).get("per_row"))
-    rows = []
-    for rec in read_jsonl(path / "metadata.jsonl"):
-        if rec.get(field) and (path / rec[field]).is_file():
-            rows.append({**rec, "path": str(path / rec[field]), **({"row": rec["prompt_index"]} if per_row else {})})
-    if not rows:
-        raise UserError(
-            f"--synthetic_dir {path}: no finished images with {'PNG files' if kind == 'image' else 'latents'}; "
-            "rerun generate.py to complete it" + (" (or pass --synthetic_latent image)" if kind != "image" else "")
-        )
-    rows.sort(key=lambda r: (r["prompt_index"], r["image_index"]))
-    return config, rows
+        return load_file(str(self.paths[i]))["latent"].float()
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item i: real latent, the other latent (synthetic or loser; absent for SFT) and the prompt embedding, all
-    read lazily from the caches (prompt embeddings of a large dataset do not fit in device memory)."""
+    """Item i: the real latent, the other one (synthetic or loser; none for SFT) and the prompt embedding, read lazily
+    from the caches; SDXL (`sdxl_resolution`) also the pooled embedding and each image's micro-conditioning."""
 
-    def __init__(
-        self, latent_cache, text_cache, rows, others, caption_ids, other_source=None, sdxl_resolution=None, loser=False
-    ):
-        self.real = ShardedTensors(latent_cache, "latents")
-        self.text = ShardedTensors(text_cache, "text")
-        self.other_source = other_source  # ShardedTensors (loser latents, encoded synthetic images) or LatentFiles
-        self.rows, self.others, self.caption_ids = rows, others, caption_ids
-        self.res = sdxl_resolution  # SDXL: also the pooled embedding and each image's micro-conditioning
+    def __init__(self, data, rows, others, other_source=None, sdxl_resolution=None, loser=False):
+        self.real, self.text = ShardedTensors(data.lat_dir, "latents"), ShardedTensors(data.txt_dir, "text")
+        self.rows, self.others, self.caption_ids, self.other_source = rows, others, data.caption_ids, other_source
+        self.res = sdxl_resolution
         if self.res:
-            self.pooled = ShardedTensors(text_cache, "pooled")
-            self.hw = ShardedTensors(latent_cache, "image_hw")
-            self.hw_other = ShardedTensors(latent_cache, "image_hw_lose") if loser else None
+            self.pooled, self.hw = ShardedTensors(data.txt_dir, "pooled"), ShardedTensors(data.lat_dir, "image_hw")
+            self.hw_other = ShardedTensors(data.lat_dir, "image_hw_lose") if loser else None
 
     def __len__(self):
         return len(self.rows)
@@ -1988,141 +1339,118 @@ class PairDataset(torch.utils.data.Dataset):
         if self.res:
             item["pooled"] = self.pooled[self.caption_ids[row]]
             item["time_ids"] = torch.tensor(time_ids(*self.hw[row].int().tolist(), self.res), dtype=torch.float32)
-            # a loser keeps its own size; an opponent image was generated at the training resolution, uncropped
-            other = (
-                time_ids(*self.hw_other[row].int().tolist(), self.res)
-                if self.hw_other
-                else time_ids(self.res, self.res, self.res)
-            )
-            item["time_ids_other"] = torch.tensor(other, dtype=torch.float32)
+            # a loser keeps its own size; the opponent's image was generated at the training resolution, uncropped
+            other_hw = self.hw_other[row].int().tolist() if self.hw_other else (self.res, self.res)
+            item["time_ids_other"] = torch.tensor(time_ids(*other_hw, self.res), dtype=torch.float32)
         return item
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item m: this process's batch of micro-step m with everything its step draws (timesteps, noise, caption-dropout
-    mask), made in the data pipeline, so the training loop's host work is the pinned, non-blocking copies. The batch
-    and the draws are pure functions of (seed, m), as batch_indices and draw_step define them."""
+    """Item m: this process's batch of micro-step m with its draws, made in the data pipeline (the training loop's host
+    work is the pinned, non-blocking copies). Batch and draws are pure functions of (--seed, m)."""
 
-    def __init__(
-        self,
-        pairs,
-        seed,
-        global_batch,
-        process_index,
-        per_device,
-        latent_shape,
-        num_train_timesteps,
-        pair_noise,
-        caption_dropout,
-    ):
-        self.pairs, self.seed, self.global_batch = pairs, seed, global_batch
-        self.process_index, self.per_device, self.first = process_index, per_device, process_index * per_device
-        self.latent_shape, self.T, self.pair_noise, self.caption_dropout = (
-            latent_shape,
-            num_train_timesteps,
-            pair_noise,
-            caption_dropout,
-        )
+    def __init__(self, pairs, args, process_index, num_train_timesteps):
+        self.pairs, self.args, self.process_index, self.T = pairs, args, process_index, num_train_timesteps
         self.perm = (None, None)  # (epoch, permutation): each worker keeps the current epoch's
 
     def __getitem__(self, micro):
-        n = len(self.pairs)
-        epoch = micro // (n // self.global_batch)
+        a, n, global_batch, per_device = (
+            self.args,
+            len(self.pairs.dataset),
+            self.pairs.global_batch,
+            self.args.train_batch_size,
+        )
+        epoch = micro // (n // global_batch)
         if self.perm[0] != epoch:
-            self.perm = (epoch, epoch_permutation(n, self.seed, epoch))
-        rows = batch_indices(n, self.seed, self.global_batch, micro, self.process_index, self.per_device, self.perm[1])
-        batch = torch.utils.data.default_collate([self.pairs[i] for i in rows])
+            self.perm = (epoch, epoch_permutation(n, a.seed, epoch))
+        rows = batch_indices(n, a.seed, global_batch, micro, self.process_index, per_device, self.perm[1])
+        batch = torch.utils.data.default_collate([self.pairs.dataset[i] for i in rows])
+        first = self.process_index * per_device
+        shape, noise = self.pairs.latent_shape, a.pair_noise
         draws = draw_step(
-            self.seed,
-            micro,
-            self.global_batch,
-            self.first,
-            self.first + len(rows),
-            self.latent_shape,
-            self.T,
-            self.pair_noise,
-            self.caption_dropout,
+            a.seed, micro, global_batch, first, first + len(rows), shape, self.T, noise, a.caption_dropout
         )
         batch.update(t=draws.t, noise=draws.noise, drop=draws.drop)
-        if self.pair_noise != "shared":  # else the second member's draws are the first's: not copied twice
+        if a.pair_noise != "shared":  # else the second member's draws are the first's: not copied twice
             batch.update(t2=draws.t2, noise2=draws.noise2)
         return batch
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The run record, checkpoints and output
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# The run record, checkpoints and outputs
+# ---------------------------------------------------------------------------------------------------------------------
 def list_checkpoints(output_dir):
-    found = [
-        p
-        for p in Path(output_dir).glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "train_state.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """The complete checkpoint-N folders of a run, by step."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted((p for p in found if (p / "train_state.json").is_file()), key=lambda p: int(p.name.split("-")[1]))
 
 
-def write_run_record(args, run, models, reference, pairs, data, trainer):
-    """metrics.jsonl without the rows of steps that will be redone, and run_config.json (finished: false): what made
-    this folder, with which settings, models, precision, data and caches. Starts --report_to's tracker."""
-    accelerator, out = run.accelerator, run.out
-    metrics_path = out / "metrics.jsonl"
+def write_run_record(args, run, models, pairs, data, trainer):
+    """metrics.jsonl without the rows of steps to be redone, and run_config.json (finished: false): what made this
+    folder, with which settings, models, precision, data and caches. Starts --report_to's tracker."""
+    metrics = run.out / "metrics.jsonl"
     if run.main_process:
-        kept = (
-            [r for r in read_jsonl(metrics_path) if r["step"] <= trainer.global_step] if metrics_path.is_file() else []
+        kept = [r for r in read_jsonl(metrics) if r["step"] <= trainer.global_step] if metrics.is_file() else []
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        precision = {"compute": str(run.dtype), "vae": str(models.vae_dtype), "frozen_weights": str(run.dtype)}
+        model = {"pretrained_model_name_or_path": models.base, "unet": args.unet or "base"}
+        model.update(unet_fingerprint=models.fingerprint, conditioning=models.family)
+        reference = {
+            "unet": args.reference_unet or args.unet or "base",
+            "unet_fingerprint": trainer.reference_fingerprint,
+        }
+        data_record = {
+            "pairs": len(pairs.dataset),
+            "synthetic_latent": args.synthetic_latent if args.loss == "spin" else None,
+        }
+        data_record.update(
+            {k: data.info[k] for k in ("usable_rows", "rows_read", "ties_dropped", "undecodable_rows", "cache_rows")}
         )
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        write_json_atomic(
-            out / "run_config.json",
-            run_config(
-                "train",
-                args,
-                identity=identity(args),
-                finished=False,
-                num_processes=accelerator.num_processes,
-                global_batch=pairs.global_batch * args.gradient_accumulation_steps,
-                precision={
-                    "compute": str(run.dtype),
-                    "vae": str(models.vae_dtype),
-                    "frozen_weights": str(run.dtype),
-                    "trainable_weights": "torch.float32",
-                },
-                model={
-                    "pretrained_model_name_or_path": models.base,
-                    "unet": args.unet or "base",
-                    "unet_fingerprint": models.fingerprint,
-                    "conditioning": models.family,
-                    "prediction_type": models.scheduler.config.prediction_type,
-                },
-                reference={
-                    "unet": args.reference_unet or args.unet or "base",
-                    "unet_fingerprint": reference.fingerprint,
-                },
-                opponent=(pairs.synth_config or {}).get("model"),
-                data={
-                    "pairs": len(pairs.dataset),
-                    "synthetic_latent": args.synthetic_latent if args.loss == "spin" else None,
-                    **{
-                        k: data.info[k]
-                        for k in ("usable_rows", "rows_read", "ties_dropped", "undecodable_rows", "cache_rows")
-                    },
-                },
-                cache={
-                    "latents": str(data.lat_dir),
-                    "text": str(data.txt_dir),
-                    "synthetic": str(pairs.syn_dir) if pairs.syn_dir else None,
-                },
-            ),
+        caches = {"latents": data.lat_dir, "text": data.txt_dir, "synthetic": pairs.syn_dir}
+        record = run_config(
+            "train",
+            args,
+            identity=identity(args),
+            finished=False,
+            num_processes=run.accelerator.num_processes,
+            global_batch=pairs.global_batch * args.gradient_accumulation_steps,
+            precision={**precision, "trainable_weights": "torch.float32"},
+            model={**model, "prediction_type": models.scheduler.config.prediction_type},
+            reference=reference,
+            opponent=(pairs.synth_config or {}).get("model"),
+            data=data_record,
+            cache={k: str(v) if v else None for k, v in caches.items()},
         )
-    if accelerator.trackers == [] and args.report_to != "none":
-        accelerator.init_trackers(
-            "spin-diffusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
-    return metrics_path
+        write_json_atomic(run.out / "run_config.json", record)
+    if run.accelerator.trackers == [] and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        run.accelerator.init_trackers("spin-diffusion", config=config)
 
 
-def save_outputs(args, run, models, trainer, metrics_path):
-    """theta_{k+1} as output_dir/unet/ (a LoRA run: the adapter as lora/ too, and unet/ merged), then the run record
-    marked finished."""
+def save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerprint):
+    """checkpoint-N/: the UNet (LoRA: the adapter), the optimizer and RNG states, train_state.json; written under a temp
+    name and renamed once every process has written its part, so a checkpoint-N that exists is complete. Those beyond
+    --checkpoints_total_limit go."""
+    final, tmp = out / f"checkpoint-{global_step}", out / f"checkpoint-{global_step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": global_step, "identity": identity(args), "unet_fingerprint": fingerprint}
+        state.update(num_processes=accelerator.num_processes, lr_scheduler=lr_scheduler.state_dict())
+        write_json_atomic(tmp / "train_state.json", state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out)[: -args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_outputs(args, run, models, trainer):
+    """theta_{k+1} as output_dir/unet/ (a LoRA run: the adapter as lora/ too, and unet/ merged), spin_extras.py's
+    outputs where asked for, then the run record marked finished."""
     accelerator, out = run.accelerator, run.out
     accelerator.wait_for_everyone()
     if run.main_process:
@@ -2134,279 +1462,58 @@ def save_outputs(args, run, models, trainer, metrics_path):
             final = models.unet = trainer.unet = trainer.reference = trainer.optimizer = trainer.trainable = None
             accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
             final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, models.base), out)
-            write_cumulative_lora(args, out, run.log)
         save_unet_atomically(final, out)
-        cfg = {
-            **json.loads((out / "run_config.json").read_text()),
-            "finished": True,
-            "global_step": trainer.global_step,
-        }
-        write_text_atomic(out / "README.md", model_card(cfg, args.hub_model_id or out.name))
-        write_json_atomic(out / "run_config.json", cfg)
-        run.log(f"wrote {out / 'unet'} (step {trainer.global_step}) and its model card; metrics in {metrics_path}")
+        record = {**json.loads((out / "run_config.json").read_text()), "finished": True}
+        record["global_step"] = trainer.global_step
+        if run.extras:
+            run.extras.write_outputs(args, out, record, run.log)  # --lora_cumulative, --model_card
+        write_json_atomic(out / "run_config.json", record)
+        run.log(f"wrote {out / 'unet'} (step {trainer.global_step}); metrics in {out / 'metrics.jsonl'}")
         if args.push_to_hub:
-            push_to_hub(out, args.hub_model_id or out.name, args.hub_token, run.log)
+            run.extras.push_to_hub(out, args.hub_model_id or out.name, args.hub_token, run.log)
     accelerator.end_training()
 
 
-def iteration_of(unet):
-    """Which SPIN iteration a run makes: 1 from a UNet no SPIN run made, else one more than the run it starts from."""
-    cfg = Path(unet) / "run_config.json" if unet not in (None, "", "base") else None
-    if cfg is None or not cfg.is_file():
-        return 1
-    made = json.loads(cfg.read_text())
-    return iteration_of(made["args"].get("unet")) + 1 if made.get("args", {}).get("loss") == "spin" else 1
+def adapter_on_fp32_copy(adapter, args, base):
+    """The trained adapter (peft names) on a fresh float32 load of the starting UNet."""
+    from peft.utils import set_peft_model_state_dict
 
-
-# evaluate.py finds the section by this line (the same constant there)
-CARD_EVALUATION = "<!-- evaluation: evaluate.py fills this section when it scores this model -->"
-
-
-def model_card(cfg, name):
-    """README.md of an output folder, in the form of the released SPIN-Diffusion cards: hub metadata, what it is,
-    the training hyperparameters as those cards list them, how to load it, and the evaluation (evaluate.py's)."""
-    a, model = cfg["args"], cfg["model"]
-    base, lora = model["pretrained_model_name_or_path"], a.get("lora_rank")
-    pin = "".join(f', {k}="{a[k]}"' for k in ("revision", "variant") if a.get(k))  # the base's weights it trained on
-    if a["loss"] == "spin":
-        what = (
-            f"iteration {iteration_of(a.get('unet'))} of SPIN-Diffusion (self-play fine-tuning, arXiv 2402.10210), "
-            f"trained against the samples of the UNet it starts from ({a.get('unet') or 'base'})"
-        )
-    else:
-        what = {
-            "sft": "the SFT baseline (supervised fine-tuning on the real images)",
-            "dpo": "the Diffusion-DPO baseline (winner vs loser pairs)",
-        }[a["loss"]]
-    tags = ["spin-diffusion", "text-to-image", "diffusers", "stable-diffusion"] + (["lora"] if lora else [])
-    meta = [
-        "---",
-        f"base_model: {base}",
-        "datasets:",
-        f"- {a['dataset']}",
-        "library_name: diffusers",
-        "pipeline_tag: text-to-image",
-        "tags:",
-        *[f"- {t}" for t in tags],
-        "---",
-    ]
-    hyper = {
-        "learning_rate": a["learning_rate"],
-        "train_batch_size": a["train_batch_size"],
-        "num_devices": cfg.get("num_processes", 1),
-        "train_gradient_accumulation_steps": a["gradient_accumulation_steps"],
-        "total_train_batch_size": cfg.get("global_batch"),
-        "optimizer": "AdamW8bit" if a.get("use_8bit_adam") else "AdamW",
-        "lr_scheduler": a["lr_scheduler"],
-        "lr_warmup_steps": a["lr_warmup_steps"],
-        "num_training_steps": cfg.get("global_step", a["max_train_steps"]),
-        **({"beta": a["beta"]} if a["loss"] != "sft" else {}),
-        "mixed_precision": a.get("mixed_precision") or "no",
-        **({"lora_rank": lora, "lora_alpha": a.get("lora_alpha") or lora} if lora else {}),
-    }
-    load = [
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}"{pin}, torch_dtype=torch.float16)',
-        f'pipe.unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet", torch_dtype=torch.float16)',
-    ]
-    if lora:
-        load += [
-            "# or, as an adapter on the base model: this iteration's change (lora/) or every iteration so far",
-            f'# pipe.load_lora_weights("{name}", subfolder="lora_cumulative")',
-        ]
-    load += ["```"]
-    return "\n".join(
-        meta
-        + [
-            "",
-            f"# {name}",
-            "",
-            f"This UNet is {what}, fine-tuned from [{base}](https://huggingface.co/{base}) on "
-            f"`{a['dataset']}` (split `{a['split']}`). Made by `train_spin.py` (run_config.json holds every setting).",
-            "",
-            "## Training hyperparameters",
-            "",
-            *[f"- {k}: {v}" for k, v in hyper.items()],
-            "",
-            "## Usage",
-            "",
-            "Load the base pipeline and swap in this UNet:",
-            "",
-            *load,
-            "",
-            "## Evaluation",
-            "",
-            CARD_EVALUATION,
-            "",
-            "Not evaluated yet.",
-            "",
-        ]
-    )
-
-
-def write_text_atomic(path, text):
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def push_to_hub(out, repo_id, token, log):
-    """Upload the finished folder's model (unet/, lora/, lora_cumulative/) and its card, nothing half-written: this
-    runs after run_config.json says finished."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    try:
-        repo = api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(
-            repo_id=getattr(repo, "repo_id", repo_id),
-            folder_path=str(out),
-            allow_patterns=["unet/*", "lora/*", "lora_cumulative/*", "README.md"],
-            commit_message=f"train_spin.py: {out.name}",
-        )
-    except Exception as e:  # the trained model is on disk either way
-        raise UserError(
-            f"--push_to_hub {repo_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; the "
-            f"model is in {out}: push it later with huggingface-cli upload {repo_id} {out}"
-        ) from None
-    log(f"pushed {out} to the hub: {repo_id}")
-
-
-def save_checkpoint(accelerator, out, global_step, lr_scheduler, args, fingerprint):
-    """checkpoint-N/: UNet (safetensors) + optimizer + our train_state.json; written under a temp name and
-    renamed, so a checkpoint-N that exists is complete. Older ones beyond --checkpoints_total_limit go."""
-    final = out / f"checkpoint-{global_step}"
-    tmp = out / f"checkpoint-{global_step}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
-    if accelerator.is_main_process:
-        write_json_atomic(
-            tmp / "train_state.json",
-            {
-                "global_step": global_step,
-                "identity": identity(args),
-                "num_processes": accelerator.num_processes,
-                "unet_fingerprint": fingerprint,
-                "lr_scheduler": lr_scheduler.state_dict(),
-            },
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit:
-            for old in list_checkpoints(out)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    unet = load_unet(args.unet, base, args.revision, args.variant)
+    set_peft_model_state_dict(add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules), adapter)
+    return unet
 
 
 def save_lora_outputs(unet, output_dir):
-    """The adapter alone (output_dir/lora/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights reads),
-    then the adapter merged into the UNet, which save_unet_atomically writes as unet/: the next iteration's
-    generate.py, sample.py and the opponent fingerprint see a plain UNet."""
+    """The adapter alone as output_dir/lora/ (the file pipeline.load_lora_weights reads), then the UNet with it merged,
+    which becomes unet/: the next iteration's generate.py and opponent check see a plain UNet. The scale lora_alpha /
+    rank is multiplied into each lora_B, so the file means the same to every loader, those that read no alpha included
+    (diffusers' save with the adapter's metadata would lose that)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    lora = Path(output_dir) / "lora"
-    tmp = Path(output_dir) / "lora.partial"
+    config = unet.peft_config["default"]
+    scale = config.lora_alpha / config.r
+    state = {k: v * scale if k.endswith("lora_B.weight") else v for k, v in get_peft_model_state_dict(unet).items()}
+    final, tmp = Path(output_dir) / "lora", Path(output_dir) / "lora.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        str(tmp), unet_lora_layers=scale_folded(get_peft_model_state_dict(unet), unet), safe_serialization=True
-    )
-    shutil.rmtree(lora, ignore_errors=True)
-    os.replace(tmp, lora)
+    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
     unet.fuse_lora()
     unet.unload_lora()
     return unet
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
-
-
-def scale_folded(adapter, unet):
-    """The adapter's state dict with its scale, lora_alpha / rank, multiplied into each lora_B: the file then means
-    the same to every loader, including those that read no alpha and apply scale 1 (load_lora_weights does, for a
-    file without adapter metadata)."""
-    config = unet.peft_config["default"]
-    scale = config.lora_alpha / config.r
-    return {k: v * scale if k.endswith("lora_B.weight") else v for k, v in adapter.items()}
-
-
-def stack_adapters(adapters):
-    """One adapter equal to the sum of several (state dicts in diffusers' LoRA names, each scale folded into its B, as
-    scale_folded saves them): lora_A is the A's stacked and lora_B the B's side by side, so that B A = sum_k B_k A_k
-    (rank: the sum of the ranks). A module missing from an adapter gets zeros."""
-    modules = sorted({k.rsplit(".lora_", 1)[0] for sd in adapters for k in sd})
-    out = {}
-    for m in modules:
-        shape = next(
-            (sd[f"{m}.lora_A.weight"].shape[1], sd[f"{m}.lora_B.weight"].shape[0])
-            for sd in adapters
-            if f"{m}.lora_A.weight" in sd
-        )
-        a_parts, b_parts = [], []
-        for sd in adapters:
-            rank = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
-            if f"{m}.lora_A.weight" in sd:
-                a_parts.append(sd[f"{m}.lora_A.weight"].float())
-                b_parts.append(sd[f"{m}.lora_B.weight"].float())
-            else:
-                a_parts.append(torch.zeros(rank, shape[0]))
-                b_parts.append(torch.zeros(shape[1], rank))
-        out[f"{m}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
-        out[f"{m}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
-    return out
-
-
-def write_cumulative_lora(args, out, log):
-    """output_dir/lora_cumulative/: theta_{k+1} as one adapter on the base pipeline's UNet. Each LoRA iteration's unet/
-    is its starting UNet with its adapter fused, so theta_{k+1} = theta_0 + the sum of every iteration's scaled B A,
-    which stack_adapters turns into one adapter (rank: the sum). It exists only for a chain that starts at the base
-    UNet: from 'base' this adapter alone, from a LoRA iteration that has one, its lora_cumulative/ plus this adapter.
-    Any other start (a full fine-tune, a hub UNet) is not the base plus adapters, so none is written."""
-    start = Path(args.unet) if args.unet not in (None, "", "base") else None
-    adapters = []
-    if start is not None:
-        if not (start / "lora_cumulative" / LORA_FILE).is_file():
-            log(f"note: no lora_cumulative/: --unet {args.unet} is not the base UNet plus LoRA adapters")
-            return
-        adapters.append(load_file(str(start / "lora_cumulative" / LORA_FILE)))
-    adapters.append(load_file(str(out / "lora" / LORA_FILE)))
-    tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
+def save_unet_atomically(unet, output_dir):
+    """output_dir/unet/, which exists only when complete (a temp folder, then renamed)."""
+    final, tmp = Path(output_dir) / "unet", Path(output_dir) / "unet.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(stack_adapters(adapters), str(tmp / LORA_FILE))
+    unet.save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def adapter_on_fp32_copy(adapter, args, base):
-    """The trained adapter's weights (peft names), put on a fresh float32 load of the starting UNet (the same LoRA
-    config)."""
-    from peft.utils import set_peft_model_state_dict
-
-    start = load_unet(args.unet, base, args.revision, args.variant)
-    copy = add_lora(start, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.seed)
-    set_peft_model_state_dict(copy, adapter)
-    return copy
-
-
-def save_unet_atomically(unet, output_dir):
-    """Write output_dir/unet/ so that it exists only when complete (temp folder, then rename)."""
-    out = Path(output_dir) / "unet"
-    tmp = Path(output_dir) / "unet.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(str(tmp), safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-# ---- shared helpers: the same text in every script (tests/test_shared.py checks) ----
+# ---- helpers every script carries: each is the same text wherever it appears (tests/test_shared.py checks) ----
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, exit code 2."""
 
@@ -2479,6 +1586,28 @@ def check_model_path(path, what="--pretrained_model_name_or_path"):
         raise UserError(f"{what} {path}: folder not found; pass a local pipeline folder or a hub id")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def quiet_known_noise():
+    """Drop two import-time messages known to be harmless at their source (every other warning still shows):
+    bitsandbytes' missing optional 4-bit CPU kernel, transformers' torchvision fallback (torchvision is not needed)."""
+    import logging
+
+    for logger, text in (
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+        ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    ):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+
+
 def decode_image(value):
     """bytes, {"bytes", "path"}, a path or PIL -> the RGB picture a viewer sees (to_rgb); None if it does not decode."""
     import io
@@ -2511,32 +1640,10 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help adds "(default: X)" only where the help text does not state the default already and there is one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
-            return text
-        return super()._get_help_string(action)
+# ---- model and data helpers (train_spin.py, generate.py; sample.py imports generate.py's) ----
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint-N/: the adapter's weights (peft names)
 
 
-def quiet_known_noise():
-    """Drop two import-time messages known to be harmless at their source (every other warning still shows):
-    bitsandbytes' missing optional 4-bit CPU kernel, transformers' torchvision fallback (torchvision is not needed)."""
-    import logging
-
-    for logger, text in (
-        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
-        ("transformers.utils.import_utils", "requires torchvision (not installed)"),
-    ):
-        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
-
-
-# ---- end shared helpers ----
-
-
-# ---- shared model and data helpers: the same text in train_spin.py and generate.py (sample.py imports it) ----
 def unet_fingerprint(unet):
     """sha256 of every UNet tensor (names and float32 values): identifies the weights, not the path."""
     h = hashlib.sha256()
@@ -2546,36 +1653,24 @@ def unet_fingerprint(unet):
     return "sha256:" + h.hexdigest()
 
 
-def is_checkpoint(unet_path):
-    """A checkpoint-N/ folder written by train_spin.py (accelerate's save_state + train_state.json)."""
-    return unet_path not in (None, "", "base") and Path(unet_path, "train_state.json").is_file()
-
-
-def unet_source(unet_path, base_path):
-    """(where, subfolder) of a UNet given as None/'base', a folder holding unet/, a bare UNet folder or a hub id."""
-    if unet_path in (None, "", "base"):
-        return base_path, "unet"
-    if Path(unet_path, "unet", "config.json").is_file():
-        return unet_path, "unet"
-    if Path(unet_path, "config.json").is_file():
-        return unet_path, None
-    if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
-        raise UserError(
-            f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
-            "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
-        )
-    return unet_path, "unet"
-
-
 def load_unet(unet_path, base_path, revision=None, variant=None):
     """A UNet in float32: None/'base' (the base pipeline's, at its --revision and --variant), a folder holding unet/, a
     bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
     from diffusers import UNet2DConditionModel
 
-    if is_checkpoint(unet_path):
+    where, sub, pin = unet_path, "unet", {}
+    if unet_path in (None, "", "base"):
+        where, pin = base_path, {"revision": revision, "variant": variant}
+    elif Path(unet_path, "train_state.json").is_file():  # accelerate's save_state + train_state.json
         return load_checkpoint_unet(Path(unet_path))
-    where, sub = unet_source(unet_path, base_path)
-    pin = {"revision": revision, "variant": variant} if unet_path in (None, "", "base") else {}
+    elif not Path(unet_path, "unet", "config.json").is_file():
+        if Path(unet_path, "config.json").is_file():
+            sub = None  # a bare UNet folder
+        elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+            raise UserError(
+                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
+            )
     try:
         return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
@@ -2583,17 +1678,6 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {variant_hint(e, pin.get('variant'))}"
             "; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
-
-
-def variant_hint(error, variant):
-    """The first line of a loading error; where it names --variant's files, also their likely cause and the fix."""
-    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
-    if variant and variant in str(error):
-        return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
-    return first
-
-
-ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint-N/: the adapter's weights (peft names)
 
 
 def load_checkpoint_unet(ckpt):
@@ -2646,6 +1730,24 @@ def lora_config(rank, alpha, target_modules):
     return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
 
 
+def variant_hint(error, variant):
+    """The first line of a loading error; where it names --variant's files, also their likely cause and the fix."""
+    first = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    if variant and variant in str(error):
+        return f"{first}; no --variant {variant} weight files there? drop --variant, or pass one the model has"
+    return first
+
+
+def check_tokenizer(tokenizer, what, subfolder):
+    """Refuse the empty tokenizer transformers builds where a pipeline folder lacks its files (it fails in its call)."""
+    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
+        raise UserError(
+            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
+            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
+        )
+    return tokenizer
+
+
 def open_dataset(name, split, streaming=False):
     """A `datasets` dataset from a hub id, a local folder in any format `datasets` reads (parquet files, webdataset
     .tar shards, an image folder with metadata.jsonl) or one parquet/json/jsonl/csv/tar file."""
@@ -2661,10 +1763,8 @@ def open_dataset(name, split, streaming=False):
     files = [p] if p.is_file() else split_files(p, split) if p.is_dir() else []
     try:
         if files:
-            data_files = {split: [str(f) for f in files]}
-            return datasets.load_dataset(
-                kinds[files[0].suffix], data_files=data_files, split=split, streaming=streaming
-            )
+            kind, data_files = kinds[files[0].suffix], {split: [str(f) for f in files]}
+            return datasets.load_dataset(kind, data_files=data_files, split=split, streaming=streaming)
         return datasets.load_dataset(str(p) if local else name, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -2687,10 +1787,8 @@ def unresolved_hint(name):
 
 
 def split_files(folder, split):
-    """The .tar or .parquet files of a local folder that name `split`: under a folder of that name, or called
-    `<split>.tar`, `<split>_00000.tar`, `<split>-00000-of-00009.parquet`... (`datasets`' own inference would mix
-    test_unique_00000.tar into 'test'). None, both kinds, or a dataset card that lists the files: [] (`datasets`
-    decides)."""
+    """The .tar or .parquet files of a local folder that name `split`: in a folder of that name, or <split>.tar,
+    <split>_00000.tar... (`datasets` reads test_unique_00000.tar as 'test'); [] where none, both kinds or a card."""
     readme = folder / "README.md"
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
         return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it
@@ -2705,8 +1803,7 @@ def split_files(folder, split):
     return files if len({f.suffix for f in files}) == 1 else []
 
 
-# Pick-a-Pic's fields, and where its copies keep each one: the original parquet columns, or, in webdataset tar shards
-# (e.g. sayakpaul/pickapic_v2_webdataset), a file per field in each sample, which `datasets` names with its extension.
+# Pick-a-Pic's caption column in its copies: the original parquet's, or a webdataset sample's file
 PICKAPIC_CAPTIONS = ("caption", "caption.txt", "original_prompt.txt")
 
 
@@ -2788,11 +1885,6 @@ def iter_examples(ds, caption_column="caption", image_column=None, with_images=T
         yield ex
 
 
-def image_key(prompt_index, image_index):
-    """File stem of one image: the same in every folder of images (generate.py, sample.py, validation)."""
-    return f"p{prompt_index:07d}_i{image_index:03d}"
-
-
 def image_seed(seed, prompt_index, image_index):
     """Seed of one image, from (run seed, prompt index, image index) only: independent of batch size, process count
     and resume point, and the same for every model, so that comparisons are paired."""
@@ -2800,60 +1892,7 @@ def image_seed(seed, prompt_index, image_index):
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-# Sampler names (generate.py and sample.py --scheduler, train_spin.py --validation_scheduler) -> diffusers classes.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def initial_noise(seeds, shape):
-    """Starting noise of each image from its own CPU generator: the same on every device, batch size and process.
-    The generators are returned too, already advanced, for samplers that draw noise at every step."""
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
-
-
-def decode_latents(vae, latents, latents_mean_std):
-    """A pipeline's final latent (output_type="latent") -> image in [-1, 1], decoded as the pipeline decodes it: in the
-    VAE's dtype, un-normalised with the VAE config's latents_mean/latents_std where it has them and
-    `latents_mean_std` (SDXL's pipeline), else divided by scaling_factor."""
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if latents_mean_std and mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
-
-
-def check_tokenizer(tokenizer, what, subfolder):
-    """transformers builds an empty tokenizer where a pipeline folder lacks its files (no vocabulary, no length
-    limit), which would fail later inside its call: refused here in one line."""
-    if tokenizer.model_max_length > 10**6:  # transformers' "no limit recorded": no tokenizer_config.json was read
-        raise UserError(
-            f"could not load {what}: no tokenizer in its {subfolder}/ (vocab.json, merges.txt, tokenizer_config.json "
-            "with model_max_length); save the pipeline with save_pretrained or point at a complete copy"
-        )
-    return tokenizer
-
-
-def to_pixels(images):
-    """Decoded images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] on the CPU, as generate.py writes them."""
-    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-# ---- end shared model and data helpers ----
-
-
-quiet_known_noise()  # before any library that logs the known noise is imported (they are imported lazily)
+quiet_known_noise()  # before the libraries that log the known noise are imported (they are imported lazily)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def ours(pipe, prompts, args, out):
         guidance_scale=7.5,
         resolution=args.resolution,
     )
-    jobs = generate.plan(range(len(prompts)), args.images_per_prompt, set())
-    writer = generate.FolderWriter(out, 0)
-    generate.make_images(pipe, prompts, jobs, gen_args, writer, with_latents=True)
+    jobs = generate.plan(len(prompts), args.images_per_prompt)
+    writer = generate.FolderWriter(out, with_latents=True)
+    generate.make_images(pipe, prompts, jobs, gen_args, writer)
     writer.close()  # all files on disk: part of the measured time
 
 
@@ -79,9 +79,18 @@ def main():
 
             args.pipeline = str(tiny.build_tiny_pipeline(tmp / "pipeline"))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        _, dtype = generate.resolve_precision(args.mixed_precision, device)
+        args.mixed_precision = args.mixed_precision or ("fp16" if device == "cuda" else "no")
+        dtype = generate.DTYPES[args.mixed_precision]
+        pipe_args = argparse.Namespace(
+            pretrained_model_name_or_path=args.pipeline,
+            revision=None,
+            variant=None,
+            scheduler=None,
+            resolution=args.resolution,
+            mixed_precision=args.mixed_precision,
+        )
         unet = generate.load_unet("base", args.pipeline)
-        pipe = generate.load_pipeline(args.pipeline, unet, None, dtype, device)
+        pipe = generate.load_pipeline(pipe_args, unet, "--unet base", device)
         prompts = [
             f"a {c} {s} number {k}"
             for k, (c, s) in enumerate(

@@ -55,9 +55,11 @@ def in_the_loop(rows, args, gpu_seconds):
 
 
 def in_the_pipeline(rows, args, gpu_seconds):
-    steps = ts.StepBatches(
-        rows, 0, args.per_device * args.processes, 0, args.per_device, args.shape, 1000, "shared", 0.0
-    )
+    from types import SimpleNamespace
+
+    pairs = ts.Pairs(rows, args.shape, args.per_device * args.processes, None, None)
+    flags = SimpleNamespace(seed=0, train_batch_size=args.per_device, pair_noise="shared", caption_dropout=0.0)
+    steps = ts.StepBatches(pairs, flags, 0, 1000)
     loader = torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(args.steps), num_workers=args.workers, persistent_workers=args.workers > 0
     )

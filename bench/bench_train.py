@@ -157,13 +157,14 @@ def main():
         b = d["real"].shape[0]
         if encode_every_step:  # what the cache avoids
             real = encode_bytes(vae, d["jpeg"], res)
-            text = ts.encode_prompts(te, tok, d["captions"]).float()
+            text = ts.encode_prompts([te], [tok], d["captions"])[0]
         else:
             real, text = d["real"], d["text"]
         t = torch.randint(0, 1000, (b,), device=device)
         noise = torch.randn_like(real)
         with autocast():
-            loss, _ = ts.pair_loss(unet, ref, sched, real, d["syn"], text, t, noise, t, noise, 5000.0, autocast)
+            draws, cond = ts.Draws(t, noise, t, noise), ts.Conditioning(torch.cat([text, text]))
+            loss, _ = ts.pair_loss(unet, ref, sched, real, d["syn"], draws, cond, beta=5000.0, autocast=autocast)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -173,15 +174,15 @@ def main():
         b = d["real"].shape[0]
         real = encode_bytes(vae, d["jpeg"], res)
         syn = encode_bytes(vae, d["png"], res)
-        text = ts.encode_prompts(te, tok, d["captions"])
+        text = ts.encode_prompts([te], [tok], d["captions"])[0]
         t = torch.randint(0, 1000, (b,), device=device)
         noise = torch.randn_like(real)
         with autocast():
-            m_r = ts.denoising_errors(unet, sched, real, noise, t, text)
-            m_s = ts.denoising_errors(unet, sched, syn, noise, t, text)
+            m_r = ts.denoising_errors(unet, sched, real, noise, t, ts.Conditioning(text))
+            m_s = ts.denoising_errors(unet, sched, syn, noise, t, ts.Conditioning(text))
         with torch.no_grad():
-            r_r = ts.denoising_errors(ref_half, sched, real.to(half), noise.to(half), t, text.to(half))
-            r_s = ts.denoising_errors(ref_half, sched, syn.to(half), noise.to(half), t, text.to(half))
+            r_r = ts.denoising_errors(ref_half, sched, real.to(half), noise.to(half), t, ts.Conditioning(text.to(half)))
+            r_s = ts.denoising_errors(ref_half, sched, syn.to(half), noise.to(half), t, ts.Conditioning(text.to(half)))
         loss = ts.spin_loss(m_r, m_s, r_r, r_s, 5000.0).mean()
         loss.backward()
         opt.step()

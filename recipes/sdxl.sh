@@ -24,4 +24,4 @@ WATCH_PROMPTS_FILE=${WATCH_PROMPTS_FILE-recipes/watch_prompts.txt}; WATCH_STEPS=
 SCORER_FLAGS=()
 DATA_FLAGS=(--streaming)
 [[ -n "$MAX_TRAIN_SAMPLES" ]] && DATA_FLAGS+=(--max_train_samples "$MAX_TRAIN_SAMPLES")
-TRAIN_FLAGS=(--lora_rank "$LORA_RANK" --allow_tf32 --dataloader_num_workers "$DATALOADER_WORKERS"); SPIN_CKPT_FLAGS=(--checkpointing_steps 250 --checkpoints_total_limit 2)
+TRAIN_FLAGS=(--lora_rank "$LORA_RANK" --lora_cumulative --allow_tf32 --dataloader_num_workers "$DATALOADER_WORKERS"); SPIN_CKPT_FLAGS=(--checkpointing_steps 250 --checkpoints_total_limit 2)

@@ -28,7 +28,10 @@ LAYOUTS = (
 
 
 def cli(script, *args, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    """A script in a process of its own, in an offline cluster's environment (the three offline variables users set)
+    unless `env` says otherwise: LocalHub.env clears them."""
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **offline, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         capture_output=True,
@@ -331,8 +334,11 @@ class LocalHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def env(self, home):
+        """The environment of a process that talks to this hub: online, whatever offline variables a user has set."""
         return {
             "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
             "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
             "HF_HOME": str(home),
         }

@@ -135,8 +135,8 @@ def test_open_clip_conversion_splits_qkv_and_transposes_projections():
 
 
 def test_blip_conversion_names(w):
-    vision, text, head, unexpected = ev.blip_to_transformers(w["ir_sd"])
-    assert not unexpected
+    vision, text, head = ev.blip_to_transformers(w["ir_sd"])
+    assert all(k.startswith(("embeddings.", "encoder.")) for k in text)  # no key of neither model left over
     assert "embeddings.class_embedding" in vision and "post_layernorm.weight" in vision
     assert "encoder.layers.1.self_attn.projection.weight" in vision
     assert "encoder.layer.0.crossattention.self.key.weight" in text
@@ -307,12 +307,16 @@ def test_clean_prompt_is_open_clip_cleaning():
 
 
 def test_bpe_merges_lowest_rank_everywhere(w):
-    vocab, merges = ev.read_clip_bpe(str(w["hps_clip"]))
-    tok = ev.OpenClipTokenizer(vocab, merges)
-    assert ev.bpe("red", tok.ranks) == ["red</w>"]  # e d</w> first, then r ed</w>
-    assert ev.bpe("aaa", tok.ranks) == ["aaa</w>"]
-    assert ev.bpe("aaaa", tok.ranks) == ["aa", "a", "a</w>"]  # a a merged left to right, without overlap
-    assert ev.bpe("x", tok.ranks) == ["x</w>"]
+    tok = ev.OpenClipTokenizer(str(w["hps_clip"]))
+    vocab = json.loads((w["hps_clip"] / "vocab.json").read_text(encoding="utf-8"))
+
+    def bpe(word):
+        return [vocab[t] for t in word]
+
+    assert tok.word_ids("red") == bpe(["red</w>"])  # e d</w> first, then r ed</w>
+    assert tok.word_ids("aaa") == bpe(["aaa</w>"])
+    assert tok.word_ids("aaaa") == bpe(["aa", "a", "a</w>"])  # a a merged left to right, without overlap
+    assert tok.word_ids("x") == bpe(["x</w>"])
     # by hand: 'a "red" cat!! café' -> a | " | red | " | cat | !! | café (c3 a9 -> Ã©)
     want = ["<|startoftext|>", "a</w>", '"</w>', "red</w>", '"</w>', "cat</w>", "!!</w>", "cafÃ©</w>", "<|endoftext|>"]
     ids = tok(["A “Red” cat!! cafÃ©"])[0].tolist()
@@ -341,6 +345,18 @@ def test_hps_tokenize_frames_like_open_clip(w, scorers):
     assert bang[:4] == [sot, vocab["a</w>"], vocab["!</w>"], eot] and bang[4:] == [0] * 73  # "!" is no pad token
 
 
+def test_hf_tokenizer_gives_other_ids(w, scorers):
+    """Why HPS does not use the Hugging Face CLIPTokenizer of --hps_clip (docs/evaluate.md): on curly quotes, HTML
+    entities, mojibake and a literal "!" (laion's pad token) its ids are not open_clip's."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(w["hps_clip"]))
+    for prompt in ["A “Red” cat’s square", "cats &amp; dogs", "cafÃ© on a SQUARE", "a cat! the dog"]:
+        ours = scorers["hps"].tokenize([prompt]).tolist()
+        assert ours == ref_open_clip_tokenize([prompt], w["hps_clip"]).tolist()
+        assert hf([prompt], padding="max_length", max_length=77, truncation=True)["input_ids"] != ours, prompt
+
+
 def load_open_clip_tokenizer_module():
     """open_clip's tokenizer.py, loaded alone (the package's __init__ needs torchvision and timm); skip without it."""
     import importlib.util
@@ -365,7 +381,7 @@ def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
     merges = (w["hps_clip"] / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
     with gzip.open(tmp_path / "tiny.txt.gz", "wt", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(m for m in merges if m))  # no trailing newline: '' would be a merge
-    ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(w["hps_clip"])))
+    ours = ev.OpenClipTokenizer(str(w["hps_clip"]))
     assert ours(TRICKY_PROMPTS).tolist() == oc.SimpleTokenizer(str(tmp_path / "tiny.txt.gz"))(TRICKY_PROMPTS).tolist()
 
     real = gzip.open(real_bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -387,12 +403,15 @@ def test_hps_tokenize_equals_open_clip_itself(w, tmp_path):
         "!",
     ]
     prompts = TRICKY_PROMPTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))) for _ in range(200)]
-    ours = ev.OpenClipTokenizer(*ev.read_clip_bpe(str(tmp_path / "real")))
+    ours = ev.OpenClipTokenizer(str(tmp_path / "real"))
     assert ours(prompts).tolist() == oc.tokenize(prompts).tolist()
 
 
 def hps_scorer(w, clip):
-    return ev.HPS(str(w["dir"] / "HPS_v2_compressed.pt"), "2.0", str(clip), torch.device("cpu"), torch.float32)
+    args = ev.parse_args(
+        ["x", *w["flags"], "--hps_checkpoint", str(w["dir"] / "HPS_v2_compressed.pt"), "--hps_clip", str(clip)]
+    )
+    return ev.HPS(args, torch.device("cpu"), torch.float32)
 
 
 def test_hps_score_is_open_clip_path_and_pools_at_end_token(w, scorers, images, tmp_path):
@@ -424,14 +443,16 @@ def test_hps_tokenizer_files_are_checked(w, tmp_path):
     clip.mkdir()
     (clip / "vocab.json").write_text((w["hps_clip"] / "vocab.json").read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(ev.UserError, match="merges.txt"):
-        ev.read_clip_bpe(str(clip))
+        ev.OpenClipTokenizer(str(clip))
     (clip / "merges.txt").write_text("#version: 0.2\nr e\nq z\n")  # "qz" is no token of the vocab
-    with pytest.raises(ev.UserError, match="merges.txt does not match vocab.json"):
-        ev.read_clip_bpe(str(clip))
+    with pytest.raises(ev.UserError, match="merges.txt does not match vocab.json.*qz"):
+        ev.OpenClipTokenizer(str(clip))
 
 
 # ---- precision ----
 def test_precision_default_is_fp32(monkeypatch):
+    with pytest.raises(ev.UserError, match="fp16 needs a GPU"):
+        ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp16", "--device", "cpu"]))
     args = ev.parse_args(["x"])
     assert ev.pick_device(args)[1:] == ("no", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU too (hpsv2 alone autocasts; README)
@@ -440,6 +461,27 @@ def test_precision_default_is_fp32(monkeypatch):
     assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp32"]))[1:] == ("no", torch.float32)
     assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "bf16"]))[1:] == ("bf16", torch.bfloat16)
     assert ev.pick_device(ev.parse_args(["x", "--mixed_precision", "fp16"]))[1:] == ("fp16", torch.float16)
+
+
+def test_bf16_towers_give_fp32_scores_that_move(w, scorers, images):
+    """--mixed_precision bf16 runs the towers in bf16: the scores (normalisation, dot products, heads) come out in fp32
+    and differ from the fp32 ones."""
+    args = ev.parse_args(["x", *w["flags"], "--mixed_precision", "bf16"])
+    device, mp, dtype = ev.pick_device(args)
+    low = ev.load_scorers(args, list(ev.METRICS), device, dtype)
+    for m in ev.METRICS:
+        pixels = torch.stack([scorers[m].prepare(im) for im in images])
+        got, want = low[m](pixels, PROMPTS), scorers[m](pixels, PROMPTS)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), m
+        assert not torch.equal(got, want), m
+
+
+def test_load_strict_names_the_keys_that_do_not_fit():
+    linear = torch.nn.Linear(3, 4)
+    with pytest.raises(ev.UserError, match="x: checkpoint does not fit the model config: size mismatch for weight"):
+        ev.load_strict(linear, {"weight": torch.zeros(4, 2), "bias": torch.zeros(4)}, "x")
+    with pytest.raises(ev.UserError, match="x: checkpoint does not match the model: missing bias; unexpected extra"):
+        ev.load_strict(linear, {"weight": torch.zeros(4, 3), "extra": torch.zeros(1)}, "x")
 
 
 def test_head_keys_and_shapes_are_checked():
@@ -621,18 +663,11 @@ def test_win_rates_on_means_and_on_best_of_n_by_hand():
 
 
 def summarise(by_model, metrics, hps_version="2.0"):
-    summary = {m: {x: ev.aggregate(r, x, metrics) for x in metrics} for m, r in by_model.items()}
-    averages = {m: ev.average_scores(summary[m], metrics) for m in by_model}
-    return ev.markdown_summary(
-        summary,
-        list(by_model),
-        metrics,
-        "base",
-        ev.win_rates(by_model, "base", metrics),
-        hps_version,
-        averages,
-        ev.win_rates(by_model, "base", metrics, on="best_of_n"),
-    )
+    """summary.md of these rows, through summarize (summary.json) as the CLI makes it."""
+    rows = [r for model_rows in by_model.values() for r in model_rows]
+    inputs = ev.Inputs([], list(by_model), by_model, "base")
+    report = ev.summarize(rows, inputs, metrics, hps_version, {m: [] for m in by_model}, {}, "no")
+    return ev.markdown_summary(report)
 
 
 def test_markdown_table_has_the_model_card_shape():
@@ -704,7 +739,7 @@ def test_cli_outputs(cli_run, scorers, samples):
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 8 + 5  # iter_1: 6 listed, 1 unreadable
     for r in scores:
-        assert {"model", "prompt_index", "image_index", "prompt", "file_name", *ev.METRICS} <= set(r)
+        assert {"model", "prompt_index", "image_index", "prompt", "file_name", "seed", *ev.METRICS} <= set(r)
     # CLI scores equal the in-process scorers on the same images
     for r in scores[:3] + scores[-2:]:
         img = Image.open(samples / r["model"] / r["file_name"]).convert("RGB")
@@ -805,6 +840,13 @@ def test_cli_single_folder_subset_of_metrics(w, samples, tmp_path):
     assert summary["average"]["iter_1"]["label"] == "avg (2: Aesthetic, ImageReward)"
 
 
+def test_model_folders_in_natural_order(tmp_path):
+    for name in ("iter_10", "iter_2", "base"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.jsonl").write_text("")
+    assert [d.name for d in ev.find_model_dirs([tmp_path])] == ["base", "iter_2", "iter_10"]
+
+
 # ---- bad input: one line on stderr, non-zero exit ----
 def test_cli_folder_without_metadata(w, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -879,7 +921,7 @@ def test_scoring_a_trained_model_fills_its_model_card(w, samples, tmp_path):
     evaluation section and leaves the rest of the card as it was."""
     import shutil
 
-    import train_spin
+    import spin_extras  # train_spin.py --model_card writes the card with it
 
     model = tmp_path / "iter_1_model"
     model.mkdir()
@@ -901,7 +943,7 @@ def test_scoring_a_trained_model_fills_its_model_card(w, samples, tmp_path):
         "model": {"pretrained_model_name_or_path": "base/model"},
         "global_step": 500,
     }
-    card = train_spin.model_card(cfg, "someone/iter1")
+    card = spin_extras.model_card(cfg, "someone/iter1")
     (model / "README.md").write_text(card + "\n## Citation\n\nkept\n")
     folder = tmp_path / "samples" / "iter_1"
     shutil.copytree(samples / "iter_1", folder)

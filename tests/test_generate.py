@@ -1,10 +1,13 @@
 """generate.py through its CLI on the tiny pipeline: seeds, folder contract, resume after a kill, errors,
 several processes. Every run uses 4 DDIM steps at 32x32, so a run costs about the import time."""
 
+import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,37 +155,48 @@ def test_batch_size_does_not_change_results(reference, tiny_pipeline, prompts_fi
     assert_same_set(reference, tmp_path / "b1")
 
 
-def test_killed_run_resumes_to_the_same_set(reference, tiny_pipeline, prompts_file, tmp_path):
-    out = tmp_path / "killed"
+def test_killed_run_resumes_to_the_same_set(tiny_pipeline, prompts_file, tmp_path):
     cmd = [
         "--pretrained_model_name_or_path",
         tiny_pipeline,
         "--prompts_file",
         prompts_file,
-        *COMMON,
+        "--num_images_per_prompt",
+        20,
+        "--num_inference_steps",
+        4,
+        "--seed",
+        7,
         "--batch_size",
         2,
-        "--output_dir",
-        out,
     ]
-    # Dies like kill -9 after 3 image files, with their metadata lines not yet written.
-    proc = run_cli("generate.py", *cmd, env={"SPIN_TEST_KILL_AFTER_IMAGES": "3"})
-    assert proc.returncode == 137, proc.stderr
-    assert 0 < len(list((out / "images").glob("*.png"))) < 6
-    # ... and a line cut in the middle, plus a half-written file, as a kill during a write leaves them
-    with open(out / "metadata.rank0.jsonl", "a") as f:
-        f.write('{"file_name": "images/p0000002_i001.png", "latent_fi')
-    (out / "images" / "p0000002_i001.png.tmp").write_bytes(b"\x89PNG half")
+    whole, out = tmp_path / "whole", tmp_path / "killed"  # whole: uninterrupted, and in batches of 5
+    assert run_cli("generate.py", *cmd, "--batch_size", 5, "--output_dir", whole).returncode == 0
+    # Killed from outside like kill -9, once 3 images are on disk: the others are still being made or written.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(ROOT / "generate.py"), *map(str, cmd), "--output_dir", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while proc.poll() is None and len(list(out.glob("images/*.png"))) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    pngs = sorted(out.glob("images/*.png"))
+    assert 3 <= len(pngs) < 60 and not (out / "metadata.jsonl").exists()
+    # ... and what a kill during a write leaves: half a file, an image without its latent, a latent without its image
+    (out / "images" / "p0000002_i019.png.tmp").write_bytes(b"\x89PNG half")
+    (out / "latents" / f"{pngs[0].stem}.safetensors").unlink(missing_ok=True)
+    pngs[1].unlink()
 
-    proc = run_cli("generate.py", *cmd)
+    proc = run_cli("generate.py", *cmd, "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
-    assert "already there" in proc.stdout
-    assert_same_set(reference, out)
+    assert "already there" in proc.stdout and "wrote 0 image(s)" not in proc.stdout
+    assert_same_set(whole, out)
     assert not list(out.glob("metadata.rank*")) and not list(out.rglob("*.tmp"))
 
-    proc = run_cli("generate.py", *cmd)  # a finished folder: nothing to do, nothing duplicated
+    proc = run_cli("generate.py", *cmd, "--output_dir", out)  # a finished folder: nothing to do, nothing duplicated
     assert proc.returncode == 0 and "wrote 0 image(s)" in proc.stdout, proc.stdout + proc.stderr
-    assert_same_set(reference, out)
+    assert_same_set(whole, out)
 
 
 def test_folder_with_other_settings_is_refused(reference, tiny_pipeline, prompts_file):
@@ -209,7 +223,35 @@ def test_bad_input_is_one_line_error(tiny_pipeline, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert_user_error(run_cli("generate.py", *base, "--prompts_file", tmp_path / "empty.txt"), "no prompts")
     assert_user_error(run_cli("generate.py", *base, "--dataset", tmp_path / "nope.parquet"), "--dataset")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    prompts = ["--prompts_file", tmp_path / "p.txt"]
+    assert_user_error(run_cli("generate.py", *base, *prompts, "--batch_size", 0), "--batch_size must be at least 1")
+    assert_user_error(
+        run_cli("generate.py", *base, *prompts, "--resolution", 30), "--resolution must be a multiple of 4"
+    )
+    assert_user_error(run_cli("generate.py", *base, *prompts, "--dataset", "x"), "exactly one of", "--prompts_file")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert_user_error(run_cli("generate.py", *base, *prompts), "not an empty folder", "no run_config.json")
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    (tmp_path / "out" / "run_config.json").write_text(json.dumps({"stage": "train", "identity": {}}))  # train_spin.py's
+    assert_user_error(run_cli("generate.py", *base, *prompts), "other settings", "stage: 'train' there, 'generate' now")
+    (tmp_path / "out" / "run_config.json").write_text("{half")
+    assert_user_error(run_cli("generate.py", *base, *prompts), "run_config.json is unreadable")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["notes.txt", "run_config.json"]
+
+
+def test_a_launch_accelerate_does_not_see_is_refused(monkeypatch):
+    """Processes started without accelerate seeing them would each write every image: one line instead."""
+    import types
+
+    import accelerate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: types.SimpleNamespace(num_processes=1))
+    with pytest.raises(generate.UserError, match="launched as 2 processes but accelerate sees 1"):
+        generate.start_processes(argparse.Namespace(mixed_precision=None))
 
 
 def test_dataset_prompts_and_scheduler(tiny_pipeline, pickapic_parquet, tmp_path):
@@ -267,50 +309,106 @@ def test_two_processes_make_one_consistent_folder(reference, tiny_pipeline, prom
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "stats.json").read_text())["last_run"]["processes"] == 2
+    assert json.loads((out / "stats.json").read_text())["processes"] == 2
     assert not list(out.glob("metadata.rank*"))
     assert_same_set(reference, out)
 
 
-def test_sharding_and_merge(tmp_path):
-    assert list(generate.shard(7, 1, 3)) == [1, 4]
-    assert sorted(p for r in range(3) for p in generate.shard(7, r, 3)) == list(range(7))
-    assert generate.plan([0, 2], 2, {(2, 0)}) == [(0, 0), (0, 1), (2, 1)]
+def test_sharding_and_metadata(tmp_path):
+    """Image n of a run is process n % N's, whatever is done; metadata.jsonl lists the images whose files are all
+    there, once each, in order."""
+    assert generate.plan(3, 2, 1, 4) == [(0, 1), (2, 1)]
+    assert sorted(job for r in range(3) for job in generate.plan(7, 2, r, 3)) == [
+        (p, i) for p in range(7) for i in (0, 1)
+    ]
+    assert generate.plan(3, 2, 0, 1, done={(2, 0)}) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)]
+    assert generate.plan(3, 2, 1, 4, done={(0, 1)}) == [(2, 1)]
 
     (tmp_path / "images").mkdir()
-    rows = [generate.metadata_row("x", p, i, 0, with_latent=False) for p in range(2) for i in range(2)]
-    for r in rows[:3]:
-        (tmp_path / r["file_name"]).write_bytes(b"png")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
-    (tmp_path / "metadata.rank0.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + '\n{"fi')
-    (tmp_path / "metadata.rank1.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(rows[2]) + "\n")
-    merged = generate.merge_metadata(tmp_path)
-    assert merged == rows[:3]  # deduplicated, sorted, and rows[3] dropped: its image is missing
-    assert [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()] == rows[:3]
-    assert not list(tmp_path.glob("metadata.rank*"))
+    (tmp_path / "latents").mkdir()
+    for key in ("p0000000_i000", "p0000000_i001", "p0000001_i001"):
+        (tmp_path / "images" / f"{key}.png").write_bytes(b"png")
+    (tmp_path / "images" / "p0000001_i000.png.tmp").write_bytes(b"half")
+    (tmp_path / "latents" / "p0000000_i001.safetensors").write_bytes(b"latent")
+    args = argparse.Namespace(num_images_per_prompt=2, seed=5)
+    rows = generate.metadata_rows(tmp_path, ["x", "y"], args, with_latents=False)
+    assert [(r["prompt"], r["prompt_index"], r["image_index"]) for r in rows] == [("x", 0, 0), ("x", 0, 1), ("y", 1, 1)]
+    assert rows[2] == {
+        "file_name": "images/p0000001_i001.png",
+        "prompt": "y",
+        "prompt_index": 1,
+        "image_index": 1,
+        "seed": generate.image_seed(5, 1, 1),
+    }
+    # with latents: an image counts once both its files are there
+    assert generate.metadata_rows(tmp_path, ["x", "y"], args, with_latents=True) == [
+        {"file_name": "images/p0000000_i001.png", "latent_file": "latents/p0000000_i001.safetensors", **rows[1]}
+    ]
+
+
+def image_args(pipeline, mixed_precision="no", **kw):
+    """The flags load_pipeline, folder_config and make_images read, as parse_args gives them."""
+    flags = dict(revision=None, variant=None, scheduler=None, resolution=None, num_images_per_prompt=1, seed=0)
+    flags.update(num_inference_steps=2, guidance_scale=7.5, batch_size=2, **kw)
+    return argparse.Namespace(pretrained_model_name_or_path=str(pipeline), mixed_precision=mixed_precision, **flags)
+
+
+def load_pipeline(pipeline, unet_from=None, mixed_precision="no", **kw):
+    """generate.load_pipeline: the base `pipeline` around the UNet of `unet_from` (default: the base's own)."""
+    args = image_args(pipeline, mixed_precision, **kw)
+    unet = generate.load_unet("base", str(unet_from or pipeline))
+    return generate.load_pipeline(args, unet, "--unet x", "cpu"), args
 
 
 def test_non_finite_results_are_counted_not_written(tiny_pipeline, tmp_path):
-    import argparse
-
+    args = image_args(tiny_pipeline)
     unet = generate.load_unet("base", str(tiny_pipeline))
     with torch.no_grad():
         unet.conv_out.bias[0] = float("nan")  # every latent becomes NaN, as an fp16 overflow would make it
-    pipe = generate.load_pipeline(str(tiny_pipeline), unet, None, torch.float32, "cpu")
+    pipe = generate.load_pipeline(args, unet, "--unet x", "cpu")
     (tmp_path / "images").mkdir()
     (tmp_path / "latents").mkdir()
-    writer = generate.FolderWriter(tmp_path, 0)
-    args = argparse.Namespace(batch_size=2, seed=0, num_inference_steps=2, guidance_scale=7.5, resolution=32)
-    stats = generate.make_images(pipe, ["a cat"], [(0, 0), (0, 1)], args, writer, with_latents=True)
+    writer = generate.FolderWriter(tmp_path, with_latents=True)
+    stats = generate.make_images(pipe, ["a cat"], [(0, 0), (0, 1)], args, writer)
     writer.close()
     assert stats == {"written": 0, "nonfinite": ["p0000000_i000", "p0000000_i001"], "black": []}
-    assert generate.merge_metadata(tmp_path) == [] and not list(tmp_path.rglob("*.png"))
+    assert generate.metadata_rows(tmp_path, ["a cat"], argparse.Namespace(num_images_per_prompt=2, seed=0), True) == []
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_only_the_main_process_reads_the_prompts():
+def test_black_images_are_written_and_listed(tiny_pipeline, tmp_path):
+    pipe, args = load_pipeline(tiny_pipeline, num_images_per_prompt=2)
+    with torch.no_grad():  # the decoder's last layer now outputs -10 everywhere: black after clamping to [-1, 1]
+        pipe.vae.decoder.conv_out.weight.zero_()
+        pipe.vae.decoder.conv_out.bias.fill_(-10)
+    for sub in ("images", "latents"):
+        (tmp_path / sub).mkdir()
+    writer = generate.FolderWriter(tmp_path, with_latents=True)
+    stats = generate.make_images(pipe, ["a cat"], [(0, 0), (0, 1)], args, writer)
+    writer.close()
+    assert stats == {"written": 2, "nonfinite": [], "black": ["p0000000_i000", "p0000000_i001"]}
+    assert len(generate.metadata_rows(tmp_path, ["a cat"], args, with_latents=True)) == 2
+    run = {"written": 2, "seconds": 1.0, "skipped_done": 0, "images_present": 2, "images_expected": 2}
+    run.update(nonfinite_keys=[], black_keys=stats["black"])
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        generate.report("generate", tmp_path, run)
+    assert err.getvalue() == "warning: generate: 2 all-black image(s), e.g. p0000000_i000\n"
+    (tmp_path / "stats.json").write_text(json.dumps({"black_keys": ["p0000001_i000"]}))  # an earlier run's
+    generate.write_stats(tmp_path / "stats.json", run, processes=1)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["black_keys"] == ["p0000000_i000", "p0000000_i001", "p0000001_i000"] and stats["written"] == 2
+
+
+def test_only_the_main_process_reads_the_prompts(monkeypatch):
     """Under N processes the prompt source (a streamed dataset) is read once, by the main process, and its result or
     its one-line error reaches every process."""
     import types
+
+    import accelerate.utils
 
     sent = {}
 
@@ -320,12 +418,11 @@ def test_only_the_main_process_reads_the_prompts():
         else:
             sent["box"] = list(box)
 
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
     main = types.SimpleNamespace(is_main_process=True, num_processes=2)
     other = types.SimpleNamespace(is_main_process=False, num_processes=2)
-    assert generate.on_main_process(main, lambda: ["a cat"], broadcast) == ["a cat"]
-    assert generate.on_main_process(other, lambda: pytest.fail("a non-main process read the prompts"), broadcast) == [
-        "a cat"
-    ]
+    assert generate.on_main_process(main, lambda: ["a cat"]) == ["a cat"]
+    assert generate.on_main_process(other, lambda: pytest.fail("a non-main process read the prompts")) == ["a cat"]
 
     sent.clear()
 
@@ -333,9 +430,9 @@ def test_only_the_main_process_reads_the_prompts():
         raise generate.UserError("no prompts in --dataset x")
 
     with pytest.raises(generate.UserError, match="no prompts"):
-        generate.on_main_process(main, bad, broadcast)
+        generate.on_main_process(main, bad)
     with pytest.raises(generate.UserError, match="no prompts"):
-        generate.on_main_process(other, lambda: pytest.fail("read twice"), broadcast)
+        generate.on_main_process(other, lambda: pytest.fail("read twice"))
 
 
 def test_two_processes_read_prompts_from_a_dataset(tiny_pipeline, pickapic_parquet, tmp_path):
@@ -503,18 +600,16 @@ def test_unsupported_pipeline_is_one_line_error(tiny_pipeline, prompts_file, tmp
 def test_sdxl_fp16_decodes_with_an_fp32_vae(sdxl_pipeline, tiny_pipeline):
     """Half precision: SDXL's VAE (config force_upcast) stays float32 and decodes fp16 latents in float32, as
     diffusers' SDXL pipeline decodes; an SD-1.x pipeline keeps its VAE in fp16, as diffusers' does."""
-    pipe = generate.load_pipeline(
-        str(sdxl_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None, torch.float16, "cpu"
-    )
+    pipe, args = load_pipeline(sdxl_pipeline, mixed_precision="fp16")
     assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
-    assert generate.model_record(pipe) == {"pipeline_class": "StableDiffusionXLPipeline", "vae_dtype": "float32"}
+    model = generate.folder_config("generate", args, pipe, ["a"], "base", "sha256:x")["model"]
+    assert (model["pipeline_class"], model["vae_dtype"]) == ("StableDiffusionXLPipeline", "float32")
     x = generate.decode_latents(pipe.vae, torch.randn(1, 4, 8, 8, dtype=torch.float16), True)
     assert x.dtype == torch.float32 and x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
-    sd = generate.load_pipeline(
-        str(tiny_pipeline), generate.load_unet("base", str(tiny_pipeline)), None, torch.float16, "cpu"
-    )
-    assert sd.vae.dtype == torch.float16 and generate.model_record(sd)["vae_dtype"] == "float16"
+    sd, args = load_pipeline(tiny_pipeline, mixed_precision="fp16")
+    model = generate.folder_config("generate", args, sd, ["a"], "base", "sha256:x")["model"]
+    assert sd.vae.dtype == torch.float16 and model["vae_dtype"] == "float16"
 
 
 def test_micro_conditioning_follows_the_resolution():
@@ -529,13 +624,10 @@ def test_micro_conditioning_follows_the_resolution():
 
 def test_unet_of_another_family_is_refused(sdxl_pipeline, tiny_pipeline):
     """An SD-1.x UNet with an SDXL base (or the reverse) is a one-line error, not a crash inside the pipeline."""
-    sd_unet = generate.load_unet("base", str(tiny_pipeline))
     with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionXLPipeline"):
-        generate.load_pipeline(str(sdxl_pipeline), sd_unet, None, torch.float32, "cpu", unet_where="--unet x")
+        load_pipeline(sdxl_pipeline, unet_from=tiny_pipeline)
     with pytest.raises(generate.UserError, match="does not fit the base's StableDiffusionPipeline"):
-        generate.load_pipeline(
-            str(tiny_pipeline), generate.load_unet("base", str(sdxl_pipeline)), None, torch.float32, "cpu"
-        )
+        load_pipeline(tiny_pipeline, unet_from=sdxl_pipeline)
 
 
 def test_variant_and_revision_make_the_images_of_the_base_weights_they_name(
