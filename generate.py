@@ -643,13 +643,8 @@ def split_files(folder, split):
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
         return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it
     named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
-    files = sorted(
-        f
-        for f in folder.rglob("*")
-        if f.suffix in (".tar", ".parquet")
-        and f.is_file()
-        and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name))
-    )
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file())
+    files = [f for f in files if split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)]
     return files if len({f.suffix for f in files}) == 1 else []
 
 
@@ -663,11 +658,8 @@ def pickapic_columns(column_names, caption_column="caption"):
     names = list(column_names)
 
     def column(field):  # the original name, else the name with one extension
-        return (
-            field
-            if field in names
-            else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
-        )
+        with_extension = (c for c in names if c.split(".")[0] == field and c.count(".") == 1)
+        return field if field in names else next(with_extension, None)
 
     cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
     if None in cols.values():

@@ -27,9 +27,7 @@ from train_spin import (
     CHUNK,
     SHARD,
     UserError,
-    base_pin,
     build_cache,
-    cache_complete,
     cache_key,
     decode_image,
     image_seed,
@@ -144,9 +142,8 @@ class Validation:
             name, kwargs = PIPELINES[self.models.family]
             a, base = self.args, self.models.base
             load = getattr(diffusers, name).from_pretrained
-            pin = {"revision": a.revision, "variant": a.variant}
             self.pipe = load_component(
-                f"the pipeline {base!r}", load, base, unet=unet, dtype=self.run.dtype, **pin, **kwargs
+                f"the pipeline {base!r}", load, base, unet=unet, dtype=self.run.dtype, **self.models.pin, **kwargs
             )
             if a.validation_scheduler:
                 cls = getattr(diffusers, SCHEDULERS[a.validation_scheduler])
@@ -286,10 +283,9 @@ def synthetic_cache(args, run, models, synthetic, encode):
     files = [(r["path"], os.stat(r["path"]).st_size, os.stat(r["path"]).st_mtime_ns) for r in synthetic]
     vae = {"vae": weights_identity(models.base, "vae"), "vae_dtype": str(models.vae_dtype)}
     folder = (
-        Path(args.cache_dir)
-        / f"synthetic-{cache_key(files=files, resolution=args.resolution, **vae, **base_pin(args))}"
+        Path(args.cache_dir) / f"synthetic-{cache_key(files=files, resolution=args.resolution, **vae, **models.pin)}"
     )
-    if cache_complete(folder):
+    if (folder / "info.json").is_file():
         return folder
     run.log(f"encoding {len(synthetic)} synthetic images like real ones into {folder} ...")
 

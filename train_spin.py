@@ -19,6 +19,7 @@ import argparse
 import bisect
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -30,7 +31,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -45,9 +45,7 @@ from tqdm.auto import tqdm
 # accelerate, diffusers, transformers and datasets are imported where they are used (--help need not wait for them);
 # peft and bitsandbytes only by --lora_rank and --use_8bit_adam.
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line: the flag names of diffusers' training examples
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Command line: the flag names of diffusers' training examples ----
 PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
 CACHE_DIR = os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "spin-diffusion"))
 
@@ -200,9 +198,7 @@ def check_same_run(saved, current, where):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The math: pure functions on tensors (tests compare them with an independent computation)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The math: pure functions on tensors (tests compare them with an independent computation) ----
 def spin_loss(model_mse_real, model_mse_syn, ref_mse_real, ref_mse_syn, beta):
     """Per-pair SPIN-Diffusion loss -log sigmoid(-(beta/2) ((m_r - r_r) - (m_s - r_s))), in float32. Diffusion-DPO is
     the same expression with winner/loser in place of real/synthetic."""
@@ -223,20 +219,6 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     raise UserError(f"prediction_type {kind!r} of the scheduler is not supported (epsilon or v_prediction)")
-
-
-def pair_stats(m_r, m_s, r_r, r_s):
-    """What is logged of a batch of pairs, per pair (micro-steps and processes are averaged later)."""
-    margin = (m_r - r_r) - (m_s - r_s)
-    return {
-        "implicit_acc": (margin < 0).float(),  # the policy prefers the real image more than the reference does
-        "real_logratio": -(m_r - r_r),  # > 0: the policy denoises real data better than the reference
-        "syn_logratio": -(m_s - r_s),  # < 0: ... and the opponent's samples worse
-        "model_mse_real": m_r,
-        "model_mse_syn": m_s,
-        "ref_mse_real": r_r,
-        "ref_mse_syn": r_s,
-    }
 
 
 class Conditioning(NamedTuple):
@@ -267,30 +249,26 @@ def denoising_errors(model, scheduler, latents, noise, t, cond):
 def pair_loss(policy, reference, scheduler, real, other, draws, cond, *, beta, autocast):
     """SPIN (other: the opponent's sample) or Diffusion-DPO (real: winner, other: loser) on a batch of pairs: one policy
     call on [real; other], one no-grad reference call on the same inputs. `cond` is laid out for the doubled batch."""
-    b = real.shape[0]
-    latents, noises, ts = (
-        torch.cat([real, other]),
-        torch.cat([draws.noise, draws.noise2]),
-        torch.cat([draws.t, draws.t2]),
-    )
+    b, latents = real.shape[0], torch.cat([real, other])
+    noises, ts = torch.cat([draws.noise, draws.noise2]), torch.cat([draws.t, draws.t2])
     model_mse = denoising_errors(policy, scheduler, latents, noises, ts, cond)
     with torch.no_grad(), autocast():  # the policy's precision path: margin = 0 exactly at step 0
         ref_mse = denoising_errors(reference, scheduler, latents, noises, ts, cond)
     m_r, m_s, r_r, r_s = model_mse[:b], model_mse[b:], ref_mse[:b], ref_mse[b:]
-    return spin_loss(m_r, m_s, r_r, r_s, beta).mean(), pair_stats(m_r, m_s, r_r, r_s)
+    margin = (m_r - r_r) - (m_s - r_s)
+    stats = {  # per pair: micro-steps and processes are averaged later
+        "implicit_acc": (margin < 0).float(),  # the policy prefers the real image more than the reference does
+        "real_logratio": -(m_r - r_r),  # > 0: the policy denoises real data better than the reference
+        "syn_logratio": -(m_s - r_s),  # < 0: ... and the opponent's samples worse
+        **{"model_mse_real": m_r, "model_mse_syn": m_s, "ref_mse_real": r_r, "ref_mse_syn": r_s},
+    }
+    return spin_loss(m_r, m_s, r_r, r_s, beta).mean(), stats
 
 
 def sft_loss(policy, scheduler, real, draws, cond):
     """The SFT baseline: plain denoising error on the real images."""
     m_r = denoising_errors(policy, scheduler, real, draws.noise, draws.t, cond)
     return m_r.mean(), {"model_mse_real": m_r}
-
-
-def step_generator(seed, micro_step):
-    """The CPU generator of one micro-step. It draws for the whole global batch and each process keeps its own pairs'
-    slice (draw_step): a pair's draws depend on its place in the global batch, not on the process holding it, so 2
-    processes train what 1 trains and no two GPUs draw the same noise."""
-    return torch.Generator().manual_seed(image_seed(seed, 0, micro_step))
 
 
 def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared"):
@@ -304,31 +282,32 @@ def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared
 
 
 def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, pair_noise, dropout):
-    """The Draws, dropout mask included, of pairs start..stop-1 of one micro-step's global batch."""
-    gen = step_generator(seed, micro_step)
+    """The Draws, dropout mask included, of pairs start..stop-1 of one micro-step's global batch. The step's generator
+    draws for the whole global batch and each process keeps its own pairs' slice: a pair's draws depend on its place in
+    the global batch, not on the process holding it, so 2 processes train what 1 trains and no two GPUs draw the same
+    noise."""
+    gen = torch.Generator().manual_seed(image_seed(seed, 0, micro_step))
     draws = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, pair_noise)
     drop = torch.rand(global_batch, generator=gen) < dropout if dropout > 0 else torch.zeros(global_batch, dtype=bool)
     return Draws(*(x[start:stop] for x in (*draws[:4], drop)))
 
 
+@functools.lru_cache(maxsize=1)  # computed once per epoch (milliseconds at Pick-a-Pic's size, each micro-step)
 def epoch_permutation(n, seed, epoch):
     """The row order of one epoch: a seeded permutation, the same on every process."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1, epoch)))
 
 
-def batch_indices(n, seed, global_batch, micro_step, process_index, per_device, perm=None):
+def batch_indices(n, seed, global_batch, micro_step, process_index, per_device):
     """One process's rows at one micro-step: each epoch a fresh permutation cut into global batches (the last partial
     one dropped), of which a process takes its slice. A pure function of the step: a resumed run continues mid-epoch
-    exactly. `perm`: the epoch's permutation, where the caller keeps it."""
+    exactly."""
     epoch, b = divmod(micro_step, n // global_batch)
-    perm = epoch_permutation(n, seed, epoch) if perm is None else perm
     start = b * global_batch + process_index * per_device
-    return perm[start : start + per_device].tolist()
+    return epoch_permutation(n, seed, epoch)[start : start + per_device].tolist()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The iteration, step by step
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The iteration, step by step ----
 def main(argv=None):
     """theta_k -> theta_{k+1}: the SPIN iteration (or the SFT / Diffusion-DPO baseline), its steps in order."""
     args = parse_args(argv)
@@ -360,14 +339,8 @@ class Run:
     log: Callable
     dtype: torch.dtype
     extras: Any
-
-    @property
-    def device(self):
-        return self.accelerator.device
-
-    @property
-    def main_process(self):
-        return self.accelerator.is_main_process
+    device: Any
+    main_process: bool
 
 
 def start_run(args):
@@ -395,7 +368,7 @@ def start_run(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    return Run(accelerator, out, log, dtype, load_extras(args))
+    return Run(accelerator, out, log, dtype, load_extras(args), accelerator.device, accelerator.is_main_process)
 
 
 def output_dir_is_done(args, run):
@@ -595,8 +568,7 @@ def step_inputs(batch, args, models, data, device):
     """A micro-step's batch on the device: its Draws, its Conditioning with caption dropout applied (laid out for
     pair_loss's [real; other] batch) and the real latents."""
 
-    def to_dev(name):
-        return batch[name].to(device, non_blocking=True)
+    to_dev = lambda name: batch[name].to(device, non_blocking=True)
 
     t, noise = to_dev("t"), to_dev("noise")
     t2, noise2 = (to_dev("t2"), to_dev("noise2")) if "t2" in batch else (t, noise)
@@ -653,9 +625,7 @@ def refuse_non_finite(row, step, accelerator, out):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Models ----
 @dataclass
 class Models:
     """theta_k and what training needs of its pipeline."""
@@ -668,6 +638,7 @@ class Models:
     family: str  # "sd" (SD-1.x/2.x) or "sdxl"
     force_zeros: bool  # SDXL base: the unconditional branch's prompt embeddings are zeros, not the empty prompt's
     vae_dtype: torch.dtype  # the compute dtype, but fp32 where the VAE's config asks for it (force_upcast)
+    pin: dict  # --revision and --variant where given: every load of the base's parts, the cache keys
 
     @property
     def sdxl(self):
@@ -717,17 +688,15 @@ def load_models(args, run):
             run.log("note: xformers is not installed; the UNet uses PyTorch's scaled_dot_product_attention")
     # SDXL's VAE overflows in fp16, its config asks for fp32 (force_upcast); bf16 has fp32's range, so it is kept
     vae_dtype = torch.float32 if vae.get("force_upcast", False) and run.dtype == torch.float16 else run.dtype
-    return Models(base, scheduler, tokenizers, unet, fingerprint, family, force_zeros, vae_dtype)
-
-
-UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
-UNSUPPORTED_ENGINES["ACCELERATE_USE_MEGATRON_LM"] = "Megatron-LM"
+    pin = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}  # where given: keys unchanged
+    return Models(base, scheduler, tokenizers, unet, fingerprint, family, force_zeros, vae_dtype, pin)
 
 
 def refuse_unsupported_engine(environ):
     """DeepSpeed, FSDP and Megatron-LM take over accumulation, clipping, autocast and saving, which this script does
     around a plain DDP step: a launch through them would train something else without saying so."""
-    for var, name in UNSUPPORTED_ENGINES.items():
+    for name in ("DeepSpeed", "FSDP", "Megatron-LM"):
+        var = f"ACCELERATE_USE_{name.upper().replace('-', '_')}"
         if environ.get(var, "false").lower() in ("true", "1", "yes"):
             raise UserError(
                 f"{name} launches are not supported: train_spin.py runs DDP on any number of GPUs and nodes "
@@ -839,11 +808,9 @@ def checkpoint_adapter_only(accelerator):
     accelerator.register_load_state_pre_hook(load)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Data: real rows -> cached latents, captions -> cached prompt embeddings, generate.py's folder -> pairs. Our own
+# ---- Data: real rows -> cached latents, captions -> cached prompt embeddings, generate.py's folder -> pairs. Our own
 # caches, not datasets' map(): that would encode on every process and cache by the function's hash, not by the weights
 # that encoded the rows; these are built once between all processes and read lazily by row.
-# ---------------------------------------------------------------------------------------------------------------------
 SHARD = 1024  # rows per shard of the text and synthetic-image caches, and per piece of a downloaded dataset
 CHUNK = 64  # images decoded and encoded at a time
 CACHE_FORMAT = 2  # part of every cache key: a cache written in an older layout is rebuilt, never misread
@@ -875,8 +842,8 @@ class ImageEncoder:
         from diffusers import AutoencoderKL
 
         if self.vae is None:
-            a, base, load = self.args, self.models.base, AutoencoderKL.from_pretrained
-            pin = {"revision": a.revision, "variant": a.variant, "torch_dtype": self.models.vae_dtype}
+            base, load = self.models.base, AutoencoderKL.from_pretrained
+            pin = {**self.models.pin, "torch_dtype": self.models.vae_dtype}
             self.vae = load_component(f"the VAE of {base!r}", load, base, subfolder="vae", **pin).to(self.device)
         x = torch.stack([preprocess_image(im, self.args.resolution) for im in images])
         return torch.cat([encode_images(self.vae, x[i : i + 16]) for i in range(0, len(x), 16)])
@@ -909,27 +876,18 @@ def latent_cache(args, run, models, encode):
     dataset goes to process i mod N, as shard i; with --max_train_samples the rounds stop once the shards made hold
     enough rows. The result is the same whatever N."""
     with_loser, max_rows = args.loss == "dpo", args.max_train_samples
-    given = {
-        k: getattr(args, k) for k in ("split", "image_column", "caption_column", "max_train_samples", "resolution")
-    }
+    given = {k: getattr(args, k) for k in ("split", "image_column", "caption_column", "max_train_samples")}
+    given.update(resolution=args.resolution, with_loser=with_loser, dataset=source_fingerprint(args.dataset))
     vae = {"vae": weights_identity(models.base, "vae"), "vae_dtype": str(models.vae_dtype)}
-    key = cache_key(dataset=source_fingerprint(args.dataset), with_loser=with_loser, **given, **vae, **base_pin(args))
+    key = cache_key(**given, **vae, **models.pin)
     folder = Path(args.cache_dir) / f"latents-{key}"
-    if cache_complete(folder):
+    if (folder / "info.json").is_file():
         return folder
     run.log(f"encoding the real images once into {folder} ...")
     t0, pieces = time.time(), dataset_pieces(open_dataset(args.dataset, args.split, args.streaming))
 
     def make_shard(i):
-        stats = {}
-        columns = (args.caption_column, args.image_column)
-        return encode_piece(
-            iter_examples(pieces[i](), *columns, with_loser=with_loser, stats=stats),
-            stats,
-            encode,
-            with_loser,
-            max_rows,
-        )
+        return encode_piece(pieces[i](), args, encode)
 
     counted = {}  # cache rows per shard, each shard's header read once
 
@@ -940,9 +898,7 @@ def latent_cache(args, run, models, encode):
     made = build_shards(folder, len(pieces), make_shard, run.accelerator, enough if max_rows else None)
     merged = merge_pieces([read_piece(shard_path(folder, j)) for j in range(made)], max_rows)
     if not merged["captions"]:
-        raise UserError(
-            "the dataset has no usable rows (after dropping ties); check --dataset/--split/--caption_column"
-        )
+        raise UserError("the dataset has no usable rows (ties dropped); check --dataset/--split/--caption_column")
     if run.main_process:
         for j in range(len(merged["sizes"]), len(pieces)):  # shards past the cut (other processes ran ahead)
             shard_path(folder, j).unlink(missing_ok=True)
@@ -955,15 +911,16 @@ def latent_cache(args, run, models, encode):
     return folder
 
 
-def encode_piece(examples, stats, encode, with_loser, max_rows):
-    """One piece's rows (ties dropped by `examples`; at most max_rows), encoded CHUNK at a time: a shard's (tensors,
-    metadata). A row whose image does not decode keeps its place, marked invalid (a blank image stands in). The
-    metadata holds the captions, each row's place among the rows read (so that a cut at --max_train_samples recounts
-    ties exactly) and the piece's counters."""
-    sides = ("", "_lose") if with_loser else ("",)
+def encode_piece(ds, args, encode):
+    """One piece of the dataset's usable rows (ties dropped; at most --max_train_samples), encoded CHUNK at a time: a
+    shard's (tensors, metadata). A row whose image does not decode keeps its place, marked invalid (a blank image
+    stands in). The metadata holds the captions, each row's place among the rows read (so that a cut at
+    --max_train_samples recounts ties exactly) and the piece's counters."""
+    stats, sides = {}, ("", "_lose") if args.loss == "dpo" else ("",)
+    examples = iter_examples(ds, args.caption_column, args.image_column, with_loser=args.loss == "dpo", stats=stats)
     latents, sizes = {s: [] for s in sides}, {s: [] for s in sides}  # sizes: original height, width (SDXL's)
     captions, source_rows, valid = [], [], []
-    numbered = ((ex, stats["rows_read"] - 1) for ex in itertools.islice(examples, max_rows))
+    numbered = ((ex, stats["rows_read"] - 1) for ex in itertools.islice(examples, args.max_train_samples))
     while chunk := list(itertools.islice(numbered, CHUNK)):
         images = {s: [decode_image(ex["image" + s]) for ex, _ in chunk] for s in sides}
         for s, column in images.items():
@@ -976,21 +933,14 @@ def encode_piece(examples, stats, encode, with_loser, max_rows):
     for s in sides:
         tensors["latents" + s] = torch.cat(latents[s]) if captions else torch.zeros(0, 1, dtype=torch.float16)
         tensors["image_hw" + s] = torch.tensor(sizes[s], dtype=torch.int32).reshape(-1, 2)
-    counters = {"rows_read": str(stats["rows_read"]), "ties_dropped": str(stats["ties_dropped"])}
-    return tensors, {"captions": json.dumps(captions), "source_rows": json.dumps(source_rows), **counters}
+    return tensors, {k: json.dumps(v) for k, v in {"captions": captions, "source_rows": source_rows, **stats}.items()}
 
 
 def read_piece(path):
     """A latent shard's header: its captions, source rows, counters and which rows are valid."""
     with safe_open(str(path), "pt") as f:
         meta, valid = f.metadata(), f.get_tensor("valid").tolist()
-    counters = {k: int(meta[k]) for k in ("rows_read", "ties_dropped")}
-    return {
-        "captions": json.loads(meta["captions"]),
-        "source_rows": json.loads(meta["source_rows"]),
-        **counters,
-        "valid": valid,
-    }
+    return {k: json.loads(meta[k]) for k in ("captions", "source_rows", "rows_read", "ties_dropped")} | {"valid": valid}
 
 
 def merge_pieces(pieces, max_rows):
@@ -1004,21 +954,13 @@ def merge_pieces(pieces, max_rows):
         else:  # the cut falls in this piece: only the rows up to its last row taken
             read = p["source_rows"][take - 1] + 1 if take else 0
             rows_read, ties = rows_read + read, ties + read - take
-        captions, valid, sizes = (
-            captions + p["captions"][:take],
-            valid + p["valid"][:take],
-            sizes + [len(p["captions"])],
-        )
+        captions, valid = captions + p["captions"][:take], valid + p["valid"][:take]
+        sizes.append(len(p["captions"]))
         if max_rows is not None and len(captions) >= max_rows:
             break
-    usable = sum(valid)
-    counts = {"cache_rows": len(captions), "usable_rows": usable, "rows_read": rows_read, "ties_dropped": ties}
-    return {
-        "captions": captions,
-        "valid": valid,
-        "sizes": sizes,
-        "counts": {**counts, "undecodable_rows": len(valid) - usable},
-    }
+    counts = {"cache_rows": len(captions), "usable_rows": sum(valid), "rows_read": rows_read, "ties_dropped": ties}
+    counts["undecodable_rows"] = len(valid) - sum(valid)
+    return {"captions": captions, "valid": valid, "sizes": sizes, "counts": counts}
 
 
 def text_cache(args, run, models, captions):
@@ -1027,14 +969,14 @@ def text_cache(args, run, models, captions):
 
     names = ("text_encoder", "text_encoder_2")[: len(models.tokenizers)]
     parts = {n: weights_identity(models.base, n) for n in ("tokenizer", "tokenizer_2")[: len(names)] + names}
-    key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **base_pin(args))
+    key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **models.pin)
     folder = Path(args.cache_dir) / f"text-{key}"
-    if cache_complete(folder):
+    if (folder / "info.json").is_file():
         return folder
     run.log(f"encoding {len(captions)} prompts once into {folder} ...")
     classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    what, pin = f"the text encoder(s) of {models.base!r}", {"revision": args.revision, "variant": args.variant}
-    load = partial(load_component, what, torch_dtype=run.dtype, **pin)
+    what = f"the text encoder(s) of {models.base!r}"
+    load = functools.partial(load_component, what, torch_dtype=run.dtype, **models.pin)
     encoders = [load(classes[n].from_pretrained, models.base, subfolder=n).to(run.device) for n in names]
 
     def make_shard(i):
@@ -1097,14 +1039,9 @@ def shard_path(folder, i):
     return Path(folder) / f"shard-{i:05d}.safetensors"
 
 
-def cache_complete(folder):
-    return Path(folder, "info.json").is_file()
-
-
 def cache_key(**parts):
-    return hashlib.sha256(
-        json.dumps({**parts, "format": CACHE_FORMAT}, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    text = json.dumps({**parts, "format": CACHE_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def source_fingerprint(name):
@@ -1130,11 +1067,6 @@ def weights_identity(base, subfolder):
     return [stamp(f) for f in sorted(folder.iterdir()) if f.is_file()]
 
 
-def base_pin(args):
-    """--revision and --variant where given, for the cache keys (a run without them keeps its keys)."""
-    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)}
-
-
 def dataset_pieces(ds):
     """The dataset cut into pieces, in order, each readable on its own, so that each process reads (and, streamed,
     downloads) only its own: a streamed dataset by its files, a downloaded one by SHARD rows."""
@@ -1143,8 +1075,8 @@ def dataset_pieces(ds):
     if isinstance(ds, datasets.IterableDataset):
         ds = ds.reshard() if hasattr(ds, "reshard") else ds  # parquet: by row groups, where `datasets` can
         n = ds.num_shards if hasattr(ds, "num_shards") else ds.n_shards
-        return [partial(ds.shard, num_shards=n, index=i) if n > 1 else (lambda: ds) for i in range(n)]
-    return [partial(ds.select, range(a, min(a + SHARD, len(ds)))) for a in range(0, len(ds), SHARD)]
+        return [functools.partial(ds.shard, num_shards=n, index=i) if n > 1 else (lambda: ds) for i in range(n)]
+    return [functools.partial(ds.select, range(a, min(a + SHARD, len(ds)))) for a in range(0, len(ds), SHARD)]
 
 
 def resize_crop(w, h, resolution):
@@ -1351,34 +1283,21 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, pairs, args, process_index, num_train_timesteps):
         self.pairs, self.args, self.process_index, self.T = pairs, args, process_index, num_train_timesteps
-        self.perm = (None, None)  # (epoch, permutation): each worker keeps the current epoch's
 
     def __getitem__(self, micro):
-        a, n, global_batch, per_device = (
-            self.args,
-            len(self.pairs.dataset),
-            self.pairs.global_batch,
-            self.args.train_batch_size,
-        )
-        epoch = micro // (n // global_batch)
-        if self.perm[0] != epoch:
-            self.perm = (epoch, epoch_permutation(n, a.seed, epoch))
-        rows = batch_indices(n, a.seed, global_batch, micro, self.process_index, per_device, self.perm[1])
-        batch = torch.utils.data.default_collate([self.pairs.dataset[i] for i in rows])
-        first = self.process_index * per_device
-        shape, noise = self.pairs.latent_shape, a.pair_noise
-        draws = draw_step(
-            a.seed, micro, global_batch, first, first + len(rows), shape, self.T, noise, a.caption_dropout
-        )
+        a, pairs, first = self.args, self.pairs, self.process_index * self.args.train_batch_size
+        n, global_batch = len(pairs.dataset), pairs.global_batch
+        rows = batch_indices(n, a.seed, global_batch, micro, self.process_index, a.train_batch_size)
+        batch = torch.utils.data.default_collate([pairs.dataset[i] for i in rows])
+        last, shape = first + len(rows), pairs.latent_shape
+        draws = draw_step(a.seed, micro, global_batch, first, last, shape, self.T, a.pair_noise, a.caption_dropout)
         batch.update(t=draws.t, noise=draws.noise, drop=draws.drop)
         if a.pair_noise != "shared":  # else the second member's draws are the first's: not copied twice
             batch.update(t2=draws.t2, noise2=draws.noise2)
         return batch
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The run record, checkpoints and outputs
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The run record, checkpoints and outputs ----
 def list_checkpoints(output_dir):
     """The complete checkpoint-N folders of a run, by step."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
@@ -1399,13 +1318,9 @@ def write_run_record(args, run, models, pairs, data, trainer):
             "unet": args.reference_unet or args.unet or "base",
             "unet_fingerprint": trainer.reference_fingerprint,
         }
-        data_record = {
-            "pairs": len(pairs.dataset),
-            "synthetic_latent": args.synthetic_latent if args.loss == "spin" else None,
-        }
-        data_record.update(
-            {k: data.info[k] for k in ("usable_rows", "rows_read", "ties_dropped", "undecodable_rows", "cache_rows")}
-        )
+        counts = ("usable_rows", "rows_read", "ties_dropped", "undecodable_rows", "cache_rows")
+        data_record = {"pairs": len(pairs.dataset), **{k: data.info[k] for k in counts}}
+        data_record["synthetic_latent"] = args.synthetic_latent if args.loss == "spin" else None
         caches = {"latents": data.lat_dir, "text": data.txt_dir, "synthetic": pairs.syn_dir}
         record = run_config(
             "train",
@@ -1461,8 +1376,8 @@ def save_outputs(args, run, models, trainer):
             adapter = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(final).items()}
             final = models.unet = trainer.unet = trainer.reference = trainer.optimizer = trainer.trainable = None
             accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
-            final = save_lora_outputs(adapter_on_fp32_copy(adapter, args, models.base), out)
-        save_unet_atomically(final, out)
+            final = save_lora(adapter, args, models.base, out)
+        replace_folder(out / "unet", lambda tmp: final.save_pretrained(str(tmp)))  # safetensors
         record = {**json.loads((out / "run_config.json").read_text()), "finished": True}
         record["global_step"] = trainer.global_step
         if run.extras:
@@ -1474,41 +1389,36 @@ def save_outputs(args, run, models, trainer):
     accelerator.end_training()
 
 
-def adapter_on_fp32_copy(adapter, args, base):
-    """The trained adapter (peft names) on a fresh float32 load of the starting UNet."""
-    from peft.utils import set_peft_model_state_dict
-
-    unet = load_unet(args.unet, base, args.revision, args.variant)
-    set_peft_model_state_dict(add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules), adapter)
-    return unet
-
-
-def save_lora_outputs(unet, output_dir):
-    """The adapter alone as output_dir/lora/ (the file pipeline.load_lora_weights reads), then the UNet with it merged,
-    which becomes unet/: the next iteration's generate.py and opponent check see a plain UNet. The scale lora_alpha /
-    rank is multiplied into each lora_B, so the file means the same to every loader, those that read no alpha included
-    (diffusers' save with the adapter's metadata would lose that)."""
+def save_lora(adapter, args, base, out):
+    """The trained adapter (peft names) on a fresh float32 load of the starting UNet: the adapter alone as out/lora/
+    (the file pipeline.load_lora_weights reads), then the UNet with it merged, the next iteration's plain UNet. The
+    scale lora_alpha / rank is multiplied into each lora_B, so that the file means the same to every loader, those that
+    read no alpha included (diffusers' save with the adapter's metadata would lose that)."""
     from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    config = unet.peft_config["default"]
-    scale = config.lora_alpha / config.r
+    unet = add_lora(
+        load_unet(args.unet, base, args.revision, args.variant),
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_target_modules,
+    )
+    set_peft_model_state_dict(unet, adapter)
+    scale = unet.peft_config["default"].lora_alpha / unet.peft_config["default"].r
     state = {k: v * scale if k.endswith("lora_B.weight") else v for k, v in get_peft_model_state_dict(unet).items()}
-    final, tmp = Path(output_dir) / "lora", Path(output_dir) / "lora.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_folder(
+        out / "lora", lambda tmp: StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state)
+    )
     unet.fuse_lora()
     unet.unload_lora()
     return unet
 
 
-def save_unet_atomically(unet, output_dir):
-    """output_dir/unet/, which exists only when complete (a temp folder, then renamed)."""
-    final, tmp = Path(output_dir) / "unet", Path(output_dir) / "unet.partial"
+def replace_folder(final, write):
+    """write(tmp) fills a temp folder, which then replaces `final`: a folder that exists is complete."""
+    tmp = final.with_name(f"{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(str(tmp), safe_serialization=True)
+    write(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -1793,13 +1703,8 @@ def split_files(folder, split):
     if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.M):
         return []  # the folder's dataset card (a downloaded hub copy) names each split's files: `datasets` reads it
     named = re.compile(rf"{re.escape(split)}(?:[-_.][0-9][^/]*)?\.(?:tar|parquet)")
-    files = sorted(
-        f
-        for f in folder.rglob("*")
-        if f.suffix in (".tar", ".parquet")
-        and f.is_file()
-        and (split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name))
-    )
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".tar", ".parquet") and f.is_file())
+    files = [f for f in files if split in f.relative_to(folder).parts[:-1] or named.fullmatch(f.name)]
     return files if len({f.suffix for f in files}) == 1 else []
 
 
@@ -1813,11 +1718,8 @@ def pickapic_columns(column_names, caption_column="caption"):
     names = list(column_names)
 
     def column(field):  # the original name, else the name with one extension
-        return (
-            field
-            if field in names
-            else next((c for c in names if c.split(".")[0] == field and c.count(".") == 1), None)
-        )
+        with_extension = (c for c in names if c.split(".")[0] == field and c.count(".") == 1)
+        return field if field in names else next(with_extension, None)
 
     cols = {f: column(f) for f in ("jpg_0", "jpg_1", "label_0", "label_1")}
     if None in cols.values():

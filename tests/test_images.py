@@ -71,6 +71,7 @@ def test_training_data_path_encodes_the_upright_picture(tmp_path):
     """Through train_spin.py's own data path (a `datasets` image folder -> iter_examples -> encode_piece), the VAE is
     given the upright, white-backed pictures, and SDXL's original size is the displayed one."""
     import json
+    from types import SimpleNamespace
 
     files = photo_files(tmp_path)
     folder = tmp_path / "photos"
@@ -86,9 +87,8 @@ def test_training_data_path_encodes_the_upright_picture(tmp_path):
         return torch.zeros(len(imgs), 4, 2, 2)
 
     ds = train_spin.open_dataset(str(folder), "train")
-    stats = {}
-    examples = train_spin.iter_examples(ds, caption_column="text", with_images=True, stats=stats)
-    tensors, metadata = train_spin.encode_piece(examples, stats, encode, with_loser=False, max_rows=None)
+    args = SimpleNamespace(loss="sft", caption_column="text", image_column=None, max_train_samples=None)
+    tensors, metadata = train_spin.encode_piece(ds, args, encode)
     captions, hw = json.loads(metadata["captions"]), tensors["image_hw"].tolist()
     for kind, img, size in zip(captions, seen, hw):
         expected = files[kind][1]

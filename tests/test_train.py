@@ -192,16 +192,15 @@ def test_batches_cover_epochs_and_split_processes():
         assert len(set(seen)) == len(seen) == steps_per_epoch * per_device * world
     assert ts.batch_indices(n, 0, 4, 0, 0, 2) != ts.batch_indices(n, 0, 4, steps_per_epoch, 0, 2)  # reshuffled
     # noise: a pure function of (seed, step, place in the global batch), not of the process holding the pair
-    a = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "shared")
-    b = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "shared")
-    c = ts.draw_noise(ts.step_generator(0, 6), 2, (4, 2, 2), 1000, "shared")
-    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
-    assert a[1] is a[3]  # shared by the pair unless asked otherwise
-    d = ts.draw_noise(ts.step_generator(0, 5), 2, (4, 2, 2), 1000, "independent")
-    assert not torch.equal(d[1], d[3])
-    # a single process draws exactly what earlier versions drew (seeded by process 0), so recorded runs reproduce
+    a, b, c = (ts.draw_step(0, m, 2, 0, 2, (4, 2, 2), 1000, "shared", 0.0) for m in (5, 5, 6))
+    assert torch.equal(a.noise, b.noise) and not torch.equal(a.noise, c.noise)
+    assert a.noise.data_ptr() == a.noise2.data_ptr()  # shared by the pair unless asked otherwise: not a copy
+    d = ts.draw_step(0, 5, 2, 0, 2, (4, 2, 2), 1000, "independent", 0.0)
+    assert not torch.equal(d.noise, d.noise2)
+    # a single process draws exactly what earlier versions drew (the step's generator seeded image_seed(seed, 0,
+    # step)), so recorded runs reproduce
     old = torch.Generator().manual_seed(ts.image_seed(0, 0, 5))
-    assert torch.equal(ts.draw_noise(old, 2, (4, 2, 2), 1000, "shared")[1], a[1])
+    assert torch.equal(ts.draw_noise(old, 2, (4, 2, 2), 1000, "shared").noise, a.noise)
     # 2 processes x 2 pairs hold the two halves of 1 process x 4 pairs, dropout mask included
     whole = ts.draw_step(0, 5, 4, 0, 4, (4, 2, 2), 1000, "independent", 0.5)
     halves = [ts.draw_step(0, 5, 4, r * 2, r * 2 + 2, (4, 2, 2), 1000, "independent", 0.5) for r in range(2)]
@@ -1255,7 +1254,7 @@ def test_sdxl_generate_then_train(sdxl_pipeline, pickapic_parquet, tmp_path):
 
 
 def test_pair_noise_modes_and_step_batches():
-    g = lambda: ts.step_generator(0, 3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(ts.image_seed(0, 0, 3))  # noqa: E731
     shared, paper, indep = (ts.draw_noise(g(), 3, (4, 2, 2), 1000, m) for m in ts.PAIR_NOISE)
     for mode in (paper, indep):  # the first member's draws do not depend on the mode
         assert torch.equal(mode[0], shared[0]) and torch.equal(mode[1], shared[1])
