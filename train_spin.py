@@ -1002,9 +1002,8 @@ def encode_prompts(text_encoders, tokenizers, captions):
 
 
 def build_shards(folder, count, make_shard, accelerator, enough=None):
-    """Shards 0..count-1 of a cache folder, shard i made by process i mod N (make_shard(i) -> tensors, metadata), in
-    rounds of N; `enough(k)`: stop after the round at which the first k shards suffice. A shard file that exists is
-    complete (written under a temp name), so an interrupted build resumes. Returns how many shards there are."""
+    """Shards 0..count-1 of a cache, shard i made by process i mod N (make_shard(i) -> tensors, metadata) in rounds of N
+    until enough(shards made); a shard that exists is complete (renamed from a temp name): a killed build resumes."""
     folder.mkdir(parents=True, exist_ok=True)
     rank, world, made = accelerator.process_index, accelerator.num_processes, 0
     for first in range(0, count, world):
