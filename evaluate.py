@@ -909,12 +909,13 @@ def main(argv=None):
     weights = {m: s.weights for m, s in scorers.items()}
     report = summarize(rows, inputs, metrics, args.hps_version, skipped, weights, mp)
     write_json_atomic(out / "summary.json", report)
-    (out / "summary.md").write_text(markdown_summary(report))
+    summary_md = markdown_summary(report)
+    (out / "summary.md").write_text(summary_md)
     for folder in inputs.dirs:
         fill_model_card(folder, report, out)
     counts = {m: {k: v for k, v in c.items() if k != "skipped"} for m, c in report["counts"].items()}
     write_json_atomic(out / "run_config.json", run_config("evaluate", args, **config, weights=weights, counts=counts))
-    print((out / "summary.md").read_text())
+    print(summary_md)
     n_skipped = sum(len(v) for v in skipped.values())
     note = f" ({n_skipped} unreadable image(s) skipped, listed in summary.json)" if n_skipped else ""
     print(f"wrote {out}/scores.jsonl, summary.json, summary.md, run_config.json{note}")

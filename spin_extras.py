@@ -5,6 +5,7 @@
     --lora_cumulative                                   theta_{k+1} as one adapter on the base UNet
     --checkpoint_on_signal                              a scheduler's SIGTERM / SIGUSR1: checkpoint, then exit
     --synthetic_latent image                            the opponent's PNGs encoded like real images (an ablation)
+    (a launch on several nodes)                         the check that every node shares --cache_dir, --output_dir
 
 Keep it beside train_spin.py (it uses train_spin.py's helpers); train_spin.py without it trains the same weights.
 docs/train_spin.md ("A long run") has the details.
@@ -13,7 +14,7 @@ docs/train_spin.md ("A long run") has the details.
 import json
 import os
 import re
-import shutil
+import secrets
 import signal
 import sys
 import threading
@@ -32,13 +33,15 @@ from train_spin import (
     decode_image,
     image_seed,
     load_component,
+    replace_folder,
+    several_nodes,
     weights_identity,
 )
 
 
-def check_args(args):
-    """The validation prompts, from --validation_prompts or --validation_prompts_file (blank lines dropped), and the
-    validation settings, checked before any work."""
+def check_args(args, accelerator):
+    """Before any work: the validation prompts, from --validation_prompts or --validation_prompts_file (blank lines
+    dropped), the other extras' settings, and on several nodes that they share --cache_dir and --output_dir."""
     prompts, path = args.validation_prompts, args.validation_prompts_file
     if prompts and path:
         raise UserError("give the validation prompts with --validation_prompts or --validation_prompts_file, not both")
@@ -55,11 +58,39 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1")
     if args.validation_scheduler not in (None, *SCHEDULERS):
         raise UserError(f"--validation_scheduler {args.validation_scheduler}: one of {', '.join(SCHEDULERS)}")
+    if args.lora_cumulative and not args.lora_rank:
+        raise UserError("--lora_cumulative needs --lora_rank (it stacks the LoRA iterations' adapters)")
+    if several_nodes():
+        check_shared_folders(accelerator, {"--cache_dir": args.cache_dir, "--output_dir": args.output_dir})
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Validation images while training: the pictures that show a run diverging or over-training
-# ---------------------------------------------------------------------------------------------------------------------
+def check_shared_folders(accelerator, folders):
+    """Every process writes its part of the caches and checkpoints into --cache_dir and --output_dir and reads the
+    others': on several nodes each must be one shared folder. The main process leaves a marker in each; a process that
+    does not see it stops every process with one line."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else None])[0]
+    marks = {flag: Path(folder) / f".shared-check-{token}" for flag, folder in folders.items()}
+    for mark in marks.values() if accelerator.is_main_process else ():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text("")
+    accelerator.wait_for_everyone()
+    unseen = gather_object([[flag for flag, mark in marks.items() if not mark.is_file()]])
+    accelerator.wait_for_everyone()
+    for mark in marks.values() if accelerator.is_main_process else ():
+        mark.unlink(missing_ok=True)
+    bad = sorted({flag for per_process in unseen for flag in per_process})
+    if bad:
+        ranks = [i for i, per_process in enumerate(unseen) if per_process]
+        raise UserError(
+            f"{' and '.join(bad)} must be one folder shared by all {accelerator.num_processes} processes "
+            f"(process(es) {ranks} do not see the main process's files there): on several nodes put them on a "
+            "filesystem every node mounts at the same path"
+        )
+
+
+# ---- Validation images while training: the pictures that show a run diverging or over-training ----
 # Each family's pipeline, loaded as generate.py loads it: no safety checker (its black images would hide what the
 # model makes), no watermark
 PIPELINES = {
@@ -166,20 +197,22 @@ class Validation:
 def write_validation_folder(folder, pixels, prompts, seeds):
     """validation/step-N/: images/<key>.png named as generate.py names them, metadata.jsonl and grid.png (a row per
     prompt), written under a temp name and renamed, so a folder that exists is complete. Returns the grid."""
-    tmp = folder.with_name(f"{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    rows = []
-    for p, (prompt, images) in enumerate(zip(prompts, pixels)):
-        for i, img in enumerate(images):
-            name = f"images/{image_key(p, i)}.png"
-            Image.fromarray(img).save(tmp / name, format="PNG")
-            rows.append({"file_name": name, "prompt": prompt, "prompt_index": p, "image_index": i, "seed": seeds[p][i]})
-    (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in pixels], axis=0)
-    Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def write(tmp):
+        (tmp / "images").mkdir(parents=True)
+        rows = []
+        for p, (prompt, images) in enumerate(zip(prompts, pixels)):
+            for i, img in enumerate(images):
+                name = f"images/{image_key(p, i)}.png"
+                Image.fromarray(img).save(tmp / name, format="PNG")
+                rows.append(
+                    {"file_name": name, "prompt": prompt, "prompt_index": p, "image_index": i, "seed": seeds[p][i]}
+                )
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
+
+    replace_folder(folder, write)
     return grid
 
 
@@ -195,9 +228,7 @@ def log_validation_images(accelerator, grid, pixels, prompts, step):
             tracker.log({"validation": images}, step=step)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# A scheduler's stop signal: every process stops after the same optimizer step, with a checkpoint of it
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- A scheduler's stop signal: every process stops after the same optimizer step, with a checkpoint of it ----
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -269,9 +300,7 @@ def leave_stop_signals_to_training(worker_id):
     threading.Thread(target=exit_on_parents_sigterm, daemon=True).start()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# --synthetic_latent image: train on the opponent's decoded picture, encoded exactly like a real one
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- --synthetic_latent image: train on the opponent's decoded picture, encoded exactly like a real one ----
 def synthetic_cache(args, run, models, synthetic, encode):
     """The opponent's PNGs encoded once like real images (keyed by the files and the VAE); returns its folder."""
     with Image.open(synthetic[0]["path"]) as im:
@@ -303,9 +332,7 @@ def synthetic_cache(args, run, models, synthetic, encode):
     return build_cache(folder, len(synthetic), make_shard, run.accelerator, {"synthetic_dir": str(args.synthetic_dir)})
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The finished run's extra outputs: lora_cumulative/, the model card, the upload
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The finished run's extra outputs: lora_cumulative/, the model card, the upload ----
 def write_outputs(args, out, record, log):
     """--lora_cumulative's lora_cumulative/ and --model_card's README.md (--push_to_hub's too), written before
     train_spin.py marks the run finished."""
@@ -349,12 +376,12 @@ def write_cumulative_lora(args, out, log):
             return log(f"note: no lora_cumulative/: --unet {args.unet} is not the base UNet plus LoRA adapters")
         adapters.append(load_file(str(start / "lora_cumulative" / LORA_FILE)))
     adapters.append(load_file(str(out / "lora" / LORA_FILE)))
-    tmp, final = out / "lora_cumulative.partial", out / "lora_cumulative"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(stack_adapters(adapters), str(tmp / LORA_FILE))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp):
+        tmp.mkdir()
+        save_file(stack_adapters(adapters), str(tmp / LORA_FILE))
+
+    replace_folder(out / "lora_cumulative", write)
 
 
 def iteration_of(unet):

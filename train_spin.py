@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -141,7 +140,7 @@ MAY_CHANGE = (
     *("validation_seed", "validation_num_inference_steps", "validation_guidance_scale", "validation_scheduler"),
     *("model_card", "push_to_hub", "hub_model_id", "hub_token", "lora_cumulative", "checkpoint_on_signal"),
 )
-# the flags that ask for spin_extras.py (--synthetic_latent image too)
+# the flags that ask for spin_extras.py (--synthetic_latent image and a launch on several nodes too: load_extras)
 EXTRAS = ("validation_prompts", "validation_prompts_file", "model_card", "push_to_hub", "lora_cumulative")
 EXTRAS += ("checkpoint_on_signal",)
 
@@ -153,16 +152,15 @@ def parse_args(argv=None):
         args.pair_noise = "independent"
     if args.loss == "spin" and not args.synthetic_dir:
         p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
-    extras = load_extras(args)
-    if extras:
-        extras.check_args(args)
     return args
 
 
 def load_extras(args):
-    """spin_extras.py, the optional module beside this script, where a flag asks for one of its extras; else None."""
+    """spin_extras.py, the optional module beside this script, where a flag asks for one of its extras or the launch
+    spans several nodes (its check that they share --cache_dir and --output_dir); else None."""
     asked = [f"--{flag}" for flag in EXTRAS if getattr(args, flag)]
     asked += ["--synthetic_latent image"] if args.synthetic_latent == "image" and args.loss == "spin" else []
+    asked += ["a launch on several nodes"] if several_nodes() else []
     if not asked:
         return None
     sys.modules.setdefault("train_spin", sys.modules[__name__])  # its `import train_spin` is this running script
@@ -175,6 +173,12 @@ def load_extras(args):
             f"{asked[0]} needs spin_extras.py beside train_spin.py: copy it from the same repository"
         ) from None
     return spin_extras
+
+
+def several_nodes():
+    """Whether this launch's processes span several machines (torchrun and accelerate launch say so)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) > int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
 def identity(args):
@@ -364,11 +368,13 @@ def start_run(args):
             "launch or torchrun, without overriding the process group"
         )
     log = (lambda *a: print(*a, flush=True)) if accelerator.is_main_process else (lambda *a: None)
-    check_shared_folders(accelerator, {"--cache_dir": args.cache_dir, "--output_dir": args.output_dir})
+    extras = load_extras(args)
+    if extras:
+        extras.check_args(args, accelerator)  # validation settings, and several nodes' shared folders
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    return Run(accelerator, out, log, dtype, load_extras(args), accelerator.device, accelerator.is_main_process)
+    return Run(accelerator, out, log, dtype, extras, accelerator.device, accelerator.is_main_process)
 
 
 def output_dir_is_done(args, run):
@@ -660,11 +666,8 @@ def load_models(args, run):
     from transformers import CLIPTokenizer
 
     check_model_path(args.pretrained_model_name_or_path)
-    base, rev, what = (
-        args.pretrained_model_name_or_path,
-        args.revision,
-        f"the pipeline {args.pretrained_model_name_or_path!r}",
-    )
+    base, rev = args.pretrained_model_name_or_path, args.revision
+    what = f"the pipeline {base!r}"
     scheduler = load_component(what, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
     unet = load_unet(args.unet, base, rev, args.variant)
     fingerprint = unet_fingerprint(unet)
@@ -703,34 +706,6 @@ def refuse_unsupported_engine(environ):
                 "(accelerate launch --multi_gpu, or torchrun); for a model that does not fit, train a LoRA "
                 "adapter (--lora_rank)"
             )
-
-
-def check_shared_folders(accelerator, folders):
-    """Every process writes its part of the caches and checkpoints into --cache_dir and --output_dir and reads the
-    others': on several nodes each must be one shared folder. The main process leaves a marker in each; a process that
-    does not see it stops every process with one line."""
-    if accelerator.num_processes == 1:
-        return
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else None])[0]
-    marks = {flag: Path(folder) / f".shared-check-{token}" for flag, folder in folders.items()}
-    for mark in marks.values() if accelerator.is_main_process else ():
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.write_text("")
-    accelerator.wait_for_everyone()
-    unseen = gather_object([[flag for flag, mark in marks.items() if not mark.is_file()]])
-    accelerator.wait_for_everyone()
-    for mark in marks.values() if accelerator.is_main_process else ():
-        mark.unlink(missing_ok=True)
-    bad = sorted({flag for per_process in unseen for flag in per_process})
-    if bad:
-        ranks = [i for i, per_process in enumerate(unseen) if per_process]
-        raise UserError(
-            f"{' and '.join(bad)} must be one folder shared by all {accelerator.num_processes} processes "
-            f"(process(es) {ranks} do not see the main process's files there): on several nodes put them on a "
-            "filesystem every node mounts at the same path"
-        )
 
 
 def cast_frozen(module, dtype):
@@ -886,15 +861,13 @@ def latent_cache(args, run, models, encode):
     run.log(f"encoding the real images once into {folder} ...")
     t0, pieces = time.time(), dataset_pieces(open_dataset(args.dataset, args.split, args.streaming))
 
-    def make_shard(i):
-        return encode_piece(pieces[i](), args, encode)
-
     counted = {}  # cache rows per shard, each shard's header read once
 
     def enough(made):
         counted.update({j: len(read_piece(shard_path(folder, j))["captions"]) for j in range(len(counted), made)})
         return sum(counted.values()) >= max_rows
 
+    make_shard = lambda i: encode_piece(pieces[i](), args, encode)
     made = build_shards(folder, len(pieces), make_shard, run.accelerator, enough if max_rows else None)
     merged = merge_pieces([read_piece(shard_path(folder, j)) for j in range(made)], max_rows)
     if not merged["captions"]:
@@ -967,8 +940,9 @@ def text_cache(args, run, models, captions):
     """The prompt embeddings of `captions` (the empty prompt first), built once; returns the cache's folder."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    names = ("text_encoder", "text_encoder_2")[: len(models.tokenizers)]
-    parts = {n: weights_identity(models.base, n) for n in ("tokenizer", "tokenizer_2")[: len(names)] + names}
+    names = ("text_encoder", "text_encoder_2") if models.sdxl else ("text_encoder",)
+    tokenizer_names = ("tokenizer", "tokenizer_2") if models.sdxl else ("tokenizer",)
+    parts = {n: weights_identity(models.base, n) for n in names + tokenizer_names}
     key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **models.pin)
     folder = Path(args.cache_dir) / f"text-{key}"
     if (folder / "info.json").is_file():
@@ -1194,7 +1168,7 @@ def check_opponent(args, run, synth_config, fingerprint):
     run.log("warning: " + msg)
 
 
-def read_synthetic_dir(path, kind="image"):
+def read_synthetic_dir(path, kind):
     """generate.py's folder: run_config.json (who made it) and its finished images, in prompt and image order (the
     metadata.jsonl rows whose file exists: the PNG for kind "image", the sampler's latent for "sampler")."""
     path = Path(path)
@@ -1227,11 +1201,11 @@ def pair_rows(captions, valid, synthetic):
     for k, rec in enumerate(synthetic):
         by_key.setdefault((rec["row"], rec["prompt"]) if per_row else rec["prompt"], []).append(k)
     for row, (caption, ok) in enumerate(zip(captions, valid)):
-        found = by_key.get((row, caption) if per_row else caption) if ok else []
+        found = by_key.get((row, caption) if per_row else caption) if ok else None
         if ok and not found:
             missing[caption] = None
-        if found:
-            j = 0 if per_row else seen.get(caption, 0)
+        elif found:
+            j = 0 if per_row else seen.get(caption, 0)  # --per_row: the row's own image
             seen[caption] = j + 1
             pairs.append((row, found[j % len(found)]))
     return pairs, list(missing)

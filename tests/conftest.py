@@ -67,6 +67,20 @@ def sd2_pipeline(tmp_path_factory):
     return tiny.build_tiny_sd2_pipeline(tmp_path_factory.mktemp("sd2") / "pipeline")
 
 
+@pytest.fixture(scope="module")
+def synth(tiny_pipeline, tmp_path_factory):
+    """A folder in generate.py's contract for the tiny pipeline's UNet (test_train.make_synthetic_dir), per module."""
+    from test_train import make_synthetic_dir
+
+    return make_synthetic_dir(tmp_path_factory.mktemp("synth") / "synth_0", tiny_pipeline)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A --cache_dir shared by one test module's runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(scope="session")
 def pickapic_parquet(tmp_path_factory):
     return tiny.build_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet")

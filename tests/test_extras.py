@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, error_line, make_synthetic_dir, metrics, train, train_args
+from test_train import ROOT, error_line, metrics, train, train_args
 
 import spin_extras as extras
 import train_spin as ts
 
 SIGNAL = "--checkpoint_on_signal"
-
-
-@pytest.fixture(scope="module")
-def synth(tiny_pipeline, tmp_path_factory):
-    return make_synthetic_dir(tmp_path_factory.mktemp("synth") / "synth_0", tiny_pipeline)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def test_stop_signals_only_note_and_give_the_handlers_back():
@@ -290,7 +280,9 @@ def test_cumulative_lora_is_theta_k_on_the_base_pipeline(tiny_pipeline, pickapic
     assert first.keys() == own.keys() and all(torch.equal(first[k], own[k].float()) for k in own)
     # a start that is not the base UNet plus adapters (a full fine-tune) has no such adapter: none is written
     full, lora = tmp_path / "full", tmp_path / "lora_on_full"
-    train(*train_args(tiny_pipeline, pickapic_parquet, full, cache, *common, steps=1))
+    p = train(*train_args(tiny_pipeline, pickapic_parquet, full, cache, *common, steps=1), check=False)
+    assert error_line(p) == "error: --lora_cumulative needs --lora_rank (it stacks the LoRA iterations' adapters)"
+    train(*train_args(tiny_pipeline, pickapic_parquet, full, cache, *common[:-1], steps=1))  # a full fine-tune
     p = train(*train_args(tiny_pipeline, pickapic_parquet, lora, cache, *common, "--unet", full, "--lora_rank", "2"))
     assert (lora / "lora").is_dir() and not (lora / "lora_cumulative").exists() and "no lora_cumulative/" in p.stdout
 
@@ -372,9 +364,11 @@ def test_model_card_and_push_to_hub(tiny_pipeline, pickapic_parquet, synth, cach
 def test_the_card_names_hub_ids_only(tiny_pipeline, tiny_hub, pickapic_parquet, tmp_path):
     """The card's metadata holds hub ids only: a hub id as given; a local copy by what it records of its id (a hub
     cache snapshot's folder, models--org--name or datasets--org--name); anything else is left out."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, snapshot_download
 
     assert extras.hub_id("org/tiny", "model") == "org/tiny" and extras.hub_id(str(tiny_pipeline), "model") is None
+    # the local copy huggingface_hub itself resolves from its cache (what `huggingface-cli download` leaves)
+    assert extras.hub_id(snapshot_download("org/tiny", local_files_only=True), "model") == "org/tiny"
     snapshot = tmp_path / "hub" / "datasets--someone--pickapic_copy" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     shutil.copy(pickapic_parquet, snapshot / "train.parquet")

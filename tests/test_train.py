@@ -250,16 +250,6 @@ def test_cache_identity_follows_the_weights(tiny_pipeline, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the script
-@pytest.fixture(scope="module")
-def synth(tiny_pipeline, tmp_path_factory):
-    return make_synthetic_dir(tmp_path_factory.mktemp("synth") / "synth_0", tiny_pipeline)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_spin_first_loss_is_ln2_and_training_lowers_it(tiny_pipeline, pickapic_parquet, synth, cache, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -5,23 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import run_in_process
 from PIL import Image
 from test_train import error_line, make_synthetic_dir, metrics, train, train_args
 
 PROMPTS = ["a red circle", "a blue square"]
-
-
-@pytest.fixture(scope="module")
-def synth(tiny_pipeline, tmp_path_factory):
-    return make_synthetic_dir(tmp_path_factory.mktemp("synth") / "synth_0", tiny_pipeline)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def pixels(path):
