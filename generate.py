@@ -23,29 +23,28 @@ from PIL import Image
 from safetensors.torch import save_file
 
 # Settings that change the pixels: a folder made with other values is refused (--batch_size only reorders float sums).
-IMAGE_SETTINGS = (
-    "num_images_per_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "resolution",
-    "scheduler",
-    "seed",
-    "mixed_precision",
+IMAGE_SETTINGS = tuple(
+    "num_images_per_prompt num_inference_steps guidance_scale resolution scheduler seed mixed_precision".split()
 )
 SDXL = "StableDiffusionXLPipeline"  # micro-conditioning, a force_upcast VAE, latents_mean/std in decoding
+SD3 = "StableDiffusion3Pipeline"  # flow matching: a transformer (not a UNet), T5 prompts, a shifted latent space
 # The pipeline classes we run (model_index.json's "_class_name") and what each loads without: the safety checker (its
 # black images would poison the training data), the watermark (make_images decodes the latents itself).
 PIPELINE_ARGS = {
     "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
     SDXL: {"add_watermarker": False},
+    SD3: {},
 }
+SUPPORTED = "SD-1.x, SD-2.x, SDXL or SD3/SD3.5"  # what those classes run
+# The denoiser each class runs (class name, + extra inputs): SDXL's UNet takes pooled text and size ids, SD3 has no UNet
+DENOISERS = {SDXL: "UNet2DConditionModel+text_time", SD3: "SD3Transformer2DModel"}  # else UNet2DConditionModel
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 BLACK_MAX_PIXEL = 2  # an image whose brightest value is <= this (0..255) counts as all-black
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--unet", default="base", help="the opponent: train_spin.py folder, UNet folder, hub id or base")
+    p.add_argument("--unet", default="base", help="opponent UNet (SD3 transformer): train_spin.py folder, hub id, base")
     p.add_argument("--max_train_samples", type=int, help="read the first N usable rows of --dataset, as train_spin.py")
     p.add_argument("--per_row", action="store_true", help="a prompt per usable row of --dataset (Algorithm 1)")
     return parse_image_args(p, argv, split="train", images_per_prompt=1)
@@ -54,7 +53,7 @@ def parse_args(argv=None):
 def parse_image_args(p, argv, split, images_per_prompt):
     """Adds the flags generate.py and sample.py share (docs/generate_and_sample.md), parses and checks them."""
     sd15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    p.add_argument("--pretrained_model_name_or_path", default=sd15, help="base pipeline: SD-1.x, SD-2.x or SDXL")
+    p.add_argument("--pretrained_model_name_or_path", default=sd15, help=f"base pipeline: {SUPPORTED}")
     p.add_argument("--revision", help="git revision of the base's hub repo (its parts and the 'base' UNet)")
     p.add_argument("--variant", help="weights variant of the base's parts and the 'base' UNet, e.g. fp16")
     p.add_argument("--dataset", help="prompts: the unique captions of a dataset (hub id or local); ties dropped")
@@ -67,7 +66,10 @@ def parse_image_args(p, argv, split, images_per_prompt):
     p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own, 512 for SD-1.5)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own; not SD3)")
+    p.add_argument(
+        "--max_sequence_length", type=int, default=256, help="SD3: T5 prompt tokens (train_spin.py must use the same)"
+    )
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
     p.add_argument("--seed", type=int, default=0, help="default 0: image i of prompt p uses image_seed(seed, p, i)")
     p.add_argument("--mixed_precision", choices=sorted(DTYPES), help="default: fp16 on CUDA, no on CPU")
@@ -76,6 +78,8 @@ def parse_image_args(p, argv, split, images_per_prompt):
     for name in ("num_images_per_prompt", "num_inference_steps", "batch_size", "max_prompts", "resolution"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if not 1 <= args.max_sequence_length <= 512:
+        raise UserError("--max_sequence_length must be 1 to 512 (T5's limit in SD3)")
     return args
 
 
@@ -120,32 +124,35 @@ def pipeline_class_name(args):
     except (OSError, ValueError) as e:
         raise UserError(f"could not read the model_index.json of {base}: {str(e).splitlines()[0]}") from None
     if name not in PIPELINE_ARGS:
-        raise UserError(f"{base} is a {name}, which is not supported; supported: {', '.join(PIPELINE_ARGS)}")
+        raise UserError(f"{base} is a {name}: not supported; supported: {SUPPORTED} ({', '.join(PIPELINE_ARGS)})")
+    if name == SD3 and args.scheduler:  # the SD samplers step a noise schedule; SD3's transformer predicts a flow
+        raise UserError(f"--scheduler {args.scheduler}: {base} is SD3, sampled by flow matching; drop --scheduler")
     return name
 
 
 def load_pipeline(args, unet, unet_where, device, pipe=None):
-    """The base's pipeline around `unet` in --mixed_precision, or `pipe` with `unet` swapped in (sample.py's next
-    model); --resolution defaults to the model's own. SDXL's fp16 VAE with force_upcast stays float32, as diffusers'
-    SDXL pipeline decodes (make_images decodes with it)."""
+    """The base's pipeline around `unet` (the denoiser: SD3's is a transformer) in --mixed_precision, or `pipe` with
+    `unet` swapped in (sample.py's next model); --resolution defaults to the model's own. SDXL's fp16 VAE with
+    force_upcast stays float32, as diffusers' SDXL pipeline decodes (make_images decodes with it)."""
     import diffusers  # diffusers and transformers take seconds to import: only once a pipeline is loaded
     import transformers
 
     class_name = type(pipe).__name__ if pipe is not None else pipeline_class_name(args)
-    want, got = "text_time" if class_name == SDXL else None, unet.config.get("addition_embed_type")
-    if got != want:  # SDXL's UNet takes pooled text and size ids
-        raise UserError(f"{unet_where}: the UNet ({got!r}) does not fit the base's {class_name} (which needs {want!r})")
-    # diffusers' ModelMixin.to warns of fp32-only modules, which UNet2DConditionModel has none of: torch's own cast
+    role = "transformer" if class_name == SD3 else "unet"  # the pipeline's name for its denoiser
+    got = "+".join(filter(None, (type(unet).__name__, unet.config.get("addition_embed_type"))))
+    if got != (want := DENOISERS.get(class_name, "UNet2DConditionModel")):
+        raise UserError(f"{unet_where}: its {got} does not fit the base's {class_name}, which runs a {want}")
+    # diffusers' ModelMixin.to warns of fp32-only modules, which the denoisers have none of: torch's own cast
     unet = torch.nn.Module.to(unet, dtype=DTYPES[args.mixed_precision])
     if pipe is not None:
-        pipe.unet = unet.to(pipe.device)
+        setattr(pipe, role, unet.to(pipe.device))
         return pipe
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     base, variant = args.pretrained_model_name_or_path, args.variant
     load = dict(revision=args.revision, variant=variant, **PIPELINE_ARGS[class_name])
     try:
-        pipe = getattr(diffusers, class_name).from_pretrained(base, unet=unet, dtype=unet.dtype, **load)
+        pipe = getattr(diffusers, class_name).from_pretrained(base, dtype=unet.dtype, **{role: unet}, **load)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {base!r}: {variant_hint(e, variant)}") from None
     for name in ("tokenizer", "tokenizer_2"):
@@ -156,9 +163,11 @@ def load_pipeline(args, unet, unet_where, device, pipe=None):
     if class_name == SDXL and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    args.resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if args.resolution % pipe.vae_scale_factor:
-        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}")
+    net = getattr(pipe, role)
+    args.resolution = args.resolution or net.config.sample_size * pipe.vae_scale_factor
+    factor = pipe.vae_scale_factor * net.config.get("patch_size", 1)  # SD3's transformer takes 2x2 latent patches
+    if args.resolution % factor:
+        raise UserError(f"--resolution must be a multiple of {factor}")
     return pipe.to(device)
 
 
@@ -181,8 +190,10 @@ def folder_config(stage, args, pipe, prompts, unet_arg, fingerprint, **model):
         num_prompts=len(prompts),
         scheduler=type(pipe.scheduler).__name__,
     )
-    # recorded only where given (revision, variant) or taken (SDXL), so older folders keep their settings and resume
+    # recorded only where given (revision, variant) or taken (SDXL, SD3), so older folders keep theirs and resume
     settings.update({k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)})
+    if type(pipe).__name__ == SD3:
+        settings["max_sequence_length"] = args.max_sequence_length
     if conditioning := micro_conditioning(pipe, args.resolution):
         settings["micro_conditioning"] = {k: list(v) for k, v in conditioning.items()}
     model.update(pretrained_model_name_or_path=args.pretrained_model_name_or_path, unet=unet_arg)
@@ -198,21 +209,17 @@ def make_images(pipe, prompts, jobs, args, writer, desc=None):
     from tqdm.auto import tqdm  # a dependency of diffusers
 
     side, conditioning = args.resolution // pipe.vae_scale_factor, micro_conditioning(pipe, args.resolution)
-    shape, stats = (pipe.unet.config.in_channels, side, side), {"written": 0, "nonfinite": [], "black": []}
+    call = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, output_type="latent")
+    call.update(height=args.resolution, width=args.resolution, **conditioning)
+    if sd3 := type(pipe).__name__ == SD3:  # a transformer, and T5 prompt tokens too
+        call["max_sequence_length"] = args.max_sequence_length
+    net = pipe.transformer if sd3 else pipe.unet
+    shape, stats = (net.config.in_channels, side, side), {"written": 0, "nonfinite": [], "black": []}
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=desc, unit="batch", disable=desc is None):
         batch = jobs[start : start + args.batch_size]
         noise, generators = initial_noise([image_seed(args.seed, *job) for job in batch], shape)
-        latents = pipe(
-            prompt=[prompts[p] for p, _ in batch],
-            latents=noise.to(pipe.unet.device, pipe.unet.dtype),
-            generator=generators,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            height=args.resolution,
-            width=args.resolution,
-            output_type="latent",
-            **conditioning,
-        ).images
+        prompt, noise = [prompts[p] for p, _ in batch], noise.to(net.device, net.dtype)
+        latents = pipe(prompt=prompt, latents=noise, generator=generators, **call).images
         images = decode_latents(pipe.vae, latents, bool(conditioning))  # here: one call gives latent and image
         finite = (torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(images).flatten(1).all(1)).tolist()
         pixels, keys = to_pixels(images).numpy(), [image_key(*job) for job in batch]
@@ -504,30 +511,42 @@ def unet_fingerprint(unet):
 
 
 def load_unet(unet_path, base_path, revision=None, variant=None):
-    """A UNet in float32: None/'base' (the base pipeline's, at its --revision and --variant), a folder holding unet/, a
-    bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser in float32 (SD, SDXL: a UNet; SD3: a transformer), the class its config names: None/'base' (the
+    base pipeline's, at its --revision and --variant), a folder holding unet/ or transformer/, a bare model folder, a
+    hub id (laid out as the base: unet/ as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
+    from diffusers import AutoModel
 
-    where, sub, pin = unet_path, "unet", {}
+    where, sub, pin = unet_path, None, {}
     if unet_path in (None, "", "base"):
-        where, pin = base_path, {"revision": revision, "variant": variant}
+        where, sub, pin = base_path, denoiser_folder(base_path, revision), {"revision": revision, "variant": variant}
     elif Path(unet_path, "train_state.json").is_file():  # accelerate's save_state + train_state.json
         return load_checkpoint_unet(Path(unet_path))
-    elif not Path(unet_path, "unet", "config.json").is_file():
-        if Path(unet_path, "config.json").is_file():
-            sub = None  # a bare UNet folder
-        elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+    elif found := [s for s in ("unet", "transformer") if Path(unet_path, s, "config.json").is_file()]:
+        sub = found[0]
+    elif not Path(unet_path, "config.json").is_file():  # else a bare model folder
+        if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
             raise UserError(
-                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json, or transformer/); "
                 "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
             )
+        sub = denoiser_folder(base_path)
     try:
-        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
+        return AutoModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {variant_hint(e, pin.get('variant'))}"
             "; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
+
+
+def denoiser_folder(base, revision=None):
+    """Where the base pipeline keeps its denoiser, as model_index.json says: unet/ (SD, SDXL), transformer/ (SD3)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return "transformer" if DiffusionPipeline.load_config(base, revision=revision).get("transformer") else "unet"
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model_index.json of {base}: {str(e).splitlines()[0]}") from None
 
 
 def load_checkpoint_unet(ckpt):
@@ -779,8 +798,8 @@ def decode_latents(vae, latents, latents_mean_std):
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
         latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
+    else:  # SD3's also shifted back
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
     return vae.decode(latents, return_dict=False)[0]
 
 

@@ -5,8 +5,9 @@
         --dataset sayakpaul/pickapic_v2_webdataset --split test_unique --output_dir runs/x/samples
 
 Output: <output_dir>/<model>/ per model, in generate.py's folder schema without latents, and <output_dir>/grid.png
-(rows prompts, columns models). It runs generate.py's machinery (prompts, seeds, pipelines, resumable folders) for
-each UNet, so keep generate.py beside it. docs/generate_and_sample.md has the details.
+(rows prompts, columns models). Base pipeline: SD-1.x, SD-2.x, SDXL or SD3/SD3.5 (a --unet is then a transformer).
+It runs generate.py's machinery (prompts, seeds, pipelines, resumable folders) for each model, so keep generate.py
+beside it. docs/generate_and_sample.md has the details.
 """
 
 import argparse
@@ -57,7 +58,7 @@ GRID_HEADER_HEIGHT = 24  # top row with the model names
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
-        "--unet", action="append", help="a model (repeat): [NAME=]base, train_spin.py folder, UNet folder or hub id"
+        "--unet", action="append", help="a model (repeat): [NAME=]base, train_spin.py folder, denoiser folder or hub id"
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeat)")
     p.add_argument("--grid_prompts", type=int, default=8, help="rows of grid.png (0: no grid)")
@@ -67,7 +68,7 @@ def parse_args(argv=None):
 
 
 class Model(NamedTuple):
-    """One --unet to sample: its folder's name under --output_dir, and where its UNet is (see load_unet)."""
+    """One --unet to sample: its folder's name under --output_dir, and where its UNet or transformer is (load_unet)."""
 
     name: str
     where: str
@@ -75,14 +76,15 @@ class Model(NamedTuple):
 
 def parse_models(specs):
     """--unet values -> [Model(name, where)]. A name is given as name=where or derived: base, the folder's name
-    (runs/x/iter_1 and runs/x/iter_1/unet -> iter_1), or the hub id's name (SPIN-Diffusion-iter3)."""
+    (runs/x/iter_1, runs/x/iter_1/unet and .../transformer -> iter_1), or the hub id's name (SPIN-Diffusion-iter3)."""
     models = []
     for spec in specs:
         name, sep, where = spec.partition("=")
         if not sep or "/" in name:
             where = spec
             path = Path(spec.rstrip("/"))
-            name = "base" if spec in ("", "base") else (path.parent.name if path.name == "unet" else path.name)
+            path = path.parent if path.name in ("unet", "transformer") else path  # the folder holding the model
+            name = "base" if spec in ("", "base") else path.name
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
             raise UserError(f"--unet {spec}: {name!r} is not usable as a folder name; name it: --unet NAME={where}")
         models.append(Model(name, where or "base"))
@@ -155,7 +157,7 @@ def grid_from_folders(out, model_names, prompts, n_rows, resolution):
 
 def sample_model(model, pipe, prompts, args, state, out):
     """Fill <output_dir>/<model.name>/ with one model's images (generate.py's fill_folder). The first model loads the
-    pipeline (text encoders, VAE and tokenizers, shared by every model); each later one swaps in its own UNet."""
+    pipeline (text encoders, VAE and tokenizers, shared by every model); each later one swaps in its own denoiser."""
     unet = load_unet(model.where, args.pretrained_model_name_or_path, args.revision, args.variant)
     fingerprint = unet_fingerprint(unet)  # of the float32 weights: names the weights each folder was sampled from
     pipe = load_pipeline(args, unet, f"--unet {model.where}", state.device, pipe)

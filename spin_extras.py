@@ -96,6 +96,7 @@ def check_shared_folders(accelerator, folders):
 PIPELINES = {
     "sd": ("StableDiffusionPipeline", {"safety_checker": None, "requires_safety_checker": False}),
     "sdxl": ("StableDiffusionXLPipeline", {"add_watermarker": False}),
+    "sd3": ("StableDiffusion3Pipeline", {}),
 }
 
 
@@ -154,6 +155,7 @@ class Validation:
                         width=r,
                         output_type="latent",
                         **(sizes if self.models.sdxl else {}),
+                        **({"max_sequence_length": a.max_sequence_length} if self.models.family == "sd3" else {}),
                     ).images
                 out[p] = to_pixels(decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)).numpy()
         finally:
@@ -173,9 +175,12 @@ class Validation:
             name, kwargs = PIPELINES[self.models.family]
             a, base = self.args, self.models.base
             load = getattr(diffusers, name).from_pretrained
+            kwargs[self.models.folder] = unet  # the policy: unet=, or transformer= for SD3
             self.pipe = load_component(
-                f"the pipeline {base!r}", load, base, unet=unet, dtype=self.run.dtype, **self.models.pin, **kwargs
+                f"the pipeline {base!r}", load, base, dtype=self.run.dtype, **self.models.pin, **kwargs
             )
+            if a.validation_scheduler and self.models.family == "sd3":
+                raise UserError("--validation_scheduler: SD3 samples with its own flow-matching sampler; drop the flag")
             if a.validation_scheduler:
                 cls = getattr(diffusers, SCHEDULERS[a.validation_scheduler])
                 self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
@@ -186,7 +191,7 @@ class Validation:
 
     def move_parts(self, device):
         if self.pipe is not None and self.run.device.type != "cpu":
-            for name in ("vae", "text_encoder", "text_encoder_2"):
+            for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 if getattr(self.pipe, name, None) is not None:
                     getattr(self.pipe, name).to(device)
 
@@ -421,6 +426,8 @@ def model_card(record, name):
     a, base = record["args"], record["model"]["pretrained_model_name_or_path"]
     base_id, dataset_id, lora = hub_id(base, "model"), hub_id(a["dataset"], "dataset"), a.get("lora_rank")
     tags = ["spin-diffusion", "text-to-image", "diffusers", "stable-diffusion"] + (["lora"] if lora else [])
+    folder = "transformer" if record["model"].get("conditioning") == "sd3" else "unet"
+    model_class = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}[folder]
     meta = ModelCardData(
         base_model=base_id,
         datasets=[dataset_id] if dataset_id else None,
@@ -455,10 +462,10 @@ def model_card(record, name):
     load = [
         "```python",
         "import torch",
-        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
+        f"from diffusers import DiffusionPipeline, {model_class}",
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{base_id or base}"{pin}, torch_dtype=torch.float16)',
-        f'pipe.unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet", torch_dtype=torch.float16)',
+        f'pipe.{folder} = {model_class}.from_pretrained("{name}", subfolder="{folder}", torch_dtype=torch.float16)',
     ]
     if lora:
         load += [
@@ -468,7 +475,7 @@ def model_card(record, name):
     body = [
         f"# {name}",
         "",
-        f"This UNet is {what}, fine-tuned from {source} on `{a['dataset']}` (split `{a['split']}`). Made by "
+        f"This {model_class} is {what}, fine-tuned from {source} on `{a['dataset']}` (split `{a['split']}`). Made by "
         "`train_spin.py` (run_config.json holds every setting).",
         "",
         "## Training hyperparameters",
@@ -477,7 +484,7 @@ def model_card(record, name):
         "",
         "## Usage",
         "",
-        "Load the base pipeline and swap in this UNet:",
+        f"Load the base pipeline and swap in this {folder}:",
         "",
         *load,
         "```",
@@ -499,14 +506,14 @@ def write_text_atomic(path, text):
 
 
 def push_to_hub(out, repo_id, token, log):
-    """Upload the finished folder's model (unet/, lora/, lora_cumulative/) and its card; nothing half-written: this runs
-    after run_config.json says finished."""
+    """Upload the finished folder's model (unet/ or transformer/, lora/, lora_cumulative/) and its card; nothing
+    half-written: this runs after run_config.json says finished."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         repo = api.create_repo(repo_id, exist_ok=True)
-        patterns = ["unet/*", "lora/*", "lora_cumulative/*", "README.md"]
+        patterns = ["unet/*", "transformer/*", "lora/*", "lora_cumulative/*", "README.md"]
         message = f"train_spin.py: {out.name}"
         api.upload_folder(
             repo_id=getattr(repo, "repo_id", repo_id),
@@ -558,8 +565,8 @@ def decode_latents(vae, latents, latents_mean_std):
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
         latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
+    else:  # SD3's also shifted back
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
     return vae.decode(latents, return_dict=False)[0]
 
 

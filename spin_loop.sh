@@ -7,6 +7,7 @@
 #   bash spin_loop.sh --recipe sd15   # the paper's recipe: SD-1.5 + Pick-a-Pic v2 (GPU; docs/loop.md)
 #   bash spin_loop.sh --recipe sd21   # the same on SD-2.1 (v-prediction, 768x768)
 #   bash spin_loop.sh --recipe sdxl   # SDXL base at 1024x1024 with LoRA, one GPU
+#   bash spin_loop.sh --recipe sd35   # SD3.5-Medium (flow matching) at 1024x1024 with LoRA, one 24 GB GPU
 #   bash spin_loop.sh --recipe sd15 --baselines sft,dpo   # also the paper's SFT and Diffusion-DPO (its Table 1 rows)
 #   bash spin_loop.sh --recipe my_recipe.sh   # a copy of one of recipes/*.sh, edited (each recipe is one small file)
 #
@@ -22,7 +23,7 @@ cd "$(dirname "$0")"
 # ---- flags: --some_name VALUE sets SOME_NAME ---------------------------------------------------------------------
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     --*=*) n="${1%%=*}"; n="${n#--}"; n="${n^^}"; export "${n//-/_}=${1#*=}"; shift ;;
     --*) [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
          n="${1#--}"; n="${n^^}"; export "${n//-/_}=$2"; shift 2 ;;
@@ -48,7 +49,7 @@ die() { echo "error: $*" >&2; exit 2; }
 RECIPES=recipes
 own_file() { [[ "$1" == /* ]] && echo "$1" || echo "$CALLER_DIR/$1"; }
 recipe_file=$RECIPES/$RECIPE.sh; [[ "$RECIPE" == */* || "$RECIPE" == *.sh ]] && recipe_file=$(own_file "$RECIPE")
-[[ -f "$recipe_file" ]] || die "--recipe must be demo, sd15, sd21, sdxl (recipes/) or a recipe file, not '$RECIPE'"
+[[ -f "$recipe_file" ]] || die "--recipe must be demo, sd15, sd21, sdxl, sd35 (recipes/) or a recipe file, not '$RECIPE'"
 # shellcheck source=/dev/null
 source "$recipe_file"
 SEED=${SEED:-0}

@@ -232,6 +232,129 @@ def build_tiny_sdxl_pipeline(path, seed=0, resolution=32, addition_time_embed_di
     return path
 
 
+def build_t5_tokenizer(path):
+    """An offline T5 tokenizer (T5TokenizerFast, tokenizer.json only: no sentencepiece model): a character-level
+    vocabulary with T5's specials <pad> 0, </s> 1, <unk> 2, and T5's whitespace handling (the Metaspace "▁")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = list("▁abcdefghijklmnopqrstuvwxyz0123456789,.'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    t5.model_max_length = 512
+    t5.save_pretrained(str(path))
+    return T5TokenizerFast.from_pretrained(str(path))
+
+
+def build_tiny_sd3_pipeline(path, seed=0, resolution=32):
+    """Save a tiny StableDiffusion3Pipeline folder in the layout of stabilityai/stable-diffusion-3.5-medium:
+    transformer/ (SD3Transformer2DModel, patch 2), vae/ (AutoencoderKL with 16 latent channels, SD3's scaling and
+    shift factors), text_encoder/ and text_encoder_2/ (CLIPTextModelWithProjection), text_encoder_3/ (T5EncoderModel),
+    tokenizer/, tokenizer_2/ (pad token "!" as SD3's), tokenizer_3/ (T5), scheduler/ (FlowMatchEulerDiscreteScheduler,
+    shift 3 as SD3's).
+
+    The VAE downsamples x4, so `resolution` 32 gives 16x8x8 latents (4x4 patches). The pooled projection is the two
+    CLIP projections side by side (32 + 32), the joint attention width the T5's (64): the two CLIP hidden states side
+    by side (64) are padded to it, as the pipeline does with SD3's 768 + 1280 and 4096."""
+    import shutil
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=resolution,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(path / "_tokenizer_build"), model_max_length=77, pad_token="!")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        projection_dim=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id, **common)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_act="gelu", pad_token_id=tokenizer_2.pad_token_id, **common)
+    )
+    tokenizer_3 = build_t5_tokenizer(path / "_t5_build")
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=resolution // 4,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(str(path))
+    shutil.rmtree(path / "_tokenizer_build")
+    shutil.rmtree(path / "_t5_build")
+    return path
+
+
 def add_tiny_variant(path, weights_from, variant="fp16"):
     """Give the pipeline folder `path` a weights variant, as hub pipelines carry one: beside each weight file of each
     part a `<name>.<variant>.safetensors` (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors), holding

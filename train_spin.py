@@ -4,7 +4,8 @@
     theta_k (the start AND the frozen opponent) + real images + generate.py's images of theta_k -> output_dir/unet/
 
 Each pair (real latent, the opponent's latent of the same prompt) is noised with one timestep and one noise, and the
-policy's denoising errors (m_r, m_s) are compared with the frozen opponent's (r_r, r_s):
+policy's denoising errors (m_r, m_s) are compared with the frozen opponent's (r_r, r_s); SD3 (flow matching): velocity
+errors, and output_dir/transformer/:
 
     loss = mean_i -log sigmoid(-(beta/2) * ((m_r - r_r) - (m_s - r_s)))      (beta: Diffusion-DPO's beta_dpo)
 
@@ -45,6 +46,13 @@ from tqdm.auto import tqdm
 # peft and bitsandbytes only by --lora_rank and --use_8bit_adam.
 
 # ---- Command line: the flag names of diffusers' training examples ----
+BETA = {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0}  # --beta's default per family (docs/train_spin.md)
+# The families, by the base's model_index.json, and the denoiser each takes (its class, addition_embed_type)
+FAMILIES = {
+    "StableDiffusionPipeline": ("sd", "UNet2DConditionModel", None),  # SD-1.x/2.x
+    "StableDiffusionXLPipeline": ("sdxl", "UNet2DConditionModel", "text_time"),  # also the pooled prompt, sizes
+    "StableDiffusion3Pipeline": ("sd3", "SD3Transformer2DModel", None),  # SD3/SD3.5: flow matching
+}
 PAIR_NOISE = ("shared", "separate_noise", "independent")  # what a pair's two members share: see --pair_noise
 CACHE_DIR = os.environ.get("SPIN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "spin-diffusion"))
 
@@ -75,9 +83,16 @@ def build_parser():
     a("--resolution", type=int, default=None, help="image side in pixels (default: the model's own)")
     # objective
     a("--loss", choices=["spin", "sft", "dpo"], default="spin")
-    a("--beta", "--beta_dpo", type=float, default=5000.0, help="KL strength, as Diffusion-DPO's beta_dpo")
+    a("--beta", "--beta_dpo", type=float, default=None, help="KL strength, as Diffusion-DPO's beta_dpo (default: "
+      f"{BETA['sd']:g}; SD3: {BETA['sd3']:g}, flow_grpo's SD3.5 DPO: docs/train_spin.md)")
     a("--pair_noise", choices=PAIR_NOISE, default="shared", help="what the two members of a pair share")
     a("--independent_pair_noise", action="store_true", help="the same as --pair_noise independent")
+    a("--weighting_scheme", choices=["logit_normal", "mode", "none"], default="logit_normal", help="SD3: how sigma "
+      "is drawn (diffusers' compute_density_for_timestep_sampling; none: uniform)")
+    a("--logit_mean", type=float, default=0.0, help="SD3: mean of logit_normal")
+    a("--logit_std", type=float, default=1.0, help="SD3: spread of logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="SD3: scale of mode")
+    a("--max_sequence_length", type=int, default=256, help="SD3: T5 prompt tokens, as generate.py's")
     a("--caption_dropout", "--proportion_empty_prompts", type=float, default=0.0, help="empty-prompt probability")
     # optimisation
     a("--learning_rate", type=float, default=2e-5)
@@ -226,10 +241,11 @@ def diffusion_target(scheduler, latents, noise, timesteps):
 
 
 class Conditioning(NamedTuple):
-    """A batch's prompt embeddings and, for SDXL, its added_cond_kwargs (pooled prompt, micro-conditioning)."""
+    """A batch's prompt embeddings and the model's other conditioning arguments: SDXL's added_cond_kwargs (pooled
+    prompt, micro-conditioning), SD3's pooled_projections."""
 
     text: torch.Tensor
-    added: Optional[dict] = None
+    extra: dict = {}
 
 
 class Draws(NamedTuple):
@@ -244,10 +260,16 @@ class Draws(NamedTuple):
 
 
 def denoising_errors(model, scheduler, latents, noise, t, cond):
-    """Per-sample error of `model` denoising `latents` noised with `noise` at timesteps `t`, conditioned on `cond`."""
-    noisy = scheduler.add_noise(latents, noise, t)
-    pred = model(noisy, t, encoder_hidden_states=cond.text, added_cond_kwargs=cond.added, return_dict=False)[0]
-    return per_sample_mse(pred, diffusion_target(scheduler, latents, noise, t))
+    """Per-sample error of `model` denoising `latents` noised with `noise` at timesteps `t`, conditioned on `cond`.
+    A flow-matching model (SD3): t indexes the scheduler's sigmas, x_t = (1 - sigma) x_0 + sigma noise, and the model
+    predicts the velocity noise - x_0, as diffusers' SD3 training computes it."""
+    if hasattr(scheduler, "sigmas"):
+        sigma = scheduler.sigmas.to(latents.device)[t].view(-1, *[1] * (latents.ndim - 1))
+        noisy, target, t = (1 - sigma) * latents + sigma * noise, noise - latents, scheduler.timesteps.to(t.device)[t]
+    else:
+        noisy, target = scheduler.add_noise(latents, noise, t), diffusion_target(scheduler, latents, noise, t)
+    pred = model(noisy, timestep=t, encoder_hidden_states=cond.text, **cond.extra, return_dict=False)[0]
+    return per_sample_mse(pred, target)
 
 
 def pair_loss(policy, reference, scheduler, real, other, draws, cond, *, beta, autocast):
@@ -275,23 +297,34 @@ def sft_loss(policy, scheduler, real, draws, cond):
     return m_r.mean(), {"model_mse_real": m_r}
 
 
-def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared"):
+def draw_timesteps(gen, n, num_train_timesteps, density=None):
+    """SD: timesteps uniform in 0..T-1. Flow models (`density`: --weighting_scheme and its parameters): indices into the
+    scheduler's sigmas, u * T with u drawn by diffusers' compute_density_for_timestep_sampling, as its SD3 training."""
+    if density is None:
+        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(batch_size=n, generator=gen, **density)
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def draw_noise(gen, batch, latent_shape, num_train_timesteps, pair_noise="shared", density=None):
     """Timesteps and noise of `batch` pairs (Draws); the shared values are drawn first, so the first member's draws are
     the same under every --pair_noise."""
-    t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
+    t = draw_timesteps(gen, batch, num_train_timesteps, density)
     noise = torch.randn((batch, *latent_shape), generator=gen)
-    t2 = torch.randint(0, num_train_timesteps, (batch,), generator=gen) if pair_noise == "independent" else t
+    t2 = draw_timesteps(gen, batch, num_train_timesteps, density) if pair_noise == "independent" else t
     noise2 = torch.randn((batch, *latent_shape), generator=gen) if pair_noise != "shared" else noise
     return Draws(t, noise, t2, noise2)
 
 
-def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, num_train_timesteps, pair_noise, dropout):
+def draw_step(seed, micro_step, global_batch, start, stop, latent_shape, T, pair_noise, dropout, density=None):
     """The Draws, dropout mask included, of pairs start..stop-1 of one micro-step's global batch. The step's generator
     draws for the whole global batch and each process keeps its own pairs' slice: a pair's draws depend on its place in
     the global batch, not on the process holding it, so 2 processes train what 1 trains and no two GPUs draw the same
     noise."""
     gen = torch.Generator().manual_seed(image_seed(seed, 0, micro_step))
-    draws = draw_noise(gen, global_batch, latent_shape, num_train_timesteps, pair_noise)
+    draws = draw_noise(gen, global_batch, latent_shape, T, pair_noise, density)
     drop = torch.rand(global_batch, generator=gen) < dropout if dropout > 0 else torch.zeros(global_batch, dtype=bool)
     return Draws(*(x[start:stop] for x in (*draws[:4], drop)))
 
@@ -316,8 +349,8 @@ def main(argv=None):
     """theta_k -> theta_{k+1}: the SPIN iteration (or the SFT / Diffusion-DPO baseline), its steps in order."""
     args = parse_args(argv)
     run = start_run(args)  # the accelerator (one process per GPU), logging, spin_extras.py where asked for
-    models = load_models(args, run)  # theta_k (the policy), scheduler, tokenizers, SD or SDXL
-    if output_dir_is_done(args, run):  # a finished run with the same settings: nothing to do
+    models = load_models(args, run)  # theta_k (the policy), scheduler, tokenizers: SD, SDXL or SD3
+    if output_dir_is_done(args, run, models):  # a finished run with the same settings: nothing to do
         return
     encode = ImageEncoder(args, run, models)  # the VAE, loaded on first use
     data = encode_real_data(args, run, models, encode)  # real latents and prompt embeddings, cached once
@@ -377,15 +410,15 @@ def start_run(args):
     return Run(accelerator, out, log, dtype, extras, accelerator.device, accelerator.is_main_process)
 
 
-def output_dir_is_done(args, run):
+def output_dir_is_done(args, run, models):
     """A finished output_dir with the same settings is a no-op (shell loops re-run stages freely); one made with other
     settings is refused. Otherwise the folder is made."""
     record = run.out / "run_config.json"
-    if (run.out / "unet" / "config.json").is_file() and record.is_file():
+    if (run.out / models.folder / "config.json").is_file() and record.is_file():
         done = json.loads(record.read_text())
         check_same_run(done.get("identity", {}), identity(args), f"--output_dir {run.out}")
         if done.get("finished"):
-            run.log(f"{run.out}/unet is already trained with these settings: nothing to do")
+            run.log(f"{run.out}/{models.folder} is already trained with these settings: nothing to do")
             return True
     run.out.mkdir(parents=True, exist_ok=True)
     return False
@@ -483,7 +516,9 @@ def train(args, run, models, data, pairs, trainer):
     one: a metrics.jsonl row per step, a checkpoint every --checkpointing_steps; spin_extras.py's validation images and
     stop signals where asked for."""
     accum, world = args.gradient_accumulation_steps, run.accelerator.num_processes
-    models.scheduler.alphas_cumprod = models.scheduler.alphas_cumprod.to(run.device)  # indexed there each step
+    for table in ("alphas_cumprod", "sigmas", "timesteps"):  # the schedule's tables are indexed there each step
+        if isinstance(getattr(models.scheduler, table, None), torch.Tensor):
+            setattr(models.scheduler, table, getattr(models.scheduler, table).to(run.device))
     run.log(
         f"training {args.loss}: {len(pairs.dataset)} pairs, {args.max_train_steps} steps of "
         f"{args.train_batch_size} x {world} x {accum} = {pairs.global_batch * accum} pairs"
@@ -522,7 +557,9 @@ def train(args, run, models, data, pairs, trainer):
 def step_loader(args, run, models, pairs, global_step):
     """Item m is micro-step m's batch with its draws (StepBatches); workers prefetch it into pinned memory."""
     T, accum = models.scheduler.config.num_train_timesteps, args.gradient_accumulation_steps
-    steps = StepBatches(pairs, args, run.accelerator.process_index, T)
+    density = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")  # flow models: how sigma is drawn
+    density = {k: getattr(args, k) for k in density} if models.family == "sd3" else None
+    steps = StepBatches(pairs, args, run.accelerator.process_index, T, density)
     return torch.utils.data.DataLoader(
         steps,
         batch_size=None,
@@ -580,13 +617,14 @@ def step_inputs(batch, args, models, data, device):
     t2, noise2 = (to_dev("t2"), to_dev("noise2")) if "t2" in batch else (t, noise)
     drop = to_dev("drop") if args.caption_dropout > 0 else None
     text = to_dev("text") if drop is None else torch.where(drop[:, None, None], data.empty_text, to_dev("text"))
-    members = 1 if args.loss == "sft" else 2
-    added = None
-    if models.sdxl:  # the pooled prompt embedding (dropped with the prompt) and each image's micro-conditioning
+    members, extra = 1 if args.loss == "sft" else 2, {}
+    if models.family != "sd":  # the pooled prompt embedding, dropped with the prompt
         pooled = to_dev("pooled") if drop is None else torch.where(drop[:, None], data.empty_pooled, to_dev("pooled"))
+        extra = {"pooled_projections": torch.cat([pooled] * members)}
+    if models.sdxl:  # and each image's micro-conditioning
         ids = [to_dev("time_ids"), to_dev("time_ids_other")][:members]
-        added = {"text_embeds": torch.cat([pooled] * members), "time_ids": torch.cat(ids)}
-    return Draws(t, noise, t2, noise2, drop), Conditioning(torch.cat([text] * members), added), to_dev("real")
+        extra = {"added_cond_kwargs": {"text_embeds": extra["pooled_projections"], "time_ids": torch.cat(ids)}}
+    return Draws(t, noise, t2, noise2, drop), Conditioning(torch.cat([text] * members), extra), to_dev("real")
 
 
 class StepSums:
@@ -637,11 +675,11 @@ class Models:
     """theta_k and what training needs of its pipeline."""
 
     base: str  # --pretrained_model_name_or_path: VAE, text encoder(s), tokenizer(s), scheduler
-    scheduler: Any  # DDPMScheduler: how latents are noised and what the UNet predicts
-    tokenizers: tuple  # SD: (tokenizer,); SDXL: (tokenizer, tokenizer_2)
-    unet: Any  # theta_k in float32: the policy that trains
+    scheduler: Any  # how latents are noised and what the model predicts: DDPMScheduler; SD3: FlowMatchEuler...
+    tokenizers: tuple  # SD: (tokenizer,); SDXL: (tokenizer, tokenizer_2); SD3: none (its pipeline encodes prompts)
+    unet: Any  # theta_k in float32: the policy that trains (SD3: the transformer)
     fingerprint: str  # of theta_k's weights: the opponent check, the resume check, the run record
-    family: str  # "sd" (SD-1.x/2.x) or "sdxl"
+    family: str  # "sd" (SD-1.x/2.x), "sdxl" or "sd3": FAMILIES
     force_zeros: bool  # SDXL base: the unconditional branch's prompt embeddings are zeros, not the empty prompt's
     vae_dtype: torch.dtype  # the compute dtype, but fp32 where the VAE's config asks for it (force_upcast)
     pin: dict  # --revision and --variant where given: every load of the base's parts, the cache keys
@@ -649,6 +687,10 @@ class Models:
     @property
     def sdxl(self):
         return self.family == "sdxl"
+
+    @property
+    def folder(self):  # the output's model folder, as the pipeline names it
+        return "transformer" if self.family == "sd3" else "unet"
 
 
 def load_component(what, load, *args, **kwargs):
@@ -661,29 +703,37 @@ def load_component(what, load, *args, **kwargs):
 
 def load_models(args, run):
     """theta_k (--unet, float32) with the base pipeline's scheduler, tokenizer(s) and VAE settings; --resolution's
-    default is the UNet's native latent size times the VAE's downsampling."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+    default is the model's native latent size times the VAE's downsampling."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
     check_model_path(args.pretrained_model_name_or_path)
     base, rev = args.pretrained_model_name_or_path, args.revision
     what = f"the pipeline {base!r}"
-    scheduler = load_component(what, DDPMScheduler.from_pretrained, base, subfolder="scheduler", revision=rev)
+    config = load_component(what, DiffusionPipeline.load_config, base, revision=rev)
+    family, *want = FAMILIES.get(config.get("_class_name"), (None,))
+    if family is None:  # FLUX too: packed latents and a guidance embedding are another training path
+        raise UserError(
+            f"{base} is a {config.get('_class_name')}, which is not supported; supported: SD-1.x/2.x "
+            "(StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), SD3/SD3.5 (StableDiffusion3Pipeline)"
+        )
+    scheduler_class = FlowMatchEulerDiscreteScheduler if family == "sd3" else DDPMScheduler
+    scheduler = load_component(what, scheduler_class.from_pretrained, base, subfolder="scheduler", revision=rev)
     unet = load_unet(args.unet, base, rev, args.variant)
     fingerprint = unet_fingerprint(unet)
-    kind = unet.config.addition_embed_type  # SDXL's UNet also takes the pooled prompt and the micro-conditioning
-    if kind not in (None, "text_time"):
-        raise UserError(f"UNet addition_embed_type {kind!r} is not supported (SD-1.x/2.x: none, SDXL: text_time)")
-    family, force_zeros = ("sdxl" if kind else "sd"), False
-    tokenizers = ()
-    for name in ("tokenizer", "tokenizer_2") if kind else ("tokenizer",):
+    kind = [type(unet).__name__, unet.config.get("addition_embed_type")]
+    if kind != want:
+        raise UserError(f"--unet {args.unet or 'base'}: a {kind[0]} ({kind[1]!r}) does not fit the base's {family}")
+    tokenizers, force_zeros = (), family == "sdxl" and bool(config.get("force_zeros_for_empty_prompt", True))
+    for name in {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}.get(family, ()):
         tokenizer = load_component(what, CLIPTokenizer.from_pretrained, base, subfolder=name, revision=rev)
         tokenizers += (check_tokenizer(tokenizer, what, name),)
-    if family == "sdxl":
-        config = load_component(what, DiffusionPipeline.load_config, base, revision=rev)
-        force_zeros = bool(config.get("force_zeros_for_empty_prompt", True))
+    args.beta = BETA[family] if args.beta is None else args.beta
     vae = load_component(f"the VAE config of {base!r}", AutoencoderKL.load_config, base, subfolder="vae", revision=rev)
-    args.resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)  # the VAE's downsampling
+    args.resolution = args.resolution or unet.config.sample_size * scale
+    if args.resolution % (scale * unet.config.get("patch_size", 1)):  # SD3's transformer cuts latents in 2x2 patches
+        raise UserError(f"--resolution must be a multiple of {scale * unet.config.get('patch_size', 1)} for this model")
     if args.enable_xformers_memory_efficient_attention:
         try:
             unet.enable_xformers_memory_efficient_attention()  # the reference, a copy of this UNet, inherits it
@@ -838,7 +888,7 @@ def encode_real_data(args, run, models, encode):
     txt_dir = text_cache(args, run, models, unique)
     # caption dropout trains on what the unconditional branch sees: the empty prompt, or zeros (force_zeros)
     empty_text = ShardedTensors(txt_dir, "text")[0].to(run.device)
-    empty_pooled = ShardedTensors(txt_dir, "pooled")[0].to(run.device) if models.sdxl else None
+    empty_pooled = ShardedTensors(txt_dir, "pooled")[0].to(run.device) if models.family != "sd" else None
     if models.force_zeros:
         empty_text, empty_pooled = torch.zeros_like(empty_text), torch.zeros_like(empty_pooled)
     position, invalid = {c: i for i, c in enumerate(unique)}, set(info["invalid_rows"])
@@ -938,26 +988,37 @@ def merge_pieces(pieces, max_rows):
 
 def text_cache(args, run, models, captions):
     """The prompt embeddings of `captions` (the empty prompt first), built once; returns the cache's folder."""
+    from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    names = ("text_encoder", "text_encoder_2") if models.sdxl else ("text_encoder",)
-    tokenizer_names = ("tokenizer", "tokenizer_2") if models.sdxl else ("tokenizer",)
-    parts = {n: weights_identity(models.base, n) for n in names + tokenizer_names}
-    key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **models.pin)
+    n = {"sd": 1, "sdxl": 2, "sd3": 3}[models.family]  # text encoders: CLIP; two CLIPs; two CLIPs and T5
+    names = [f"{kind}{i}" for kind in ("text_encoder", "tokenizer") for i in ("", "_2", "_3")[:n]]
+    sd3 = {"max_sequence_length": args.max_sequence_length} if models.family == "sd3" else {}
+    parts = {name: weights_identity(models.base, name) for name in names}
+    key = cache_key(captions=cache_key(c=captions), text_encoder_dtype=str(run.dtype), **parts, **models.pin, **sd3)
     folder = Path(args.cache_dir) / f"text-{key}"
     if (folder / "info.json").is_file():
         return folder
     run.log(f"encoding {len(captions)} prompts once into {folder} ...")
-    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     what = f"the text encoder(s) of {models.base!r}"
-    load = functools.partial(load_component, what, torch_dtype=run.dtype, **models.pin)
-    encoders = [load(classes[n].from_pretrained, models.base, subfolder=n).to(run.device) for n in names]
+    if sd3:  # the pipeline's own encode_prompt: CLIP penultimate states, padded, beside T5's; both CLIPs' pooled
+        load = dict(transformer=models.unet, vae=None, dtype=run.dtype, **models.pin)  # no second transformer
+        pipe = load_component(what, StableDiffusion3Pipeline.from_pretrained, models.base, **load).to(run.device)
+        encode = lambda c: pipe.encode_prompt(c, None, None, run.device, do_classifier_free_guidance=False, **sd3)[::2]
+    else:
+        load = functools.partial(load_component, what, torch_dtype=run.dtype, **models.pin)
+        classes = [CLIPTextModel, CLIPTextModelWithProjection]
+        encoders = [
+            load(c.from_pretrained, models.base, subfolder=n).to(run.device) for c, n in zip(classes, names[:n])
+        ]
+        encode = functools.partial(encode_prompts, encoders, models.tokenizers)
 
     def make_shard(i):
         part = captions[i * SHARD : (i + 1) * SHARD]
-        chunks = [encode_prompts(encoders, models.tokenizers, part[j : j + 64]) for j in range(0, len(part), 64)]
+        chunks = [encode(part[j : j + 64]) for j in range(0, len(part), 64)]
         tensors = {"text": torch.cat([text for text, _ in chunks]).half()}
-        return tensors | ({"pooled": torch.cat([pooled for _, pooled in chunks]).half()} if models.sdxl else {}), {}
+        pooled = {"pooled": torch.cat([p for _, p in chunks]).half()} if models.family != "sd" else {}
+        return tensors | pooled, {}
 
     return build_cache(folder, len(captions), make_shard, run.accelerator, {"captions": len(captions)})
 
@@ -1069,7 +1130,8 @@ def preprocess_image(img, resolution):
 @torch.no_grad()
 def encode_images(vae, pixels):
     """Pixels in [-1, 1] -> scaled latents, the posterior mean: deterministic, so the cache is reproducible."""
-    return (vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor).float()
+    mean = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    return ((mean - (getattr(vae.config, "shift_factor", None) or 0)) * vae.config.scaling_factor).float()
 
 
 def time_ids(height, width, resolution):
@@ -1141,9 +1203,8 @@ def make_pairs(args, run, models, data, encode):
             f"synthetic latents are {tuple(other_source[others[0]].shape)} but real latents at --resolution "
             f"{args.resolution} are {latent_shape}: generate and train at the same resolution"
         )
-    dataset = PairDataset(
-        data, rows, others, other_source, args.resolution if models.sdxl else None, args.loss == "dpo"
-    )
+    res = args.resolution if models.sdxl else None
+    dataset = PairDataset(data, rows, others, other_source, res, args.loss == "dpo", models.family != "sd")
     global_batch = args.train_batch_size * run.accelerator.num_processes
     if len(dataset) < global_batch:
         raise UserError(
@@ -1225,12 +1286,12 @@ class PairDataset(torch.utils.data.Dataset):
     """Item i: the real latent, the other one (synthetic or loser; none for SFT) and the prompt embedding, read lazily
     from the caches; SDXL (`sdxl_resolution`) also the pooled embedding and each image's micro-conditioning."""
 
-    def __init__(self, data, rows, others, other_source=None, sdxl_resolution=None, loser=False):
+    def __init__(self, data, rows, others, other_source=None, sdxl_resolution=None, loser=False, pooled=False):
         self.real, self.text = ShardedTensors(data.lat_dir, "latents"), ShardedTensors(data.txt_dir, "text")
         self.rows, self.others, self.caption_ids, self.other_source = rows, others, data.caption_ids, other_source
-        self.res = sdxl_resolution
+        self.res, self.pooled = sdxl_resolution, ShardedTensors(data.txt_dir, "pooled") if pooled else None
         if self.res:
-            self.pooled, self.hw = ShardedTensors(data.txt_dir, "pooled"), ShardedTensors(data.lat_dir, "image_hw")
+            self.hw = ShardedTensors(data.lat_dir, "image_hw")
             self.hw_other = ShardedTensors(data.lat_dir, "image_hw_lose") if loser else None
 
     def __len__(self):
@@ -1241,8 +1302,9 @@ class PairDataset(torch.utils.data.Dataset):
         item = {"real": self.real[row], "text": self.text[self.caption_ids[row]]}
         if self.other_source is not None:
             item["other"] = self.other_source[self.others[i]]
-        if self.res:
+        if self.pooled is not None:
             item["pooled"] = self.pooled[self.caption_ids[row]]
+        if self.res:
             item["time_ids"] = torch.tensor(time_ids(*self.hw[row].int().tolist(), self.res), dtype=torch.float32)
             # a loser keeps its own size; the opponent's image was generated at the training resolution, uncropped
             other_hw = self.hw_other[row].int().tolist() if self.hw_other else (self.res, self.res)
@@ -1254,8 +1316,9 @@ class StepBatches(torch.utils.data.Dataset):
     """Item m: this process's batch of micro-step m with its draws, made in the data pipeline (the training loop's host
     work is the pinned, non-blocking copies). Batch and draws are pure functions of (--seed, m)."""
 
-    def __init__(self, pairs, args, process_index, num_train_timesteps):
+    def __init__(self, pairs, args, process_index, num_train_timesteps, density=None):
         self.pairs, self.args, self.process_index, self.T = pairs, args, process_index, num_train_timesteps
+        self.density = density
 
     def __getitem__(self, micro):
         a, pairs, first = self.args, self.pairs, self.process_index * self.args.train_batch_size
@@ -1263,7 +1326,8 @@ class StepBatches(torch.utils.data.Dataset):
         rows = batch_indices(n, a.seed, global_batch, micro, self.process_index, a.train_batch_size)
         batch = torch.utils.data.default_collate([pairs.dataset[i] for i in rows])
         last, shape = first + len(rows), pairs.latent_shape
-        draws = draw_step(a.seed, micro, global_batch, first, last, shape, self.T, a.pair_noise, a.caption_dropout)
+        dropout = a.caption_dropout
+        draws = draw_step(a.seed, micro, global_batch, first, last, shape, self.T, a.pair_noise, dropout, self.density)
         batch.update(t=draws.t, noise=draws.noise, drop=draws.drop)
         if a.pair_noise != "shared":  # else the second member's draws are the first's: not copied twice
             batch.update(t2=draws.t2, noise2=draws.noise2)
@@ -1303,7 +1367,7 @@ def write_run_record(args, run, models, pairs, data, trainer):
             num_processes=run.accelerator.num_processes,
             global_batch=pairs.global_batch * args.gradient_accumulation_steps,
             precision={**precision, "trainable_weights": "torch.float32"},
-            model={**model, "prediction_type": models.scheduler.config.prediction_type},
+            model={**model, "prediction_type": models.scheduler.config.get("prediction_type", "flow_velocity")},
             reference=reference,
             opponent=(pairs.synth_config or {}).get("model"),
             data=data_record,
@@ -1349,29 +1413,29 @@ def save_outputs(args, run, models, trainer):
             adapter = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(final).items()}
             final = models.unet = trainer.unet = trainer.reference = trainer.optimizer = trainer.trainable = None
             accelerator.free_memory()  # the training copy goes before the fp32 copy is loaded
-            final = save_lora(adapter, args, models.base, out)
-        replace_folder(out / "unet", lambda tmp: final.save_pretrained(str(tmp)))  # safetensors
+            final = save_lora(adapter, args, models, out)
+        replace_folder(out / models.folder, lambda tmp: final.save_pretrained(str(tmp)))  # safetensors
         record = {**json.loads((out / "run_config.json").read_text()), "finished": True}
         record["global_step"] = trainer.global_step
         if run.extras:
             run.extras.write_outputs(args, out, record, run.log)  # --lora_cumulative, --model_card
         write_json_atomic(out / "run_config.json", record)
-        run.log(f"wrote {out / 'unet'} (step {trainer.global_step}); metrics in {out / 'metrics.jsonl'}")
+        run.log(f"wrote {out / models.folder} (step {trainer.global_step}); metrics in {out / 'metrics.jsonl'}")
         if args.push_to_hub:
             run.extras.push_to_hub(out, args.hub_model_id or out.name, args.hub_token, run.log)
     accelerator.end_training()
 
 
-def save_lora(adapter, args, base, out):
+def save_lora(adapter, args, models, out):
     """The trained adapter (peft names) on a fresh float32 load of the starting UNet: the adapter alone as out/lora/
     (the file pipeline.load_lora_weights reads), then the UNet with it merged, the next iteration's plain UNet. The
     scale lora_alpha / rank is multiplied into each lora_B, so that the file means the same to every loader, those that
     read no alpha included (diffusers' save with the adapter's metadata would lose that)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     unet = add_lora(
-        load_unet(args.unet, base, args.revision, args.variant),
+        load_unet(args.unet, models.base, args.revision, args.variant),
         args.lora_rank,
         args.lora_alpha,
         args.lora_target_modules,
@@ -1379,9 +1443,8 @@ def save_lora(adapter, args, base, out):
     set_peft_model_state_dict(unet, adapter)
     scale = unet.peft_config["default"].lora_alpha / unet.peft_config["default"].r
     state = {k: v * scale if k.endswith("lora_B.weight") else v for k, v in get_peft_model_state_dict(unet).items()}
-    replace_folder(
-        out / "lora", lambda tmp: StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state)
-    )
+    pipeline, layers = StableDiffusion3Pipeline if models.family == "sd3" else StableDiffusionPipeline, models.folder
+    replace_folder(out / "lora", lambda tmp: pipeline.save_lora_weights(str(tmp), **{f"{layers}_lora_layers": state}))
     unet.fuse_lora()
     unet.unload_lora()
     return unet
@@ -1537,30 +1600,42 @@ def unet_fingerprint(unet):
 
 
 def load_unet(unet_path, base_path, revision=None, variant=None):
-    """A UNet in float32: None/'base' (the base pipeline's, at its --revision and --variant), a folder holding unet/, a
-    bare UNet folder, a hub id (subfolder unet/, as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser in float32 (SD, SDXL: a UNet; SD3: a transformer), the class its config names: None/'base' (the
+    base pipeline's, at its --revision and --variant), a folder holding unet/ or transformer/, a bare model folder, a
+    hub id (laid out as the base: unet/ as UCLA-AGI/SPIN-Diffusion-iter*) or a train_spin.py checkpoint-N/."""
+    from diffusers import AutoModel
 
-    where, sub, pin = unet_path, "unet", {}
+    where, sub, pin = unet_path, None, {}
     if unet_path in (None, "", "base"):
-        where, pin = base_path, {"revision": revision, "variant": variant}
+        where, sub, pin = base_path, denoiser_folder(base_path, revision), {"revision": revision, "variant": variant}
     elif Path(unet_path, "train_state.json").is_file():  # accelerate's save_state + train_state.json
         return load_checkpoint_unet(Path(unet_path))
-    elif not Path(unet_path, "unet", "config.json").is_file():
-        if Path(unet_path, "config.json").is_file():
-            sub = None  # a bare UNet folder
-        elif Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
+    elif found := [s for s in ("unet", "transformer") if Path(unet_path, s, "config.json").is_file()]:
+        sub = found[0]
+    elif not Path(unet_path, "config.json").is_file():  # else a bare model folder
+        if Path(unet_path).exists() or unet_path.startswith((".", "/", "~")):
             raise UserError(
-                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json); "
+                f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json, or transformer/); "
                 "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
             )
+        sub = denoiser_folder(base_path)
     try:
-        return UNet2DConditionModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
+        return AutoModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not load the UNet from {where!r}{'/' + sub if sub else ''}: {variant_hint(e, pin.get('variant'))}"
             "; check the path or hub id (and HF_HUB_OFFLINE)"
         ) from None
+
+
+def denoiser_folder(base, revision=None):
+    """Where the base pipeline keeps its denoiser, as model_index.json says: unet/ (SD, SDXL), transformer/ (SD3)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return "transformer" if DiffusionPipeline.load_config(base, revision=revision).get("transformer") else "unet"
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model_index.json of {base}: {str(e).splitlines()[0]}") from None
 
 
 def load_checkpoint_unet(ckpt):

@@ -5,9 +5,9 @@
     python bench/bench_memory.py rss --train_spin PATH --work DIR [--resolution 512]
         # peak RSS of one SDXL LoRA rank 8 training step (random weights, bf16 autocast, batch 1) on CPU
 
-`bytes` instantiates the real configs (bench/sd15, bench/sdxl) on the meta device, so it allocates nothing. It counts
-what is held for the whole run, not activations (those depend on batch, resolution and checkpointing: the GPU bench,
-bench/gpu.sh, measures totals).
+`bytes` instantiates the real configs (bench/sd15, bench/sdxl, bench/sd35) on the meta device, so it allocates nothing.
+It counts what is held for the whole run, not activations (those depend on batch, resolution and checkpointing: the
+GPU bench, bench/gpu.sh, measures totals; it has no SD3.5 run yet).
 
 `rss` runs `python TRAIN_SPIN --lora_rank 8 --mixed_precision bf16 --max_train_steps 1 ...` (any copy of
 train_spin.py: it imports only its own file) on a random-weight SDXL pipeline folder, a 2-row Pick-a-Pic parquet
@@ -36,20 +36,21 @@ GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------- bytes
 def meta_models(cfg_dir):
-    """UNet, VAE and text encoder(s) of a bench/<model>/ config folder, on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The denoiser (UNet, or SD3's transformer), then the VAE and text encoder(s) of a bench/<model>/ config folder,
+    on the meta device: parameters and buffers (SD3's position table) alike, so nothing is allocated."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir / "unet"))
-        cache_only = [
-            AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir / "vae")),
-            CLIPTextModel(CLIPTextConfig.from_pretrained(cfg_dir / "text_encoder")),
-        ]
-        if (cfg_dir / "text_encoder_2").is_dir():
-            cache_only.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(cfg_dir / "text_encoder_2")))
-    return unet, cache_only
+    sd3 = (cfg_dir / "transformer").is_dir()
+    cls, folder = (SD3Transformer2DModel, "transformer") if sd3 else (UNet2DConditionModel, "unet")
+    with torch.device("meta"):
+        denoiser = cls.from_config(cls.load_config(cfg_dir / folder))
+        cache_only = [AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir / "vae"))]
+        for sub in sorted(cfg_dir.glob("text_encoder*")):  # CLIP(s), and SD3's T5-XXL: the class its config names
+            config = transformers.AutoConfig.from_pretrained(sub)
+            cache_only.append(getattr(transformers, config.architectures[0])(config))
+    return denoiser, cache_only
 
 
 def numel(params):
@@ -76,12 +77,13 @@ def lora_sizes(unet, rank, targets=("to_k", "to_q", "to_v", "to_out.0")):
 
 
 def norm_params(model):
+    """Parameters train_spin.py's cast_frozen keeps in fp32: those of normalisation layers."""
     import torch
 
     return numel(
         p
         for m in model.modules()
-        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(m).__name__
         for p in m.parameters(recurse=False)
     )
 
@@ -151,6 +153,54 @@ def bytes_table():
         ),
     ]
 
+    # bench/sd35: stabilityai/stable-diffusion-3.5-medium (gated: its files were not read). Sources of the values:
+    # - transformer: Stability-AI/sd3.5 sd3_impls.py reads the MMDiT from its checkpoint (hidden = 64 x depth,
+    #   heads = depth, rms qk-norm, dual-attention "x_block attn2" layers); the model card: QK norm, "self-attention
+    #   modules in the first 13 layers" (0..12; its summary line says "first 12"); diffusers 0.42.1
+    #   single_file_utils.py tells SD3.5-Medium by pos_embed's 147456 = 384^2 patches (pos_embed_max_size 384) and
+    #   adaLN bias 9216 = 6 x 1536; the full diffusers config as tenstorrent/tt-forge-models vendors it (commit
+    #   129eb1fc43, stable_diffusion_3_5_fp8/pytorch/src/model_utils.py: 24 layers, sample_size 128,
+    #   joint_attention_dim 4096, pooled_projection_dim 2048, patch_size 2, the pipeline's classes).
+    # - VAE: sd3_impls.py's SDVAE (128/256/512/512, 2 res blocks, 16 channels, no quant convs, 1.5305 / 0.0609).
+    # - text encoders: sd3_infer.py's CLIP-L, OpenCLIP bigG and T5-v1.1-XXL configs (the T5 file in full as
+    #   kohya-ss/sd-scripts library/flux_utils.py writes it).
+    # - scheduler: shift 3.0 (sd3_infer.py's sd3.5_medium); its other keys (use_dynamic_shifting) unverified, omitted.
+    t, t_cache = meta_models(HERE / "sd35")
+    n, n_norm, n_buf = numel(t.parameters()), norm_params(t), numel(t.buffers())
+    lora = lora_sizes(t, 32)  # recipes/sd35.sh: LORA_RANK 32 on train_spin.py's default --lora_target_modules
+    nl = sum(lora)
+    s3 = {
+        "base16": (2 * (n - n_norm) + 4 * n_norm) / GiB,
+        "buffers": 4 * n_buf / GiB,
+        "lora": 4 * nl / GiB,
+        "grads": 4 * nl / GiB,
+        "adamw": 8 * nl / GiB,
+        "adam8": adam8_bytes(lora) / GiB,
+        "vae": 2 * numel(t_cache[0].parameters()) / GiB,
+        "encoders": 2 * numel(p for m in t_cache[1:] for p in m.parameters()) / GiB,
+    }
+    r = "SD3.5-Medium LoRA rank 32"
+    rows += [
+        (
+            r,
+            f"frozen base transformer, bf16 (norms fp32; {n / 1e9:.2f}B parameters)",
+            s3["base16"],
+            "also the reference (adapter off)",
+        ),
+        (r, "its 384² position table, fp32 (a buffer: not cast)", s3["buffers"], ""),
+        (r, f"LoRA adapter, fp32 ({nl / 1e6:.1f}M parameters)", s3["lora"], ""),
+        (r, "its gradients, fp32", s3["grads"], ""),
+        (r, "AdamW state: 2 x fp32", s3["adamw"], ""),
+        (r, "8-bit AdamW state", s3["adam8"], "--use_8bit_adam (the recipe's)"),
+        (
+            r,
+            "text encoders (CLIP-L + OpenCLIP bigG + T5-XXL), bf16",
+            s3["encoders"],
+            "cache build; not resident in training (on the GPU only during a watch step)",
+        ),
+        (r, "VAE, bf16", s3["vae"], "cache build; not resident in training (on the GPU only during a watch step)"),
+    ]
+
     # (recipe, setting, held for the whole run,
     #  + autocast's bf16 weight copies held through a step without checkpointing)
     totals = []
@@ -174,6 +224,11 @@ def bytes_table():
                     xl["cast"] if base == "base32" else 0.0,
                 )
             )
+    for opt in ("adamw", "adam8"):
+        held = s3["base16"] + s3["buffers"] + s3["lora"] + s3["grads"] + s3[opt]
+        totals.append(
+            ("SD3.5-Medium LoRA rank 32", f"{'AdamW' if opt == 'adamw' else '8-bit AdamW'}, bf16 base", held, 0.0)
+        )
     return rows, totals
 
 

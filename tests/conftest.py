@@ -62,6 +62,12 @@ def sdxl_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd3_pipeline(tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline folder (two CLIP encoders and a T5, SD3Transformer2DModel, 16-channel VAE)."""
+    return tiny.build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def sd2_pipeline(tmp_path_factory):
     """A tiny SD-2.x-style pipeline: the SD layout with a v-prediction scheduler."""
     return tiny.build_tiny_sd2_pipeline(tmp_path_factory.mktemp("sd2") / "pipeline")

@@ -115,10 +115,25 @@ def test_recipes_use_dataloader_workers_and_lora_sft_checkpoints_are_candidates(
     ] + [f"sft-2000={tmp_path / 'run' / 'sft'}"]
 
 
+def test_sd35_recipe_is_flow_grpos_dpo_setting_sampled_as_sd35_samples(tmp_path):
+    """SD3.5-Medium: flow_grpo's SD3.5-M Diffusion-DPO LoRA (rank 32, alpha 64, lr 3e-4, beta 100), sampled with the
+    model's guidance 4.5 and 40 steps by its own sampler; every iteration also as one adapter on the base."""
+    p = loop(tmp_path, "--recipe", "sd35")
+    train = commands(p, "train_spin.py")
+    assert {(c["lora_rank"], c["lora_alpha"], c["learning_rate"], c["beta"]) for c in train} == {
+        ("32", "64", "3e-4", "100")
+    }
+    assert all(c["resolution"] == "1024" and "use_8bit_adam" in c and "gradient_checkpointing" in c for c in train)
+    assert all("lora_cumulative" in c for c in train)
+    sampling = commands(p, "generate.py") + commands(p, "sample.py")
+    assert all(c["guidance_scale"] == "4.5" and c["num_inference_steps"] == "40" for c in sampling)
+    assert not any("scheduler" in c for c in sampling)
+
+
 def test_recipes_are_files_a_user_copies_and_edits(tmp_path):
     """--recipe NAME reads recipes/NAME.sh; --recipe FILE reads a copy of one, relative to where the loop was called;
     --schedule FILE the same for the per-iteration schedule; an unknown one is one line."""
-    for name in ("demo", "sd15", "sd21", "sdxl"):
+    for name in ("demo", "sd15", "sd21", "sdxl", "sd35"):
         assert (ROOT / "recipes" / f"{name}.sh").is_file()
     mine = tmp_path / "my_sdxl.sh"
     mine.write_text(
@@ -190,7 +205,7 @@ def test_every_training_stage_is_watched(tmp_path):
     """Each training stage samples the recipe's watch prompts (train_spin.py --validation_prompts_file) with the
     recipe's sampling settings; a file of one's own is found from where the loop was called; empty: none."""
     for recipe, every, steps, sampler in (("demo", "50", "10", "ddim"), ("sd15", "50", "50", None),
-                                          ("sdxl", "250", "50", None)):  # fmt: skip
+                                          ("sdxl", "250", "50", None), ("sd35", "250", "40", None)):  # fmt: skip
         train = commands(loop(tmp_path, "--recipe", recipe, "--baselines", "sft,dpo"), "train_spin.py")
         assert len(train) == 5, recipe  # 3 iterations and 2 baselines
         for c in train:
