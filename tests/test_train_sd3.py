@@ -318,6 +318,11 @@ def test_sd3_loop_generate_train_two_lora_iterations(sd3_pipeline, tmp_path):
         train(*train_args(sd3_pipeline, data, out, tmp_path / "cache", *extra, steps=2))
         assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
         start = str(out)
+    synth = tmp_path / "synth_1"  # made at --max_sequence_length 16: training at the default 256 is refused
+    p = train(
+        *train_args(sd3_pipeline, data, tmp_path / "o", tmp_path / "cache", "--synthetic_dir", synth), check=False
+    )
+    assert error_line(p) == "error: --synthetic_dir was generated with --max_sequence_length 16: train with the same"
     prompts = [
         json.loads(line)["prompt"] for line in (tmp_path / "synth_0" / "metadata.jsonl").read_text().splitlines()
     ]
