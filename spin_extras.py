@@ -139,6 +139,7 @@ class Validation:
         r, was_training = a.resolution, unet.training
         shape = (unet.config.in_channels, r // pipe.vae_scale_factor, r // pipe.vae_scale_factor)
         sizes = {"original_size": (r, r), "crops_coords_top_left": (0, 0), "target_size": (r, r)}
+        family = self.models.family
         unet.eval()
         out = {}
         try:
@@ -154,10 +155,9 @@ class Validation:
                         height=r,
                         width=r,
                         output_type="latent",
-                        **(sizes if self.models.sdxl else {}),
-                        **({"max_sequence_length": a.max_sequence_length} if self.models.family == "sd3" else {}),
+                        **{"sd": {}, "sdxl": sizes, "sd3": {"max_sequence_length": a.max_sequence_length}}[family],
                     ).images
-                out[p] = to_pixels(decode_latents(pipe.vae, latents, latents_mean_std=self.models.sdxl)).numpy()
+                out[p] = to_pixels(decode_latents(pipe.vae, latents, latents_mean_std=family == "sdxl")).numpy()
         finally:
             unet.train(was_training)
             self.move_parts("cpu")  # the training has their memory in between

@@ -621,7 +621,7 @@ def step_inputs(batch, args, models, data, device):
     if models.family != "sd":  # the pooled prompt embedding, dropped with the prompt
         pooled = to_dev("pooled") if drop is None else torch.where(drop[:, None], data.empty_pooled, to_dev("pooled"))
         extra = {"pooled_projections": torch.cat([pooled] * members)}
-    if models.sdxl:  # and each image's micro-conditioning
+    if models.family == "sdxl":  # and each image's micro-conditioning
         ids = [to_dev("time_ids"), to_dev("time_ids_other")][:members]
         extra = {"added_cond_kwargs": {"text_embeds": extra["pooled_projections"], "time_ids": torch.cat(ids)}}
     return Draws(t, noise, t2, noise2, drop), Conditioning(torch.cat([text] * members), extra), to_dev("real")
@@ -683,10 +683,6 @@ class Models:
     force_zeros: bool  # SDXL base: the unconditional branch's prompt embeddings are zeros, not the empty prompt's
     vae_dtype: torch.dtype  # the compute dtype, but fp32 where the VAE's config asks for it (force_upcast)
     pin: dict  # --revision and --variant where given: every load of the base's parts, the cache keys
-
-    @property
-    def sdxl(self):
-        return self.family == "sdxl"
 
     @property
     def folder(self):  # the output's model folder, as the pipeline names it
@@ -1203,7 +1199,7 @@ def make_pairs(args, run, models, data, encode):
             f"synthetic latents are {tuple(other_source[others[0]].shape)} but real latents at --resolution "
             f"{args.resolution} are {latent_shape}: generate and train at the same resolution"
         )
-    res = args.resolution if models.sdxl else None
+    res = args.resolution if models.family == "sdxl" else None
     dataset = PairDataset(data, rows, others, other_source, res, args.loss == "dpo", models.family != "sd")
     global_batch = args.train_batch_size * run.accelerator.num_processes
     if len(dataset) < global_batch:
