@@ -70,6 +70,7 @@ def parse_image_args(p, argv, split, images_per_prompt):
     p.add_argument(
         "--max_sequence_length", type=int, default=256, help="SD3: T5 prompt tokens (train_spin.py must use the same)"
     )
+    p.add_argument("--no_t5", action="store_true", help="SD3: without its T5 encoder, as the pipeline allows (zeros)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (per process)")
     p.add_argument("--seed", type=int, default=0, help="default 0: image i of prompt p uses image_seed(seed, p, i)")
     p.add_argument("--mixed_precision", choices=sorted(DTYPES), help="default: fp16 on CUDA, no on CPU")
@@ -125,6 +126,8 @@ def pipeline_class_name(args):
         raise UserError(f"could not read the model_index.json of {base}: {str(e).splitlines()[0]}") from None
     if name not in PIPELINE_ARGS:
         raise UserError(f"{base} is a {name}: not supported; supported: {SUPPORTED} ({', '.join(PIPELINE_ARGS)})")
+    if name != SD3 and args.no_t5:
+        raise UserError(f"--no_t5: {base} is a {name}, which has no T5 encoder; drop --no_t5")
     if name == SD3 and args.scheduler:  # the SD samplers step a noise schedule; SD3's transformer predicts a flow
         raise UserError(f"--scheduler {args.scheduler}: {base} is SD3, sampled by flow matching; drop --scheduler")
     return name
@@ -151,6 +154,7 @@ def load_pipeline(args, unet, unet_where, device, pipe=None):
     transformers.utils.logging.disable_progress_bar()
     base, variant = args.pretrained_model_name_or_path, args.variant
     load = dict(revision=args.revision, variant=variant, **PIPELINE_ARGS[class_name])
+    load.update(dict(text_encoder_3=None, tokenizer_3=None) if args.no_t5 else {})  # T5's part of the prompt: zeros
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(base, dtype=unet.dtype, **{role: unet}, **load)
     except (OSError, ValueError) as e:
@@ -193,7 +197,7 @@ def folder_config(stage, args, pipe, prompts, unet_arg, fingerprint, **model):
     # recorded only where given (revision, variant) or taken (SDXL, SD3), so older folders keep theirs and resume
     settings.update({k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k)})
     if type(pipe).__name__ == SD3:
-        settings["max_sequence_length"] = args.max_sequence_length
+        settings.update(max_sequence_length=args.max_sequence_length, **({"no_t5": True} if args.no_t5 else {}))
     if conditioning := micro_conditioning(pipe, args.resolution):
         settings["micro_conditioning"] = {k: list(v) for k, v in conditioning.items()}
     model.update(pretrained_model_name_or_path=args.pretrained_model_name_or_path, unet=unet_arg)

@@ -176,6 +176,7 @@ class Validation:
             a, base = self.args, self.models.base
             load = getattr(diffusers, name).from_pretrained
             kwargs[self.models.folder] = unet  # the policy: unet=, or transformer= for SD3
+            kwargs.update(dict(text_encoder_3=None, tokenizer_3=None) if a.no_t5 else {})
             self.pipe = load_component(
                 f"the pipeline {base!r}", load, base, dtype=self.run.dtype, **self.models.pin, **kwargs
             )

@@ -12,7 +12,7 @@ PRODUCT = SCRIPTS + ["spin_extras.py"]  # what a user runs or copies: the budget
 CARRIERS = ["train_spin.py", "generate.py", "evaluate.py", "spin_extras.py"]  # each carries its own helpers
 OWN = {"main", "parse_args"}  # every script has its own
 # Line budgets: one file per stage, read in one sitting (README, "Copying one script into your project").
-BUDGETS = {"train_spin.py": 1850, "generate.py": 820, "evaluate.py": 1150, "sample.py": 300}
+BUDGETS = {"train_spin.py": 1860, "generate.py": 820, "evaluate.py": 1150, "sample.py": 300}
 TOTAL_BUDGET = 4600
 
 

@@ -236,6 +236,15 @@ def test_flux_and_mismatched_models_are_refused_in_one_line(sd3_pipeline, tiny_p
     args = train_args(sd3_pipeline, data, tmp_path / "o3", tmp_path / "cache", "--loss", "sft")
     args[args.index("--resolution") + 1] = "36"  # latents of 9x9 do not cut into the transformer's 2x2 patches
     assert "--resolution must be a multiple of 8" in error_line(train(*args, check=False))
+    p = train(
+        *train_args(tiny_pipeline, data, tmp_path / "o4", tmp_path / "cache", "--loss", "sft", "--no_t5"), check=False
+    )
+    assert error_line(p) == f"error: --no_t5: {tiny_pipeline} is not SD3; it has no T5 encoder"
+    from test_train import run
+
+    p = run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", data, "--output_dir",
+            tmp_path / "g", "--no_t5", check=False)  # fmt: skip
+    assert "--no_t5: " in error_line(p) and "has no T5 encoder" in error_line(p)
 
 
 def test_torchrun_two_processes_train_what_one_process_trains_sd3(sd3_pipeline, tmp_path):
@@ -322,7 +331,10 @@ def test_sd3_loop_generate_train_two_lora_iterations(sd3_pipeline, tmp_path):
     p = train(
         *train_args(sd3_pipeline, data, tmp_path / "o", tmp_path / "cache", "--synthetic_dir", synth), check=False
     )
-    assert error_line(p) == "error: --synthetic_dir was generated with --max_sequence_length 16: train with the same"
+    assert (
+        error_line(p)
+        == "error: --synthetic_dir was generated with --max_sequence_length 16, --no_t5 False: train the same"
+    )
     prompts = [
         json.loads(line)["prompt"] for line in (tmp_path / "synth_0" / "metadata.jsonl").read_text().splitlines()
     ]
@@ -348,3 +360,37 @@ def test_sd3_loop_generate_train_two_lora_iterations(sd3_pipeline, tmp_path):
         a, b, c = (m(x, **kw).sample for m in (pipe.transformer, theta_2, theta_1))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (b - c).abs().max() > 1e-3  # theta_2, not theta_1
+
+
+def test_sd3_without_t5_as_the_pipeline_allows(sd3_pipeline, tmp_path):
+    """--no_t5 (generate.py and train_spin.py): the pipeline loaded without its T5 encoder, whose part of every prompt
+    embedding is then zeros; the cached embeddings are the pipeline's own encode_prompt without T5; a folder generated
+    with T5 does not train a run without it (nor the reverse); the first loss is ln 2."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+    from test_train import run
+
+    data = wide_pickapic(tmp_path / "wide.parquet")
+    synth, out = tmp_path / "synth", tmp_path / "out"
+    flags = ["--max_sequence_length", "16", "--no_t5"]
+    run("generate.py", "--pretrained_model_name_or_path", sd3_pipeline, "--dataset", data, "--output_dir", synth,
+        "--num_inference_steps", "2", "--resolution", "32", *flags)  # fmt: skip
+    assert json.loads((synth / "run_config.json").read_text())["settings"]["no_t5"] is True
+    train(*train_args(sd3_pipeline, data, out, tmp_path / "cache", "--synthetic_dir", synth, *flags, steps=2))
+    assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    (text_dir,) = (tmp_path / "cache").glob("text-*")
+    cached = load_file(str(text_dir / "shard-00000.safetensors"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline, text_encoder_3=None, tokenizer_3=None)
+    with torch.no_grad():
+        text, _, pooled, _ = pipe.encode_prompt(
+            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=16
+        )
+    assert not cached["text"][0, 77:].any()  # T5's 16 tokens: zeros
+    torch.testing.assert_close(cached["text"][0].float(), text[0].half().float())
+    torch.testing.assert_close(cached["pooled"][0].float(), pooled[0].half().float())
+    p = train(*train_args(sd3_pipeline, data, tmp_path / "o", tmp_path / "cache", "--synthetic_dir", synth,
+                          "--max_sequence_length", "16"), check=False)  # fmt: skip
+    assert (
+        error_line(p)
+        == "error: --synthetic_dir was generated with --max_sequence_length 16, --no_t5 True: train the same"
+    )
