@@ -533,7 +533,7 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
                 f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json, or transformer/); "
                 "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
             )
-        sub = denoiser_folder(base_path)
+        sub = denoiser_folder(base_path, revision)
     try:
         return AutoModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:

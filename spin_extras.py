@@ -109,6 +109,8 @@ class Validation:
 
     def __init__(self, args, run, models):
         self.args, self.run, self.models, self.pipe = args, run, models, None
+        if args.validation_scheduler and models.family == "sd3":  # every process refuses, before any step
+            raise UserError("--validation_scheduler: SD3 samples with its own flow-matching sampler; drop the flag")
 
     def after_step(self, step, unet):
         a, accelerator = self.args, self.run.accelerator
@@ -175,13 +177,11 @@ class Validation:
             name, kwargs = PIPELINES[self.models.family]
             a, base = self.args, self.models.base
             load = getattr(diffusers, name).from_pretrained
-            kwargs[self.models.folder] = unet  # the policy: unet=, or transformer= for SD3
+            kwargs = {**kwargs, self.models.folder: unet}  # the policy: unet=, or transformer= for SD3
             kwargs.update(dict(text_encoder_3=None, tokenizer_3=None) if a.no_t5 else {})
             self.pipe = load_component(
                 f"the pipeline {base!r}", load, base, dtype=self.run.dtype, **self.models.pin, **kwargs
             )
-            if a.validation_scheduler and self.models.family == "sd3":
-                raise UserError("--validation_scheduler: SD3 samples with its own flow-matching sampler; drop the flag")
             if a.validation_scheduler:
                 cls = getattr(diffusers, SCHEDULERS[a.validation_scheduler])
                 self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
@@ -429,6 +429,7 @@ def model_card(record, name):
     tags = ["spin-diffusion", "text-to-image", "diffusers", "stable-diffusion"] + (["lora"] if lora else [])
     folder = "transformer" if record["model"].get("conditioning") == "sd3" else "unet"
     model_class = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}[folder]
+    dtype = "bfloat16" if folder == "transformer" else "float16"  # as Stability and diffusers load SD3.5
     meta = ModelCardData(
         base_model=base_id,
         datasets=[dataset_id] if dataset_id else None,
@@ -465,8 +466,8 @@ def model_card(record, name):
         "import torch",
         f"from diffusers import DiffusionPipeline, {model_class}",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base_id or base}"{pin}, torch_dtype=torch.float16)',
-        f'pipe.{folder} = {model_class}.from_pretrained("{name}", subfolder="{folder}", torch_dtype=torch.float16)',
+        f'pipe = DiffusionPipeline.from_pretrained("{base_id or base}"{pin}, torch_dtype=torch.{dtype})',
+        f'pipe.{folder} = {model_class}.from_pretrained("{name}", subfolder="{folder}", torch_dtype=torch.{dtype})',
     ]
     if lora:
         load += [

@@ -246,7 +246,7 @@ cat <<EOF
 
 Where everything is:
   synthetic data   $RUN_DIR/synth_0 .. synth_$((ITERATIONS - 1))
-  trained UNets    $RUN_DIR/iter_1 .. iter_$ITERATIONS  (unet/, metrics.jsonl, run_config.json: each iteration's settings)
+  trained models   $RUN_DIR/iter_1 .. iter_$ITERATIONS  (unet/ or SD3 transformer/, metrics.jsonl, run_config.json: each iteration's settings)
   model cards      $RUN_DIR/iter_1/README.md .. (evaluate.py filled in their scores)
   watching         $( [[ -n "$WATCH_PROMPTS_FILE" ]] && echo "$RUN_DIR/iter_1/validation/step-N/grid.png .. (every training stage, every $WATCH_STEPS steps)" || echo "none (WATCH_PROMPTS_FILE)")
   baselines        $( ((${#baselines[@]})) && echo "$RUN_DIR/sft (checkpoint-N: candidates), $RUN_DIR/dpo" || echo "none (BASELINES=sft,dpo)")

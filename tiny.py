@@ -336,6 +336,8 @@ def build_tiny_sd3_pipeline(path, seed=0, resolution=32):
         caption_projection_dim=32,
         pooled_projection_dim=64,
         pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5's: RMS-normed queries and keys, and a second self-attention in its first layers
+        dual_attention_layers=(0,),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(

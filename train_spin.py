@@ -166,6 +166,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.independent_pair_noise:
         args.pair_noise = "independent"
+    if not 1 <= args.max_sequence_length <= 512 or args.logit_std <= 0:
+        raise UserError("--max_sequence_length must be 1 to 512 (T5's limit in SD3), --logit_std above 0")
     if args.loss == "spin" and not args.synthetic_dir:
         p.error("--loss spin needs --synthetic_dir (a folder written by generate.py)")
     return args
@@ -1001,8 +1003,11 @@ def text_cache(args, run, models, captions):
     if sd3:  # the pipeline's own encode_prompt: CLIP penultimate states, padded, beside T5's; both CLIPs' pooled
         load = dict(transformer=models.unet, vae=None, dtype=run.dtype, **models.pin)  # no second transformer
         load.update(dict(text_encoder_3=None, tokenizer_3=None) if args.no_t5 else {})
-        pipe = load_component(what, StableDiffusion3Pipeline.from_pretrained, models.base, **load).to(run.device)
-        encode = lambda c: pipe.encode_prompt(c, None, None, run.device, do_classifier_free_guidance=False, **sd3)[::2]
+        pipe = load_component(what, StableDiffusion3Pipeline.from_pretrained, models.base, **load)
+        for encoder in filter(None, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)):
+            encoder.to(run.device)  # not the policy: it waits on the CPU until training
+        prompt = functools.partial(pipe.encode_prompt, device=run.device, do_classifier_free_guidance=False, **sd3)
+        encode = torch.no_grad()(lambda c: prompt(c, None, None)[::2])  # (embeddings, pooled), no autograd graph
     else:
         load = functools.partial(load_component, what, torch_dtype=run.dtype, **models.pin)
         classes = [CLIPTextModel, CLIPTextModelWithProjection]
@@ -1622,7 +1627,7 @@ def load_unet(unet_path, base_path, revision=None, variant=None):
                 f"--unet {unet_path}: no UNet there (expected {unet_path}/unet/config.json, or transformer/); "
                 "pass a folder written by train_spin.py, one of its checkpoint-N folders, a hub id, or 'base'"
             )
-        sub = denoiser_folder(base_path)
+        sub = denoiser_folder(base_path, revision)
     try:
         return AutoModel.from_pretrained(where, subfolder=sub, torch_dtype=torch.float32, **pin)
     except (OSError, ValueError) as e:

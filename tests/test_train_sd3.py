@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,8 @@ def tiny_transformer(seed):
         caption_projection_dim=32,
         pooled_projection_dim=64,
         pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
     ).eval()
 
 
@@ -148,6 +151,23 @@ def test_sigma_draws_are_diffusers_and_a_pure_function_of_the_step():
     assert abs(ts.draw_timesteps(g, 20000, 1000, DENSITY).float().median().item() - 500) < 15
 
 
+def test_real_images_are_encoded_into_the_latent_space_the_pipeline_decodes(sd3_pipeline):
+    """SD3's VAE shifts as well as scales: encode_images gives (mean - shift_factor) * scaling_factor, which the
+    pipeline's decoding (latent / scaling_factor + shift_factor, generate.py's decode_latents) maps back."""
+    from diffusers import AutoencoderKL
+
+    import generate
+
+    vae = AutoencoderKL.from_pretrained(sd3_pipeline, subfolder="vae")
+    assert vae.config.shift_factor and vae.config.scaling_factor != 1
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+        latents = ts.encode_images(vae, x)
+        torch.testing.assert_close(latents, (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+        torch.testing.assert_close(generate.decode_latents(vae, latents, False), vae.decode(mean).sample)
+
+
 def test_sft_learns_the_velocity_not_the_noise():
     """SFT's target on a flow model is eps - x_0: a model that predicts exactly that has zero loss; one that predicts
     the noise (an epsilon model's target) does not."""
@@ -184,11 +204,18 @@ def test_sd3_spin_sft_dpo_and_lora_through_the_command_line(sd3_pipeline, tmp_pa
             assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7), name
         assert (tmp_path / name / "transformer" / "diffusion_pytorch_model.safetensors").is_file(), name
         assert not (tmp_path / name / "unet").exists()
+    # caption dropout trains on the empty prompt's embedding: the pipeline's own unconditional branch (guidance)
+    text_dir = json.loads((tmp_path / "spin" / "run_config.json").read_text())["cache"]["text"]  # the fp32 run's
+    cached = load_file(str(Path(text_dir) / "shard-00000.safetensors"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline)
+    with torch.no_grad():
+        _, uncond, _, uncond_pooled = pipe.encode_prompt(["a red circle"], None, None, max_sequence_length=16)
+    torch.testing.assert_close(cached["text"][0].float(), uncond[0].half().float())
+    torch.testing.assert_close(cached["pooled"][0].float(), uncond_pooled[0].half().float())
     record = json.loads((tmp_path / "spin" / "run_config.json").read_text())
     assert record["args"]["beta"] == ts.BETA["sd3"] == 100.0 and record["model"]["conditioning"] == "sd3"
 
     # LoRA: the adapter through the pipeline's own loader computes what the merged transformer/ computes
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline)
     merged = SD3Transformer2DModel.from_pretrained(tmp_path / "lora" / "transformer")
     base = copy.deepcopy(pipe.transformer)
     pipe.load_lora_weights(tmp_path / "lora" / "lora")
@@ -240,6 +267,15 @@ def test_flux_and_mismatched_models_are_refused_in_one_line(sd3_pipeline, tiny_p
         *train_args(tiny_pipeline, data, tmp_path / "o4", tmp_path / "cache", "--loss", "sft", "--no_t5"), check=False
     )
     assert error_line(p) == f"error: --no_t5: {tiny_pipeline} is not SD3; it has no T5 encoder"
+    watch = ["--validation_prompts", "a red circle", "--validation_scheduler", "ddim"]
+    p = train(
+        *train_args(sd3_pipeline, data, tmp_path / "o5", tmp_path / "cache", "--loss", "sft", *watch), check=False
+    )
+    assert "--validation_scheduler: SD3 samples with its own flow-matching sampler" in error_line(p)
+    p = train(
+        *train_args(sd3_pipeline, data, tmp_path / "o6", tmp_path / "c", "--max_sequence_length", "0"), check=False
+    )
+    assert "--max_sequence_length must be 1 to 512" in error_line(p)
     from test_train import run
 
     p = run("generate.py", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset", data, "--output_dir",
