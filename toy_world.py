@@ -21,6 +21,7 @@ spin_loop.sh runs them on SD-1.5, so the experiment is also an end-to-end check 
     python toy_world.py --output_dir runs/toy_ci --quick --check   # CI size; exits 1 if a check does not hold
     python toy_world.py --output_dir runs/toy --methods spin --schedules paper   # some arms only, in the same world
     python toy_world.py build --output_dir DIR           # only data + pipeline + theta_0 + judge (for spin_loop.sh)
+    python toy_world.py build --competent --output_dir DIR   # the world where theta_0 draws its captions (COMPETENT)
     python toy_world.py fd --world DIR --unet A --unet B --names a b   # metrics table of any UNets in that world
 
 Every stage is skipped when its output exists and is complete, so a rerun only redoes what is missing.
@@ -73,6 +74,7 @@ class Sizes:
     pretrain_per_caption: int = 200  # pre-training images per caption (pretrain "shifted")
     vae_steps: int = 600  # VAE decoder training steps (batch 32): enough for recognisable decoded shapes
     train_encoder: bool = False  # True: train the whole VAE (an easier latent space; see train_vae)
+    unet_channels: str = "32,64"  # the UNet's block_out_channels (tiny.tiny_unet), comma-separated: one per level
     theta0_steps: int = 800  # theta_0: SFT from scratch on the pre-training images
     theta0_batch: int = 64
     theta0_lr: float = 1e-3
@@ -119,6 +121,12 @@ FULL = Sizes()
 # CI: the same world (so a full run and a quick run of one seed share it), 2 iterations, only the constant schedule.
 # Not smaller: fewer evaluation images (< 64 per caption) make the 64-dim covariances singular.
 QUICK = Sizes(iterations=2, schedules="constant")
+# --competent: a world whose theta_0 draws its captions (docs/toy_world.md, "A competent world"): the whole VAE
+# trained (encoder too), so the decoder keeps shape and colour (caption accuracy through it 0.78 -> 1.00 on seed 0),
+# and theta_0 pre-trained twice as long (its loss still falls at 800 steps; seed 1: caption accuracy 0.79 -> 0.89).
+# The rest as FULL (the same UNet, so the arms cost what they cost in FULL). With --quick: QUICK's arms.
+COMPETENT = Sizes(train_encoder=True, theta0_steps=1600)
+COMPETENT_QUICK = dataclasses.replace(COMPETENT, iterations=QUICK.iterations, schedules=QUICK.schedules)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,10 +266,12 @@ def train_vae(images, steps, seed, train_encoder=False, kl_weight=1e-4, batch=32
 
     Default: the encoder stays random and frozen (it defines the latent space the diffusion model and the metric
     live in, as a random VAE would) and only the decoder is trained for `steps` steps, so that samples decode
-    into pictures a reader can judge; the experiment itself never sees the decoder. train_encoder=True trains the
-    whole VAE (reconstruction + small KL): a much easier latent space, where theta_0 is already close to the data
-    and SPIN at these settings over-optimises (see the README). scaling_factor makes the training latents unit-std,
-    as SD's 0.18215 does."""
+    into pictures a reader can judge; the experiment itself never sees the decoder. But a random 4x8x8 latent keeps
+    too little of a small shape: the judge reads real pictures through that decoder at 0.62-0.78 caption accuracy
+    (shifted ones, seed 0: 0.49). train_encoder=True trains the whole VAE (reconstruction + small KL): the decoder
+    keeps shape and colour (>= 0.99 at the same steps), the competent world's VAE (COMPETENT); in the earlier world
+    (theta_0 pre-trained on the training images) it also made theta_0 close to the data, and SPIN over-optimised.
+    scaling_factor makes the training latents unit-std, as SD's 0.18215 does."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -311,7 +321,12 @@ def train_vae(images, steps, seed, train_encoder=False, kl_weight=1e-4, batch=32
     return vae, float((rec - x).pow(2).mean())
 
 
-def build_pipeline(path, vae, seed):
+def channels(text):
+    """The text "32,64" -> (32, 64)."""
+    return tuple(int(c) for c in text.split(",") if c)
+
+
+def build_pipeline(path, vae, seed, unet_channels="32,64"):
     """Save a StableDiffusionPipeline folder (as SD-1.5 is laid out): our VAE, a frozen random CLIP text
     encoder with the offline byte-level tokenizer, a random tiny UNet (theta_0 is trained from it), DDIM."""
     import shutil
@@ -338,7 +353,7 @@ def build_pipeline(path, vae, seed):
             projection_dim=32,
         )
     )
-    unet = tiny.tiny_unet(seed, sample_size=RESOLUTION // 4)
+    unet = tiny.tiny_unet(seed, sample_size=RESOLUTION // 4, block_out_channels=channels(unet_channels))
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -652,7 +667,16 @@ WORLD_KEYS = (
     "theta0_batch",
     "theta0_lr",
     "caption_dropout",
+    "unet_channels",
 )
+# Settings added after worlds and results were recorded: left out of world.json and of the results digest while they
+# keep FULL's value, so the worlds and result files made before them stay valid (and FULL/QUICK's names unchanged).
+LATER_KEYS = ("unet_channels",)
+
+
+def recorded(settings):
+    """{name: value} without the LATER_KEYS at FULL's value (what world.json and the results digest record)."""
+    return {k: v for k, v in settings.items() if k not in LATER_KEYS or v != getattr(FULL, k)}
 
 
 def world_paths(d):
@@ -673,10 +697,12 @@ def world_paths(d):
 
 def check_world(p, seed, sizes):
     """A world folder is made with one seed and one set of world sizes: refuse to mix (use another folder)."""
-    want = {"seed": seed, **{k: getattr(sizes, k) for k in WORLD_KEYS}}
+    want = recorded({"seed": seed, **{k: getattr(sizes, k) for k in WORLD_KEYS}})
     if p["json"].is_file():
         have = json.loads(p["json"].read_text()).get("settings", {})
-        diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
+        later = {k: getattr(FULL, k) for k in LATER_KEYS}  # not recorded: FULL's value
+        have, now = {**later, **have}, {**later, **want}
+        diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in now.items() if have.get(k) != v]
         if "pretrain" not in have:
             diff = ["made by an older toy_world.py (theta_0 pre-trained on the training images)"]
         if diff:
@@ -818,7 +844,7 @@ def build_world(out, seed, sizes, threads=1):
         # the decoder learns both distributions (SD's VAE saw far more than Pick-a-Pic): theta_0's pictures decode too
         pics = [img for key in ("train", "pretrain") if p[key].is_file() for _, img in real_images(p[key])]
         vae, rec_mse = train_vae(pics, sizes.vae_steps, seed, sizes.train_encoder)
-        n_unet = build_pipeline(p["pipeline"], vae, seed)
+        n_unet = build_pipeline(p["pipeline"], vae, seed, sizes.unet_channels)
         write_json(
             p["pipeline"] / "toy_world_vae.json",
             {"reconstruction_mse": rec_mse, "unet_parameters": n_unet, "scaling_factor": vae.config.scaling_factor},
@@ -1079,7 +1105,7 @@ def results_tag(sizes):
     --quick run of 2 iterations in the same world must not overwrite a full run's 3-iteration results)."""
     import hashlib
 
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(sizes), sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(recorded(dataclasses.asdict(sizes)), sort_keys=True).encode()).hexdigest()[:8]
     return f"{sizes.iterations}it_{'+'.join(schedule_list(sizes))}_{digest}"
 
 
@@ -1559,6 +1585,9 @@ def add_common(ap):
     )
     ap.add_argument("--quick", action="store_true", help="CI size (see QUICK at the top of the file)")
     ap.add_argument(
+        "--competent", action="store_true", help="the competent world (COMPETENT; COMPETENT_QUICK with --quick)"
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch threads per job (OpenMP spinning on shared cores is slow)"
     )
     for f in dataclasses.fields(Sizes):
@@ -1592,7 +1621,7 @@ def comma_list(allowed):
 
 
 def sizes_from(args):
-    base = QUICK if args.quick else FULL
+    base = (COMPETENT_QUICK if args.quick else COMPETENT) if args.competent else QUICK if args.quick else FULL
     return dataclasses.replace(
         base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes) if getattr(args, f.name) is not None}
     )

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import toy_world as tw  # noqa: E402
 
+# the settings --competent changes (docs/toy_world.md, "A competent world")
+COMPETENT_CHANGES = {"train_encoder", "theta0_steps"}
+
 
 def random_spd(rng, d):
     a = rng.normal(size=(d, d))
@@ -107,6 +110,40 @@ def test_sizes_and_flags():
     assert tw.sizes_from(ap.parse_args([])) == tw.FULL
     assert tw.FULL.pretrain == "shifted" and tw.method_list(tw.FULL) == ["sft", "dpo", "spin"]
     assert len(tw.CAPTIONS) == 12 and tw.CAPTIONS[0] == "a red circle"
+
+
+def test_competent_preset_and_flag(tmp_path):
+    """--competent selects COMPETENT (COMPETENT_QUICK with --quick), which differs from FULL (QUICK) only in the world
+    settings meant to change; per-setting flags still apply on top; FULL and QUICK keep their world records and
+    results names (worlds and results made before the new settings stay valid), and a world refuses the other preset."""
+    import argparse
+    import dataclasses
+
+    ap = argparse.ArgumentParser()
+    tw.add_common(ap)
+    c, cq = tw.sizes_from(ap.parse_args(["--competent"])), tw.sizes_from(ap.parse_args(["--competent", "--quick"]))
+    assert c == tw.COMPETENT and cq == tw.COMPETENT_QUICK
+
+    def changed(a, b):
+        return {f.name for f in dataclasses.fields(tw.Sizes) if getattr(a, f.name) != getattr(b, f.name)}
+
+    assert changed(c, tw.FULL) == changed(cq, tw.QUICK) == COMPETENT_CHANGES
+    assert COMPETENT_CHANGES <= set(tw.WORLD_KEYS)  # only the world changes: the arms' recipe is FULL's / QUICK's
+    assert all(getattr(c, k) == getattr(cq, k) for k in tw.WORLD_KEYS)  # a run and its --quick run share a world
+    assert tw.sizes_from(ap.parse_args(["--competent", "--theta0_steps", "5"])).theta0_steps == 5
+    assert tw.sizes_from(ap.parse_args(["--unet_channels", "64,128"])).unet_channels == "64,128"
+    assert tw.channels(tw.FULL.unet_channels) == (32, 64)
+    # FULL / QUICK: the same results names as before unet_channels existed, and no new key in world.json
+    assert tw.results_tag(tw.FULL) == "3it_constant+paper_06622840"
+    assert tw.results_tag(tw.QUICK) == "2it_constant_edbc71a5"
+    assert tw.results_tag(c) != tw.results_tag(tw.FULL)
+    p = tw.world_paths(tmp_path)
+    full = tw.check_world(p, 0, tw.FULL)
+    assert "unet_channels" not in full and tw.check_world(p, 0, tw.COMPETENT)["train_encoder"] is True
+    tw.write_json(p["json"], {"settings": full})
+    assert tw.check_world(p, 0, tw.QUICK) == full
+    with pytest.raises(SystemExit, match="other settings"):
+        tw.check_world(p, 0, tw.COMPETENT)
 
 
 def test_paper_schedule_is_more_conservative_in_later_iterations():
