@@ -349,7 +349,7 @@ def test_sharding_and_metadata(tmp_path):
 def image_args(pipeline, mixed_precision="no", **kw):
     """The flags load_pipeline, folder_config and make_images read, as parse_args gives them."""
     flags = dict(revision=None, variant=None, scheduler=None, resolution=None, num_images_per_prompt=1, seed=0)
-    flags.update(num_inference_steps=2, guidance_scale=7.5, batch_size=2, **kw)
+    flags.update(num_inference_steps=2, guidance_scale=7.5, batch_size=2, max_sequence_length=256, no_t5=False, **kw)
     return argparse.Namespace(pretrained_model_name_or_path=str(pipeline), mixed_precision=mixed_precision, **flags)
 
 
