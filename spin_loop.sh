@@ -7,7 +7,7 @@
 #   bash spin_loop.sh --recipe sd15   # the paper's recipe: SD-1.5 + Pick-a-Pic v2 (GPU; docs/loop.md)
 #   bash spin_loop.sh --recipe sd21   # the same on SD-2.1 (v-prediction, 768x768)
 #   bash spin_loop.sh --recipe sdxl   # SDXL base at 1024x1024 with LoRA, one GPU
-#   bash spin_loop.sh --recipe sd35   # SD3.5-Medium (flow matching) at 1024x1024 with LoRA, one 24 GB GPU
+#   bash spin_loop.sh --recipe sd35   # SD3.5-Medium (flow matching) at 1024x1024 with LoRA (24 GB: counted)
 #   bash spin_loop.sh --recipe sd15 --baselines sft,dpo   # also the paper's SFT and Diffusion-DPO (its Table 1 rows)
 #   bash spin_loop.sh --recipe my_recipe.sh   # a copy of one of recipes/*.sh, edited (each recipe is one small file)
 #

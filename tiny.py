@@ -250,6 +250,29 @@ def build_t5_tokenizer(path):
     return T5TokenizerFast.from_pretrained(str(path))
 
 
+def tiny_sd3_transformer(seed=0, sample_size=8):
+    """SD3.5-shaped SD3Transformer2DModel at toy width: 16 latent channels in 2x2 patches, joint attention over T5's
+    64-wide tokens, the two CLIPs' 64-wide pooled projection."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5's: RMS-normed queries and keys, and a second self-attention in its first layers
+        dual_attention_layers=(0,),
+    )
+
+
 def build_tiny_sd3_pipeline(path, seed=0, resolution=32):
     """Save a tiny StableDiffusion3Pipeline folder in the layout of stabilityai/stable-diffusion-3.5-medium:
     transformer/ (SD3Transformer2DModel, patch 2), vae/ (AutoencoderKL with 16 latent channels, SD3's scaling and
@@ -265,7 +288,6 @@ def build_tiny_sd3_pipeline(path, seed=0, resolution=32):
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
@@ -323,22 +345,7 @@ def build_tiny_sd3_pipeline(path, seed=0, resolution=32):
             decoder_start_token_id=0,
         )
     )
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=resolution // 4,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=16,
-        qk_norm="rms_norm",  # SD3.5's: RMS-normed queries and keys, and a second self-attention in its first layers
-        dual_attention_layers=(0,),
-    )
+    transformer = tiny_sd3_transformer(seed, sample_size=resolution // 4)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

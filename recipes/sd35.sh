@@ -1,7 +1,7 @@
 # spin_loop.sh --recipe sd35: sourced by spin_loop.sh after its flags are read. Every setting is VAR=${VAR:-default},
 # so a flag or an environment variable set before wins. Copy this file and pass --recipe path/to/it.sh to make your own.
-# SD3.5-Medium (flow matching, transformer/) at 1024x1024 on one 24 GB GPU with LoRA. Training settings from the
-# published flow-model Diffusion-DPO run, flow_grpo's SD3.5-Medium DPO (yifan123/flow_grpo config/dpo.py and
+# SD3.5-Medium (flow matching, transformer/) at 1024x1024 with LoRA, for one 24 GB GPU (counted, not measured).
+# Training settings from the published flow-model Diffusion-DPO run, flow_grpo's SD3.5-Medium DPO (yifan123/flow_grpo config/dpo.py and
 # scripts/train_sd3_dpo.py): LoRA rank 32, alpha 64, lr 3e-4 constant, no warmup, beta 100, logit_normal(0, 1) sigma
 # (train_spin.py's SD3 defaults). flow_grpo trains at 512 and online (RL-style: its own fresh samples, scored by a
 # reward model), adapts also the text stream's projections (add_{q,k,v}_proj, to_add_out; LORA_TARGETS below) and

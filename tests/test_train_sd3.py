@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from test_train import ROOT, error_line, make_synthetic_dir, metrics, train, train_args, wide_pickapic
 
+import tiny
 import train_spin as ts
 
 SHAPE = (16, 8, 8)  # the tiny SD3 VAE's latents at 32x32
@@ -28,24 +29,7 @@ def flow_scheduler():
 
 
 def tiny_transformer(seed):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=16,
-        qk_norm="rms_norm",
-        dual_attention_layers=(0,),
-    ).eval()
+    return tiny.tiny_sd3_transformer(seed).eval()
 
 
 def inputs(b=3, seed=0):
