@@ -518,8 +518,9 @@ def train(args, run, models, data, pairs, trainer):
     one: a metrics.jsonl row per step, a checkpoint every --checkpointing_steps; spin_extras.py's validation images and
     stop signals where asked for."""
     accum, world = args.gradient_accumulation_steps, run.accelerator.num_processes
-    if hasattr(models.scheduler, "alphas_cumprod"):  # indexed on the device each step (a flow model's sigmas: moved)
-        models.scheduler.alphas_cumprod = models.scheduler.alphas_cumprod.to(run.device)
+    for name in ("alphas_cumprod", "sigmas", "timesteps"):  # the schedule's tables: indexed on the device each step
+        if torch.is_tensor(table := getattr(models.scheduler, name, None)):
+            setattr(models.scheduler, name, table.to(run.device))
     run.log(
         f"training {args.loss}: {len(pairs.dataset)} pairs, {args.max_train_steps} steps of "
         f"{args.train_batch_size} x {world} x {accum} = {pairs.global_batch * accum} pairs"
