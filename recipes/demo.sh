@@ -7,7 +7,9 @@
 RUN_DIR=${RUN_DIR:-runs/demo}
 WORLD=${WORLD:-$RUN_DIR/world}
 TOY_WORLD=$WORLD                 # spin_loop.sh builds the world first and ends with its judge and FD table
-WORLD_FLAGS=${WORLD_FLAGS:-}     # toy_world.py build flags, e.g. --seed 1 or --quick (shorter decoder training; CI)
+# toy_world.py build flags: the competent world (theta_0 draws its captions; docs/toy_world.md), e.g. add --seed 1;
+# without --competent, the first world (a frozen random VAE encoder, theta_0 pre-trained half as long)
+WORLD_FLAGS=${WORLD_FLAGS:---competent}
 MODEL=${MODEL:-$WORLD/pipeline}
 UNET0=${UNET0:-$WORLD/theta0}
 DATASET=${DATASET:-$WORLD/data/train.parquet}; SPLIT=${SPLIT:-train}

@@ -218,11 +218,14 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
     (and on sampler latents), and --check (see toy_world.checks: what held in image space on every seed run)."""
     if not toy_selected(request.config):
         pytest.skip("minutes of CPU: run with `pytest -m toy` or SPIN_TOY=1")
+    import dataclasses
+
     out = tmp_path / "toy"
-    tag = tw.results_tag(tw.QUICK)
+    flags = ["--competent", "--quick", "--seed", "8", "--iterations", "1"]  # what .ci/run checks
+    tag = tw.results_tag(dataclasses.replace(tw.COMPETENT_QUICK, iterations=1))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(
-        [sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--check", "--output_dir", str(out)],
+        [sys.executable, str(ROOT / "toy_world.py"), *flags, "--check", "--output_dir", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -248,7 +251,7 @@ def test_toy_world_quick_end_to_end(tmp_path, request):
         assert (out / name).is_file(), name
     # rerun: every stage is found complete, nothing is trained or generated again
     p2 = subprocess.run(
-        [sys.executable, str(ROOT / "toy_world.py"), "--quick", "--seed", "1", "--output_dir", str(out)],
+        [sys.executable, str(ROOT / "toy_world.py"), *flags, "--output_dir", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -345,7 +348,9 @@ def test_arm_folders_are_named_after_their_settings():
         ({"batch": 16}, "sft dpo spin"),
         ({"beta": 500.0}, "dpo spin"),
         ({"independent_pair_noise": True}, "dpo spin"),
-        ({"guidance": 3.0}, "spin"),
+        ({"guidance": 3.0}, "spin"),  # the opponent follows --guidance unless --opponent_guidance is given
+        ({"opponent_guidance": 1.0}, "spin"),
+        ({"opponent_guidance": tw.FULL.guidance}, ""),
         ({"opponent_images": 16}, "spin"),
         ({"sample_steps": 50}, "spin"),
         ({"synthetic_latent": "image"}, "spin"),
@@ -360,6 +365,20 @@ def test_arm_folders_are_named_after_their_settings():
         assert tw.iteration_dir(p, tw.FULL, m, "constant", 1) == tw.iteration_dir(p, tw.FULL, m, "paper", 1)
         assert tw.iteration_dir(p, tw.FULL, m, "constant", 2) != tw.iteration_dir(p, tw.FULL, m, "paper", 2)
     assert tw.results_tag(tw.QUICK) != tw.results_tag(tw.FULL)
+
+
+def test_opponent_guidance_is_the_opponents_only(tmp_path, monkeypatch):
+    """--opponent_guidance sets the guidance SPIN's opponent samples with; the evaluation keeps --guidance."""
+    import dataclasses
+
+    calls = []
+    monkeypatch.setattr(tw, "run_script", lambda script, *a, **k: calls.append(a))
+    p = tw.world_paths(tmp_path)
+    for sizes, want in ((tw.FULL, 7.5), (dataclasses.replace(tw.FULL, opponent_guidance=1.0), 1.0)):
+        tw.opponent(p, sizes, 0, "constant", 1)
+        assert float(calls[-1][calls[-1].index("--guidance_scale") + 1]) == want
+        assert f"_g{want:g}_" in str(calls[-1][calls[-1].index("--output_dir") + 1])
+    assert tw.results_tag(dataclasses.replace(tw.FULL, opponent_guidance=1.0)) != tw.results_tag(tw.FULL)
 
 
 def fake_results(K=2):
@@ -414,6 +433,16 @@ def test_checks_and_claims():
     r = fake_results()
     r["target_rate"]["sft_constant_1"] = 0.35
     assert [what for what, ok in tw.checks(r) if not ok][0].startswith("sft_constant_1: judged target")
+    # the competent world: its own margins, and theta_0 must draw its captions in the shifted style
+    r = fake_results()
+    r["sizes"]["train_encoder"] = True
+    r["target_rate"] = {n: 0.0 if n == "theta_0" else 0.95 for n in r["target_rate"]}
+    r["fd_judge"] = {n: 50.0 if n == "theta_0" else 5.0 for n in r["fd_judge"]}
+    r["accuracy"]["theta_0"] = 0.7  # >= 0.8 x the decoder floor's 0.8
+    assert all(ok for _, ok in tw.checks(r)) and len(tw.checks(r)) == len(tw.checks(fake_results())) + 3
+    r["accuracy"]["theta_0"], r["target_rate"]["theta_0"] = 0.6, 0.3
+    failed = [what for what, ok in tw.checks(r) if not ok]
+    assert [f.split(":")[0] for f in failed] == ["theta_0 draws its captions", "theta_0 draws the shifted style"]
     c = tw.claims(fake_results(), "fd_judge")
     assert c["SFT 1 improves on theta_0"] and c["SFT plateaus (SFT 2 within 25% of SFT 1's gain)"]
     assert (
@@ -423,3 +452,36 @@ def test_checks_and_claims():
         and not c["SPIN 2 > SPIN 1"]
     )
     assert tw.claims(fake_results(), "target_rate")["SPIN 1 > theta_0"]  # higher is better there
+
+
+def test_table_over_seeds_counts_the_claims(tmp_path):
+    """`toy_world.py table` (docs/toy_world.md's tables): every seed's row, the claims counted over the seeds on the
+    decimals shown, and SPIN with another opponent (--vs) beside, compared on the same seeds."""
+    import copy
+
+    runs, alts = [], []
+    for seed, spin_fd in enumerate((3.0, 4.0, 5.0)):
+        r = {**fake_results(), "seed": seed, "world": f"w{seed}"}
+        r["fd_judge"]["spin_constant_1"] = spin_fd
+        alt = copy.deepcopy(r)
+        alt["sizes"] = {**alt["sizes"], "methods": "spin", "opponent_guidance": 1.0}
+        alt["fd_judge"]["spin_constant_1"] = 4.004  # shown as 4.00: a tie with seed 1's 4.00 is not better
+        runs.append(r), alts.append(alt)
+    for i, r in enumerate(runs + alts):
+        tw.write_json(tmp_path / f"{i}.json", r)
+    files = [str(tmp_path / f"{i}.json") for i in range(6)]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "toy_world.py"), "table", *files[:3], "--vs", *files[3:]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout
+    assert "| 2 | 10.00 | 5.00 / 4.90 | 4.00 / 4.50 | 5.00 / 7.00 | 4.00 / 7.00 | 0.50 / 0.30 |" in out
+    assert "| SPIN [opp. g7.5] 1 > SFT 1 | 2 of 3 (fails: 2) | 0 of 3 | 0 of 3 | 0 of 3 |" in out
+    assert "| SPIN [opp. g1] 1 > SFT 1 | 3 of 3 |" in out
+    assert "| SPIN [opp. g1] 1 > SPIN [opp. g7.5] 1 | 1 of 3 |" in out  # seed 2 only (seed 1: a tie)
+    alts[0]["seed"] = 1
+    with pytest.raises(SystemExit, match="seed 1"):
+        tw.with_spin_from(runs[0], alts[0])
